@@ -1,0 +1,26 @@
+"""diffusers-attribution: which training images made a diffusion model generate this image?"""
+
+__version__ = "0.1.0"
+
+from .adapters import PipelineAdapter, UnsupportedPipelineError, get_adapter, register_adapter
+from .config import AttributionConfig
+from .data import InvalidImageError
+from .mixin import AttributionMixin, enable_attribution
+from .result import AttributionResult, TopK
+from .store import FeatureStore, StoreMismatchError
+
+__all__ = [
+    "AttributionConfig",
+    "AttributionMixin",
+    "AttributionResult",
+    "FeatureStore",
+    "InvalidImageError",
+    "PipelineAdapter",
+    "StoreMismatchError",
+    "TopK",
+    "UnsupportedPipelineError",
+    "__version__",
+    "enable_attribution",
+    "get_adapter",
+    "register_adapter",
+]

@@ -1,0 +1,145 @@
+"""Training data and query images in, image tensors in [-1, 1] out, each example with a stable id.
+
+Accepted inputs: a `datasets.Dataset` (image column, optional caption column), a torch `Dataset` or a list
+whose items are PIL images, numpy arrays, tensors, `(image, caption)` tuples or dicts, or one tensor
+[N, C, H, W] already in [-1, 1]. Numbers become tensors through diffusers' `VaeImageProcessor`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any, Sequence
+
+import numpy as np
+import PIL.Image
+import torch
+from diffusers.image_processor import VaeImageProcessor
+
+IMAGE_COLUMNS = ("image", "img", "pixel_values", "images")
+CAPTION_COLUMNS = ("text", "caption", "prompt", "captions")
+
+
+class InvalidImageError(ValueError):
+    """An image that cannot be attributed: wrong shape, channels, size, range, or non-finite values."""
+
+
+def to_image_tensor(image: Any) -> torch.Tensor:
+    """One image (PIL, numpy HWC/HW in [0, 1] or uint8, tensor CHW in [-1, 1]) → float32 tensor [C, H, W] in [-1, 1]."""
+    if isinstance(image, PIL.Image.Image):
+        array = VaeImageProcessor.pil_to_numpy(image)  # [1, H, W(, C)] in [0, 1]
+        return VaeImageProcessor.normalize(VaeImageProcessor.numpy_to_pt(array))[0]
+    if isinstance(image, np.ndarray):
+        array = image.astype(np.float32) / 255.0 if image.dtype == np.uint8 else image.astype(np.float32)
+        if array.ndim not in (2, 3):
+            raise InvalidImageError(f"a numpy image must be HW or HWC, got shape {image.shape}")
+        tensor = VaeImageProcessor.numpy_to_pt(array[None])[0]
+        _check_range(tensor * 2 - 1, "numpy image (expected values in [0, 1] or uint8)")
+        return VaeImageProcessor.normalize(tensor)
+    if isinstance(image, torch.Tensor):
+        tensor = image.detach().to(torch.float32, copy=True).cpu()
+        if tensor.ndim == 2:
+            tensor = tensor[None]
+        if tensor.ndim != 3:
+            raise InvalidImageError(f"an image tensor must be [C, H, W], got shape {tuple(image.shape)}")
+        _check_range(tensor, "image tensor (expected values in [-1, 1])")
+        return tensor
+    raise InvalidImageError(f"cannot read an image from a {type(image).__name__}")
+
+
+def to_image_batch(images: Any) -> torch.Tensor:
+    """Query images (tensor [n, C, H, W], one image, or a list) → float32 tensor [n, C, H, W] in [-1, 1]."""
+    if isinstance(images, torch.Tensor) and images.ndim == 4:
+        return torch.stack([to_image_tensor(image) for image in images]) if len(images) else images.float()
+    if isinstance(images, np.ndarray) and images.ndim == 4:
+        images = list(images)
+    if not isinstance(images, (list, tuple)):
+        images = [images]
+    if len(images) == 0:
+        raise InvalidImageError("no query images were given")
+    tensors = [to_image_tensor(image) for image in images]
+    shapes = {tuple(t.shape) for t in tensors}
+    if len(shapes) != 1:
+        raise InvalidImageError(f"query images have different shapes: {sorted(shapes)}")
+    return torch.stack(tensors)
+
+
+def _check_range(tensor: torch.Tensor, what: str) -> None:
+    if not torch.isfinite(tensor).all():
+        raise InvalidImageError(f"{what} contains NaN or infinite values")
+    low, high = tensor.min().item(), tensor.max().item()
+    if low < -1.0 - 1e-3 or high > 1.0 + 1e-3:
+        raise InvalidImageError(f"{what} has values in [{low:.3g}, {high:.3g}]")
+
+
+class TrainingData:
+    """A read-only view of a training set: `data[i]` → (image tensor [C, H, W] in [-1, 1], caption or None).
+
+    Example ids are the positions 0..N-1 of the underlying dataset; they seed per-example noise and name
+    rows of the feature store.
+    """
+
+    def __init__(self, dataset: Any, image_column: str | None = None, caption_column: str | None = None):
+        self.dataset = dataset
+        self.image_column = image_column
+        self.caption_column = caption_column
+        if _is_hf_dataset(dataset):
+            columns = dataset.column_names
+            self.image_column = image_column or _find_image_column(columns)
+            if self.image_column not in columns:
+                raise ValueError(f"image column {self.image_column!r} is not in the dataset columns {columns}")
+            self.caption_column = caption_column or next((c for c in CAPTION_COLUMNS if c in columns), None)
+        if len(self) == 0:
+            raise ValueError("the training dataset is empty")
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, str | None]:
+        item = self.dataset[int(index)]
+        caption = None
+        if _is_hf_dataset(self.dataset):
+            image = item[self.image_column]
+            caption = item[self.caption_column] if self.caption_column else None
+        elif isinstance(item, dict):
+            image = item[self.image_column or _find_image_column(list(item))]
+            caption_key = self.caption_column or next((c for c in CAPTION_COLUMNS if c in item), None)
+            caption = item[caption_key] if caption_key else None
+        elif isinstance(item, (tuple, list)):
+            image = item[0]
+            caption = item[1] if len(item) > 1 and isinstance(item[1], str) else None
+        else:
+            image = item
+        try:
+            return to_image_tensor(image), caption
+        except InvalidImageError as error:
+            raise InvalidImageError(f"training example {index}: {error}") from None
+
+    def batch(self, indices: Sequence[int]) -> tuple[torch.Tensor, list[str | None]]:
+        items = [self[i] for i in indices]
+        images = [image for image, _ in items]
+        shapes = {tuple(image.shape) for image in images}
+        if len(shapes) != 1:
+            raise InvalidImageError(f"training examples {list(indices)} have different shapes: {sorted(shapes)}")
+        return torch.stack(images), [caption for _, caption in items]
+
+    def example_hash(self, index: int) -> str:
+        return content_hash(*self[index])
+
+
+def content_hash(image: torch.Tensor, caption: str | None = None) -> str:
+    """sha256 of an example's image tensor [C, H, W] and caption: identifies its content, not its position."""
+    digest = hashlib.sha256(image.contiguous().numpy().tobytes())
+    digest.update(str(tuple(image.shape)).encode())
+    digest.update((caption or "").encode())
+    return digest.hexdigest()[:16]
+
+
+def _is_hf_dataset(dataset: Any) -> bool:
+    return type(dataset).__module__.startswith("datasets.") and hasattr(dataset, "column_names")
+
+
+def _find_image_column(columns: list[str]) -> str:
+    for name in IMAGE_COLUMNS:
+        if name in columns:
+            return name
+    raise ValueError(f"no image column found among {columns}; pass image_column=")

@@ -1,0 +1,68 @@
+"""`AttributionResult`: the scores of queries against a training set, their top-k, and a picture of them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import PIL.Image
+import PIL.ImageDraw
+import torch
+from diffusers.image_processor import VaeImageProcessor
+
+from .config import AttributionConfig
+from .data import TrainingData, to_image_tensor
+
+
+class TopK(NamedTuple):
+    indices: torch.Tensor  # long [n_queries, k]: training-set positions, best first
+    scores: torch.Tensor  # float32 [n_queries, k]
+
+
+@dataclass
+class AttributionResult:
+    """scores [n_queries, N] float32: higher = that training example made the query more likely."""
+
+    scores: torch.Tensor
+    config: AttributionConfig
+    query_images: torch.Tensor | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def topk(self, k: int = 5) -> TopK:
+        k = min(k, self.scores.shape[1])
+        values, indices = self.scores.topk(k, dim=1)
+        return TopK(indices, values)
+
+    def to_image_grid(self, train_dataset: Any, k: int = 5, tile: int = 64) -> PIL.Image.Image:
+        """Each query (left, boxed) beside its top-k training images, with their indices and scores."""
+        if self.query_images is None:
+            raise ValueError("this result holds no query images to draw")
+        data = train_dataset if isinstance(train_dataset, TrainingData) else TrainingData(
+            train_dataset, self.config.image_column, self.config.caption_column
+        )
+        if len(data) != self.scores.shape[1]:
+            raise ValueError(f"the result scores {self.scores.shape[1]} training examples, the dataset has {len(data)}")
+        best = self.topk(k)
+        gap, label = 6, 14
+        columns = best.indices.shape[1] + 1
+        width = columns * tile + (columns + 1) * gap + gap
+        height = len(self.query_images) * (tile + label + gap) + gap
+        canvas = PIL.Image.new("RGB", (width, height), "white")
+        draw = PIL.ImageDraw.Draw(canvas)
+        for row, query in enumerate(self.query_images):
+            y = gap + row * (tile + label + gap)
+            canvas.paste(_to_pil(query, tile), (gap, y + label))
+            draw.rectangle([gap - 2, y + label - 2, gap + tile + 1, y + label + tile + 1], outline="red")
+            draw.text((gap, y), f"query {row}", fill="black")
+            for col, (index, score) in enumerate(zip(best.indices[row].tolist(), best.scores[row].tolist())):
+                x = 2 * gap + (col + 1) * (tile + gap)
+                canvas.paste(_to_pil(data[index][0], tile), (x, y + label))
+                draw.text((x, y), f"#{index} {score:.2g}", fill="black")
+        return canvas
+
+
+def _to_pil(image: torch.Tensor, tile: int) -> PIL.Image.Image:
+    """A [C, H, W] tensor in [-1, 1] → an RGB tile, upscaled with nearest-neighbour so pixels stay crisp."""
+    array = VaeImageProcessor.pt_to_numpy(VaeImageProcessor.denormalize(to_image_tensor(image)[None]))
+    picture = VaeImageProcessor.numpy_to_pil(array)[0].convert("RGB")
+    return picture.resize((tile, tile), PIL.Image.NEAREST)

@@ -1,0 +1,144 @@
+"""`AttributionTask`: the one abstraction that says how to get a per-sample output from a pipeline.
+
+For example i with timesteps t_1..t_K and noises ε_{i,k}, the task's output is
+
+    F_i(θ) = (1/K) Σ_k f(ε_θ(x_{t_k}, t_k, c_i), target_{i,k}, w_{t_k}),   x_{t_k} = add_noise(x0_i, ε_{i,k}, t_k)
+
+so that ∇θ F_i is the averaged gradient g(z_i) every TRAK-family method projects. All rows of a batch
+(B examples × K' timesteps) go through the denoiser in one forward pass, example-major.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+from typing import Sequence
+
+import torch
+
+from .adapters import ModelInputs, PipelineAdapter
+from .config import AttributionConfig
+from .objectives import OBJECTIVES
+from .seeding import seed_from, seeded_randn
+
+
+class AttributionTask:
+    def __init__(self, adapter: PipelineAdapter, config: AttributionConfig):
+        self.adapter = adapter
+        self.config = config
+        self.objective = OBJECTIVES[config.output]
+        self._shared_noise: dict[tuple, torch.Tensor] = {}
+
+    @property
+    def num_timesteps(self) -> int:
+        return self.config.num_timesteps
+
+    def timesteps(self, keys: Sequence) -> torch.Tensor:
+        """LongTensor [B, K]: the uniform grid t_k = k·T/K for every example, or K per-example random draws."""
+        T, K = self.adapter.num_train_timesteps, self.num_timesteps
+        if self.config.timestep_schedule == "uniform":
+            grid = torch.arange(K, dtype=torch.long) * (T // K) if K <= T else torch.arange(K) % T
+            return grid.expand(len(keys), K).clone()
+        rows = []
+        for key in keys:
+            generator = torch.Generator().manual_seed(seed_from(self.config.noise_seed, "timesteps", key))
+            rows.append(torch.randint(0, T, (K,), generator=generator))
+        return torch.stack(rows)
+
+    def noise(self, key, timestep: int, shape: torch.Size) -> torch.Tensor:
+        """ε for (example key, timestep): a function of (noise_seed, t) in `shared` mode, else of (seed, key, t)."""
+        if self.config.noise_mode == "per-example":
+            return seeded_randn(shape, self.config.noise_seed, "noise", key, timestep)
+        cache_key = (timestep, tuple(shape))
+        if cache_key not in self._shared_noise:
+            self._shared_noise[cache_key] = seeded_randn(shape, self.config.noise_seed, "noise", timestep)
+        return self._shared_noise[cache_key]
+
+    def chunks(self) -> list[slice]:
+        """Timestep columns evaluated per forward pass (all K unless `timestep_chunk_size` is set)."""
+        size = self.config.timestep_chunk_size or self.num_timesteps
+        return [slice(start, start + size) for start in range(0, self.num_timesteps, size)]
+
+    def outputs(self, inputs: ModelInputs, keys: Sequence, columns: slice = slice(None)) -> torch.Tensor:
+        """[B] per-example outputs summed over the timestep columns `columns`, divided by K (so the chunks add up)."""
+        timesteps = self.timesteps(keys)[:, columns]
+        batch, per_example = timesteps.shape
+        shape = inputs.x0.shape[1:]
+        noise = torch.stack([self.noise(key, int(t), shape) for key, row in zip(keys, timesteps) for t in row])
+        rows = inputs.repeat_rows(per_example)
+        device = rows.x0.device
+        t = timesteps.flatten().to(device)
+        noise = noise.to(device, rows.x0.dtype)
+        x_t = self.adapter.add_noise(rows.x0, noise, t)
+        with self._autocast(device):
+            prediction = self.adapter.predict(x_t, t, rows.conditioning)
+        target = self.adapter.target(rows.x0, noise, t)
+        values = self.objective(prediction, target, self.adapter.timestep_weight(t))
+        return values.view(batch, per_example).sum(1) / self.num_timesteps
+
+    def _autocast(self, device: torch.device):
+        if self.config.dtype == "float32":
+            return contextlib.nullcontext()
+        return torch.autocast(device.type, dtype=getattr(torch, self.config.dtype))
+
+
+def select_parameters(denoiser: torch.nn.Module, config: AttributionConfig) -> dict[str, torch.nn.Parameter]:
+    """The parameters whose gradients form the features, by name, in `named_parameters` order.
+
+    `all`: every parameter except LoRA weights; `lora`: the LoRA weights of one adapter
+    (`config.adapter_name`, else the active one); a list: glob patterns on parameter names.
+    """
+    named = dict(denoiser.named_parameters())
+    lora_names = [name for name in named if ".lora_" in name]
+    if config.parameters == "all":
+        selected = [name for name in named if name not in set(lora_names)]
+    elif config.parameters == "lora":
+        if not lora_names:
+            raise ValueError(
+                "parameters='lora' but the denoiser has no LoRA weights: load an adapter first "
+                "(pipe.load_lora_weights(path, adapter_name=...))"
+            )
+        adapter = config.adapter_name or _active_adapter(denoiser)
+        selected = [name for name in lora_names if f".{adapter}." in name or name.endswith(f".{adapter}")]
+        if not selected:
+            adapters = sorted({name.split(".lora_")[1].split(".")[1] for name in lora_names})
+            raise ValueError(f"no LoRA weights for adapter {adapter!r}; the denoiser has adapters {adapters}")
+    else:
+        selected = [name for name in named if any(fnmatch.fnmatchcase(name, p) for p in config.parameters)]
+        if not selected:
+            raise ValueError(f"no denoiser parameter matches the patterns {config.parameters}")
+    return {name: named[name] for name in selected}
+
+
+def _active_adapter(denoiser: torch.nn.Module) -> str:
+    active = getattr(denoiser, "active_adapters", None)
+    if callable(active):
+        active = active()
+    if isinstance(active, str):
+        return active
+    if not active:
+        raise ValueError("the denoiser has LoRA weights but no active adapter; set config.adapter_name")
+    if len(active) > 1:
+        raise ValueError(f"several adapters are active ({list(active)}); choose one with config.adapter_name")
+    return active[0]
+
+
+@contextlib.contextmanager
+def gradients_only_for(denoiser: torch.nn.Module, parameters: dict[str, torch.nn.Parameter]):
+    """Inside: eval mode, and `requires_grad` only on `parameters`. On exit, both restored exactly.
+
+    Set after any peft `set_adapter` call, which turns `requires_grad` back on for active adapters.
+    """
+    saved_flags = {name: p.requires_grad for name, p in denoiser.named_parameters()}
+    saved_training = {name: m.training for name, m in denoiser.named_modules()}
+    chosen = {id(p) for p in parameters.values()}
+    try:
+        denoiser.eval()
+        for p in denoiser.parameters():
+            p.requires_grad_(id(p) in chosen)
+        yield
+    finally:
+        for name, p in denoiser.named_parameters():
+            p.requires_grad_(saved_flags[name])
+        for name, module in denoiser.named_modules():
+            module.training = saved_training[name]
