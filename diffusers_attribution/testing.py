@@ -44,7 +44,14 @@ __all__ = [
     "tiny_t5_tokenizer",
 ]
 
-SD_BETAS = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+SD_SCHEDULER_KWARGS = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1)
+# What real Stable Diffusion scheduler configs set (avoids diffusers' deprecation warnings).
+_SD_EXTRA = {
+    "ddim": dict(clip_sample=False, set_alpha_to_one=False),
+    "ddpm": dict(clip_sample=False),
+    "pndm": dict(skip_prk_steps=True),
+    "euler": {},
+}
 TEXT_DIM = 32  # hidden size of every tiny text encoder
 
 
@@ -177,6 +184,11 @@ def _tiny_vae(seed: int, latent_channels: int = 4, flow: bool = False):
     )
 
 
+def _sd_scheduler(kind: str):
+    """A scheduler with Stable Diffusion's beta schedule."""
+    return _scheduler(kind, **SD_SCHEDULER_KWARGS, **_SD_EXTRA.get(kind, {}))
+
+
 def _scheduler(kind: str, **kwargs):
     from diffusers import DDIMScheduler, DDPMScheduler, EulerDiscreteScheduler, PNDMScheduler
 
@@ -234,7 +246,10 @@ def tiny_ddpm_pipeline(
 
 
 def tiny_stable_diffusion_pipeline(seed: int = 0, scheduler: str = "ddim"):
-    """StableDiffusionPipeline: 8x8x4 latents, 16x16 RGB images, cross_attention_dim 32."""
+    """StableDiffusionPipeline: 8x8x4 latents, 16x16 RGB images, cross_attention_dim 32.
+
+    ``scheduler`` is one of "ddim", "ddpm", "pndm", "euler", with SD's scaled-linear betas.
+    """
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
     torch.manual_seed(seed)
@@ -256,7 +271,7 @@ def tiny_stable_diffusion_pipeline(seed: int = 0, scheduler: str = "ddim"):
         text_encoder=_clip_text_encoder(tokenizer, seed),
         tokenizer=tokenizer,
         unet=unet,
-        scheduler=_scheduler(scheduler, **SD_BETAS),
+        scheduler=_sd_scheduler(scheduler),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
@@ -265,7 +280,10 @@ def tiny_stable_diffusion_pipeline(seed: int = 0, scheduler: str = "ddim"):
 
 
 def tiny_sdxl_pipeline(seed: int = 0, scheduler: str = "ddim"):
-    """StableDiffusionXLPipeline: two CLIP encoders (32 + 32 dims), 16x16 RGB images."""
+    """StableDiffusionXLPipeline: two CLIP encoders (32 + 32 dims), 16x16 RGB images.
+
+    ``scheduler`` as for :func:`tiny_stable_diffusion_pipeline`.
+    """
     from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
 
     time_dim = 8
@@ -294,7 +312,7 @@ def tiny_sdxl_pipeline(seed: int = 0, scheduler: str = "ddim"):
         tokenizer=tokenizer,
         tokenizer_2=tokenizer_2,
         unet=unet,
-        scheduler=_scheduler(scheduler, **SD_BETAS),
+        scheduler=_sd_scheduler(scheduler),
         image_encoder=None,
         feature_extractor=None,
     )
