@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .cli_featurize import add_featurize_parser
 from .config import METHODS, PROJECTORS, AttributionConfig
 
 
@@ -36,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="diffusers-attribution", description=__doc__)
     subparsers = parser.add_subparsers(dest="command", required=True)
     _add_demo_parser(subparsers)
+    add_featurize_parser(subparsers)
     args = parser.parse_args(argv)
     args.func(args)
     return 0

@@ -5,10 +5,15 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
-METHODS = ("trak", "d-trak")
+METHODS = (
+    "trak", "d-trak", "journey-trak",  # kernel scores φ(q)(ΦᵀΦ + λI)⁻¹Φᵀ (scoring.py, methods/journey.py)
+    "tracin", "retrac",  # Σ_c η_c ⟨g_c(z), g_c(q)⟩, ReTrac with normalized gradients (methods/tracin.py)
+    "pixel-dot", "pixel-cosine", "embedding-cosine",  # similarity baselines (methods/similarity.py)
+)
 OUTPUTS = ("loss", "squared-norm", "mean", "l1-norm", "l2-norm", "linf-norm", "weighted-mse")
 TIMESTEP_SCHEDULES = ("uniform", "random")
 NOISE_MODES = ("shared", "per-example")
@@ -17,11 +22,23 @@ PARAMETER_SETS = ("all", "lora")
 DTYPES = ("float32", "float16", "bfloat16")
 
 # The output each method differentiates when `output` is left unset (METHODS.md).
-DEFAULT_OUTPUT = {"trak": "loss", "d-trak": "squared-norm"}
+DEFAULT_OUTPUT = {"trak": "loss", "d-trak": "squared-norm", "journey-trak": "loss", "tracin": "loss", "retrac": "loss",
+                  "pixel-dot": "loss", "pixel-cosine": "loss", "embedding-cosine": "loss"}  # unused by the baselines
+# Per-method defaults of the fields left as None (METHODS.md): TracIn/ReTrac take each training gradient at one
+# random timestep and average the query gradient over 100 evenly spaced timesteps × 16 noises; Journey-TRAK
+# featurizes with 20 random timesteps per example and averages each sampling step over 4 fresh noises.
+METHOD_DEFAULTS = {
+    "tracin": {"num_timesteps": 1, "timestep_schedule": "random", "query_timesteps": 100, "query_noise_draws": 16},
+    "retrac": {"num_timesteps": 1, "timestep_schedule": "random", "query_timesteps": 100, "query_noise_draws": 16},
+    "journey-trak": {"num_timesteps": 20, "timestep_schedule": "random", "query_noise_draws": 4},
+}
+_BASE_DEFAULTS = {"num_timesteps": 10, "timestep_schedule": "uniform"}
 
 # Fields that only change how fast or where features are computed, never their values:
 # they are left out of the hash, so a store featurized on a GPU with batch 64 matches a CPU query.
 _EXECUTION_FIELDS = ("batch_size", "device", "timestep_chunk_size", "damping", "damping_ratio")
+# Later fields, left out of the hash while unset so that earlier hashes stay valid.
+_OPTIONAL_FIELDS = ("layer_dims", "checkpoints", "learning_rates", "query_timesteps", "query_noise_draws", "encoder")
 
 
 @dataclass
@@ -29,7 +46,10 @@ class AttributionConfig:
     """How to featurize training data and score queries.
 
     Args:
-        method: `"trak"` (output = training loss) or `"d-trak"` (output = squared norm of the denoiser output).
+        method: `"trak"` (output = training loss) or `"d-trak"` (output = squared norm of the denoiser output);
+            `"journey-trak"` (TRAK features, plus per-sampling-step queries: `pipe.attribute_trajectory`);
+            `"tracin"` / `"retrac"` (Diffusion-TracIn / -ReTrac, methods/tracin.py); the similarity baselines
+            `"pixel-dot"`, `"pixel-cosine"`, `"embedding-cosine"` (methods/similarity.py). docs/methods.md.
         output: the per-sample output f(z, t, ε; θ) that is differentiated; defaults to the method's own
             (`loss` for TRAK, `squared-norm` for D-TRAK). Any of D-TRAK's variants: `loss`, `squared-norm`,
             `mean`, `l1-norm`, `l2-norm`, `linf-norm`, `weighted-mse`.
@@ -44,6 +64,10 @@ class AttributionConfig:
         projection_dim: k, the total feature dimension (ignored by `identity`).
         projection_seed: seed of the random projection; a projection is a pure function of
             (projection_seed, parameter name, shape, k).
+        layer_dims: `factored` only: features per parameter, by glob pattern on parameter names (first match
+            wins): an int k_p, or `[k_out, k_in]` for a Linear/Conv2d weight (k_p = k_out·k_in). Parameters not
+            matched share the rest of `projection_dim` (k_p ∝ sqrt(numel)); the total is always `projection_dim`.
+            None: the default split for all (docs/projection.md).
         damping: λ of the kernel (ΦᵀΦ + λI)⁻¹. `None` applies the rule λ = damping_ratio · tr(ΦᵀΦ) / rank,
             i.e. a fixed fraction of the kernel's mean non-zero eigenvalue; it never looks at queries.
         damping_ratio: the fraction used by the rule above.
@@ -55,17 +79,28 @@ class AttributionConfig:
         dtype: the dtype of the denoiser's forward pass; features and kernels are always accumulated in float32.
         device: where to featurize (None = the pipeline's device).
         image_column, caption_column: column names of a `datasets.Dataset` (None = detect).
+        num_timesteps, timestep_schedule: None = the method's default (`METHOD_DEFAULTS`; else 10, `"uniform"`);
+            for TracIn/ReTrac they define the training gradient (1 random timestep per example by default).
+        checkpoints: TracIn/ReTrac: the denoiser checkpoints c (paths, or dicts `{"path", "revision",
+            "subfolder"}`; methods/checkpoints.py). None = the pipeline's current weights only.
+        learning_rates: TracIn/ReTrac: η_c per checkpoint in τ = Σ_c η_c ⟨g_c(z), g_c(q)⟩ (None = all 1). Kept in
+            the store's config (a query with other rates is refused, not silently rescored); to rescore a
+            store with other rates: `methods.tracin.TracInScorer(store.features, rates, C)`.
+        query_timesteps: TracIn/ReTrac: the query gradient is averaged over this many evenly spaced timesteps.
+        query_noise_draws: TracIn/ReTrac: noises per query timestep; Journey-TRAK: fresh noises per sampling step.
+        encoder: `"embedding-cosine"`: a transformers image encoder (a path or Hub id; CLIP or DINOv2).
     """
 
     method: str = "d-trak"
     output: str | None = None
-    num_timesteps: int = 10
-    timestep_schedule: str = "uniform"
+    num_timesteps: int | None = None
+    timestep_schedule: str | None = None
     noise_seed: int = 0
     noise_mode: str = "shared"
-    projector: str = "gaussian"
+    projector: str = "factored"
     projection_dim: int = 2048
     projection_seed: int = 0
+    layer_dims: dict[str, int | list[int]] | None = None
     damping: float | None = None
     damping_ratio: float = 0.1
     parameters: str | list[str] = "all"
@@ -76,6 +111,11 @@ class AttributionConfig:
     device: str | None = None
     image_column: str | None = None
     caption_column: str | None = None
+    checkpoints: list[str | dict[str, Any]] | None = None
+    learning_rates: list[float] | None = None
+    query_timesteps: int | None = None
+    query_noise_draws: int | None = None
+    encoder: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
@@ -83,6 +123,10 @@ class AttributionConfig:
         _check_choice("method", self.method, METHODS)
         if self.output is None:
             self.output = DEFAULT_OUTPUT[self.method]
+        for name, value in {**_BASE_DEFAULTS, **METHOD_DEFAULTS.get(self.method, {})}.items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
+        _check_method_fields(self)
         _check_choice("output", self.output, OUTPUTS)
         _check_choice("timestep_schedule", self.timestep_schedule, TIMESTEP_SCHEDULES)
         _check_choice("noise_mode", self.noise_mode, NOISE_MODES)
@@ -95,6 +139,8 @@ class AttributionConfig:
         for name in ("num_timesteps", "projection_dim", "batch_size"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"AttributionConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.layer_dims is not None:
+            self.layer_dims = _check_layer_dims(self.layer_dims, self.projector)
         if self.damping is not None and self.damping < 0:
             raise ValueError(f"AttributionConfig.damping must be >= 0, got {self.damping}")
 
@@ -121,6 +167,9 @@ class AttributionConfig:
         data = self.to_dict()
         for name in _EXECUTION_FIELDS:
             data.pop(name)
+        for name in _OPTIONAL_FIELDS:
+            if data[name] is None:
+                data.pop(name)
         return data
 
     def feature_hash(self) -> str:
@@ -132,3 +181,39 @@ class AttributionConfig:
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ValueError(f"AttributionConfig.{name}={value!r} is not one of {list(choices)}")
+
+
+def _check_method_fields(config: "AttributionConfig") -> None:
+    """The fields that only some methods read: set for another method, they are an error, not a silent no-op."""
+    tracin = config.method in ("tracin", "retrac")
+    for name, allowed in {"checkpoints": tracin, "learning_rates": tracin, "query_timesteps": tracin,
+                          "query_noise_draws": tracin or config.method == "journey-trak",
+                          "encoder": config.method == "embedding-cosine"}.items():
+        if getattr(config, name) is not None and not allowed:
+            raise ValueError(f"AttributionConfig.{name} does not apply to method={config.method!r}")
+    for name in ("query_timesteps", "query_noise_draws"):
+        if getattr(config, name) is not None and int(getattr(config, name)) < 1:
+            raise ValueError(f"AttributionConfig.{name} must be >= 1, got {getattr(config, name)}")
+    if config.checkpoints is not None:
+        config.checkpoints = [os.fspath(c) if isinstance(c, os.PathLike) else c for c in config.checkpoints]
+        if not config.checkpoints or not all(isinstance(c, (str, dict)) for c in config.checkpoints):
+            raise ValueError("AttributionConfig.checkpoints must be a non-empty list of paths or dicts "
+                             "(pass in-memory state dicts to tracin_scores)")
+    if config.learning_rates is not None:
+        config.learning_rates = [float(lr) for lr in config.learning_rates]
+        expected = len(config.checkpoints) if config.checkpoints is not None else 1
+        if len(config.learning_rates) != expected:
+            raise ValueError(f"AttributionConfig.learning_rates has {len(config.learning_rates)} values for "
+                             f"{expected} checkpoint(s)")
+
+
+def _check_layer_dims(layer_dims: dict, projector: str) -> dict[str, int | list[int]]:
+    if projector != "factored":
+        raise ValueError(f"AttributionConfig.layer_dims only applies to projector='factored', not {projector!r}")
+    checked: dict[str, int | list[int]] = {}
+    for pattern, value in dict(layer_dims).items():
+        dims = [value] if isinstance(value, int) else list(value)
+        if not 1 <= len(dims) <= 2 or not all(isinstance(d, int) and d >= 1 for d in dims):
+            raise ValueError(f"AttributionConfig.layer_dims[{pattern!r}]={value!r}: use an int >= 1 or [k_out, k_in]")
+        checked[str(pattern)] = dims[0] if len(dims) == 1 else dims
+    return checked

@@ -8,6 +8,7 @@ whose items are PIL images, numpy arrays, tensors, `(image, caption)` tuples or 
 from __future__ import annotations
 
 import hashlib
+import numbers
 from typing import Any, Sequence
 
 import numpy as np
@@ -106,7 +107,8 @@ class TrainingData:
             caption = item[caption_key] if caption_key else None
         elif isinstance(item, (tuple, list)):
             image = item[0]
-            caption = item[1] if len(item) > 1 and isinstance(item[1], str) else None
+            # a caption, or an integer class label for class-conditional pipelines (DiT)
+            caption = item[1] if len(item) > 1 and isinstance(item[1], (str, numbers.Integral)) else None
         else:
             image = item
         try:
@@ -130,7 +132,7 @@ def content_hash(image: torch.Tensor, caption: str | None = None) -> str:
     """sha256 of an example's image tensor [C, H, W] and caption: identifies its content, not its position."""
     digest = hashlib.sha256(image.contiguous().numpy().tobytes())
     digest.update(str(tuple(image.shape)).encode())
-    digest.update((caption or "").encode())
+    digest.update(("" if caption is None else str(caption)).encode())  # str, or an int class label
     return digest.hexdigest()[:16]
 
 

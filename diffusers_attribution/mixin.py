@@ -3,6 +3,10 @@
     enable_attribution(pipe)                       # the same object, now also an AttributionMixin
     store = pipe.featurize(train_dataset, config=AttributionConfig(method="d-trak"))
     result = pipe.attribute(images, store)         # or pipe.attribute(images, train_dataset, config=...)
+    journey = pipe.attribute_trajectory(seed, store, num_inference_steps=50)   # Journey-TRAK, per sampling step
+
+Every `AttributionConfig.method` has its featurizer and scorer (methods/registry.py); a list of stores is an
+ensemble (methods/ensemble.py).
 """
 
 from __future__ import annotations
@@ -12,9 +16,8 @@ from typing import Any, Sequence
 
 from .adapters import get_adapter
 from .config import AttributionConfig
-from .featurize import Featurizer
+from .methods.registry import make_featurizer, make_scorer
 from .result import AttributionResult
-from .scoring import KernelScorer
 from .store import FeatureStore
 
 
@@ -27,9 +30,17 @@ class AttributionMixin:
     def _attribution_config(self, config: AttributionConfig | None) -> AttributionConfig:
         return config or self.attribution_config or AttributionConfig()
 
-    def featurize(self, train_dataset: Any, config: AttributionConfig | None = None, *, progress: bool = True) -> FeatureStore:
-        """Projected training features Φ [N, k] of `train_dataset` under `config`, with their metadata."""
-        return Featurizer(self, self._attribution_config(config)).featurize_dataset(train_dataset, progress=progress)
+    def featurize(self, train_dataset: Any, config: AttributionConfig | None = None, *, progress: bool = True,
+                  output_dir: str | os.PathLike | None = None, accelerator: Any = None, **store_kwargs) -> FeatureStore:
+        """Projected training features Φ [N, k] of `train_dataset` under `config`, with their metadata.
+
+        `output_dir`: write safetensors shards there as they finish (a killed run resumes where it stopped);
+        under `accelerate launch` or with an `accelerator`, every process takes its share of the shards.
+        `store_kwargs`: `shard_rows`, `max_shard_size`, `compute_kernel`, `dataset_name` (docs/stores.md).
+        """
+        return make_featurizer(self, self._attribution_config(config)).featurize_dataset(
+            train_dataset, progress=progress, output_dir=output_dir, accelerator=accelerator, **store_kwargs
+        )
 
     def attribute(
         self,
@@ -39,33 +50,52 @@ class AttributionMixin:
         *,
         prompts: Sequence[str] | str | None = None,
         progress: bool = True,
+        check_compatibility: bool = True,
     ) -> AttributionResult:
-        """Score `images` against a `FeatureStore`, a store's directory, or a training set (featurized first).
+        """Score `images` against a `FeatureStore`, a store's directory or Hub dataset repo id (`user/name`),
+        or a training set (featurized first).
 
-        With a store, the store's own config is used; a `config` that differs from it is an error.
+        With a store, the store's own config is used; a `config`, model, LoRA or projection that differs from
+        the store's is a `StoreMismatchError` unless `check_compatibility=False`. A list of stores (or store
+        directories) is an ensemble: the mean of the scores against each (methods/ensemble.py).
         """
+        if isinstance(train_data, (list, tuple)) and train_data and all(
+            isinstance(item, (FeatureStore, str, os.PathLike)) for item in train_data
+        ):
+            from .methods.ensemble import ensemble_attribute
+
+            return ensemble_attribute([(self, store) for store in train_data], images, prompts=prompts, progress=progress)
         if isinstance(train_data, (str, os.PathLike)):
             train_data = FeatureStore.from_pretrained(train_data)
         if isinstance(train_data, FeatureStore):
             store = train_data
-            if config is not None:
+            if config is not None and check_compatibility:
                 store.check_compatible(config, {})
             config = store.config
         else:
             store = self.featurize(train_data, config, progress=progress)
             config = store.config
-        featurizer = Featurizer(self, config)
-        store.check_compatible(config, featurizer.metadata())
+        featurizer = make_featurizer(self, config)
+        if check_compatibility:
+            store.check_compatible(config, featurizer.metadata())
         query_features = featurizer.featurize_queries(images, prompts)
-        scorer = KernelScorer(store.features, config.damping, config.damping_ratio)
+        scorer = make_scorer(store)
         from .data import to_image_batch
 
         return AttributionResult(
             scores=scorer.scores(query_features),
             config=config,
             query_images=to_image_batch(images),
-            metadata={"damping": scorer.damping},
+            metadata=scorer.metadata,
         )
+
+    def attribute_trajectory(self, prompt_or_seed: str | int, train_data: Any, config: AttributionConfig | None = None,
+                             num_inference_steps: int = 50, **kwargs):
+        """Journey-TRAK: sample, and attribute every sampling step's x̂0 → `JourneyResult` (scores [steps, N],
+        `.plot()`). See `methods.journey.attribute_trajectory` for the arguments."""
+        from .methods.journey import attribute_trajectory
+
+        return attribute_trajectory(self, prompt_or_seed, train_data, config, num_inference_steps, **kwargs)
 
 
 _ATTRIBUTION_CLASSES: dict[type, type] = {}

@@ -64,7 +64,7 @@ class DenseProjector(Projector):
     batch, so memory stays bounded by one block (BLOCK_ROWS × k floats) whatever the model size.
     """
 
-    def __init__(self, shapes, dim, seed=0, kind="gaussian", cache_bytes=1 << 30):
+    def __init__(self, shapes, dim, seed=0, kind="gaussian", cache_bytes=2 << 30):
         super().__init__(shapes, dim, seed)
         if kind not in ("gaussian", "rademacher"):
             raise ValueError(f"unknown dense projector kind {kind!r}")
@@ -115,5 +115,5 @@ def make_projector(config, denoiser: torch.nn.Module, parameters: dict[str, torc
     if kind == "factored":
         from .factored import FactoredProjector  # the fast path (hooks), its own module
 
-        return FactoredProjector(denoiser, parameters, dim, seed)
+        return FactoredProjector(denoiser, parameters, dim, seed, layer_dims=config.layer_dims)
     raise ValueError(f"unknown projector {kind!r}")

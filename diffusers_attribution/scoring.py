@@ -39,3 +39,107 @@ class KernelScorer:
         else:
             scores = (q @ self.inverse) @ self.train_features.T
         return scores.float().cpu()
+
+
+# ---------------------------------------------------------------------------------------------- streaming
+# The same scores for a `FeatureStore` whose features need not fit in memory: the kernel is accumulated
+# block by block in float64, scores are computed per block, and `topk` keeps only the best k per query.
+
+
+def kernel_matrix(store, shards=None, block_rows: int | None = None) -> torch.Tensor:
+    """The float64 Gram matrix of a store: ΦᵀΦ [k, k] when N > k (primal), else ΦΦᵀ [N, N] (dual).
+
+    `shards` (primal only): sum over those shards' rows, a partial kernel to be added across processes.
+    """
+    n, k = len(store), store.dim
+    if n > k:
+        gram = torch.zeros(k, k, dtype=torch.float64)
+        for _, block in store.blocks(block_rows, shards):
+            block = block.double()
+            gram.addmm_(block.T, block)
+        return gram
+    if shards is not None:
+        raise ValueError("the dual kernel (N ≤ k) is not split across shards")
+    gram = torch.zeros(n, n, dtype=torch.float64)
+    for a, left in store.blocks(block_rows):
+        left = left.double()
+        for b, right in store.blocks(block_rows):
+            if b >= a:
+                product = left @ right.double().T
+                gram[a : a + len(left), b : b + len(right)] = product
+                gram[b : b + len(right), a : a + len(left)] = product.T
+    return gram
+
+
+class StreamingScorer:
+    """`KernelScorer`'s scores against a `FeatureStore`, reading its features block by block.
+
+    Memory: the kernel and its inverse (k × k, or N × N when N ≤ k), one block of rows, and the
+    queries' projected features. `topk` never forms the n_queries × N matrix in the primal case.
+    """
+
+    def __init__(self, store, damping: float | None = None, damping_ratio: float = 0.1, block_rows: int | None = None):
+        self.store, self.block_rows = store, block_rows
+        n, k = len(store), store.dim
+        self.dual = n <= k
+        if store.kernel is None:
+            store.kernel = kernel_matrix(store, block_rows=block_rows)
+        gram = store.kernel.to(torch.float64)
+        expected = n if self.dual else k
+        if gram.shape != (expected, expected):
+            raise ValueError(f"the store's kernel is {tuple(gram.shape)}, expected {expected} × {expected}")
+        self.damping = float(damping_ratio * gram.trace() / min(n, k)) if damping is None else float(damping)
+        eye = torch.eye(expected, dtype=torch.float64)
+        self.inverse = torch.linalg.solve(gram + self.damping * eye, eye)
+
+    def scores(self, query_features: torch.Tensor) -> torch.Tensor:
+        """τ [n, N] float32, as `KernelScorer.scores`."""
+        q = query_features.detach().double().cpu()
+        if self.dual:
+            products = torch.empty(len(q), len(self.store), dtype=torch.float64)
+            for start, block in self.store.blocks(self.block_rows):
+                products[:, start : start + len(block)] = q @ block.double().T
+            return (products @ self.inverse).float()
+        out = torch.empty(len(q), len(self.store), dtype=torch.float32)
+        projected = q @ self.inverse
+        for start, block in self.store.blocks(self.block_rows):
+            out[:, start : start + len(block)] = (projected @ block.double().T).float()
+        return out
+
+    def topk(self, query_features: torch.Tensor, k: int, shards=None):
+        """`TopK` (indices [n, k'] into the training set, best first; scores): k' = min(k, rows scored).
+
+        `shards`: only those shards' rows (global indices), so processes can each score some shards and
+        `merge_topk` the results. The dual form (N ≤ k) scores densely: its n × N is below n × k anyway.
+        """
+        from .result import TopK
+
+        q = query_features.detach().double().cpu()
+        if self.dual:
+            if shards is not None:
+                raise ValueError("the dual form (N ≤ k) is scored in one process")
+            values, indices = self.scores(q).topk(min(k, len(self.store)), dim=1)
+            return TopK(indices, values)
+        projected = q @ self.inverse
+        best_values = torch.empty(len(q), 0, dtype=torch.float32)
+        best_indices = torch.empty(len(q), 0, dtype=torch.long)
+        for start, block in self.store.blocks(self.block_rows, shards):
+            values, where = (projected @ block.double().T).float().topk(min(k, len(block)), dim=1)
+            best_values, best_indices = _keep_best(torch.cat([best_values, values], 1),
+                                                   torch.cat([best_indices, where + start], 1), k)
+        return TopK(best_indices, best_values)
+
+
+def merge_topk(parts, k: int):
+    """One `TopK` from several over disjoint rows (e.g. one per process)."""
+    from .result import TopK
+
+    values = torch.cat([part.scores for part in parts], 1)
+    indices = torch.cat([part.indices for part in parts], 1)
+    best_values, best_indices = _keep_best(values, indices, k)
+    return TopK(best_indices, best_values)
+
+
+def _keep_best(values: torch.Tensor, indices: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    top, where = values.topk(min(k, values.shape[1]), dim=1)
+    return top, indices.gather(1, where)

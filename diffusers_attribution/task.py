@@ -27,6 +27,7 @@ class AttributionTask:
         self.adapter = adapter
         self.config = config
         self.objective = OBJECTIVES[config.output]
+        adapter.configure(config)  # family options from config.extra; refuses outputs undefined for the family
         self._shared_noise: dict[tuple, torch.Tensor] = {}
 
     @property
@@ -99,10 +100,19 @@ def select_parameters(denoiser: torch.nn.Module, config: AttributionConfig) -> d
                 "(pipe.load_lora_weights(path, adapter_name=...))"
             )
         adapter = config.adapter_name or _active_adapter(denoiser)
-        selected = [name for name in lora_names if f".{adapter}." in name or name.endswith(f".{adapter}")]
+        selected = [name for name in lora_names if _lora_adapter_of(name) == adapter]
         if not selected:
-            adapters = sorted({name.split(".lora_")[1].split(".")[1] for name in lora_names})
+            adapters = sorted({_lora_adapter_of(name) for name in lora_names})
             raise ValueError(f"no LoRA weights for adapter {adapter!r}; the denoiser has adapters {adapters}")
+        # peft skips inactive or disabled adapters: their gradients would all be zero
+        active = _active_adapters(denoiser)
+        if hasattr(denoiser, "active_adapters") and adapter not in active:
+            raise ValueError(
+                f"LoRA adapter {adapter!r} is loaded but not active (active: {active}); "
+                f"activate it first, e.g. pipe.set_adapters({adapter!r})"
+            )
+        if any(getattr(m, "disable_adapters", False) for m in denoiser.modules() if hasattr(m, "lora_A")):
+            raise ValueError("the LoRA layers are disabled (pipe.disable_lora()); enable them with pipe.enable_lora()")
     else:
         selected = [name for name in named if any(fnmatch.fnmatchcase(name, p) for p in config.parameters)]
         if not selected:
@@ -110,12 +120,20 @@ def select_parameters(denoiser: torch.nn.Module, config: AttributionConfig) -> d
     return {name: named[name] for name in selected}
 
 
-def _active_adapter(denoiser: torch.nn.Module) -> str:
+def _lora_adapter_of(name: str) -> str:
+    """The adapter a peft LoRA parameter belongs to: `...to_q.lora_A.<adapter>.weight` → `<adapter>`."""
+    return name.split(".lora_")[1].split(".")[1]
+
+
+def _active_adapters(denoiser: torch.nn.Module) -> list[str]:
     active = getattr(denoiser, "active_adapters", None)
     if callable(active):
         active = active()
-    if isinstance(active, str):
-        return active
+    return [active] if isinstance(active, str) else list(active or [])
+
+
+def _active_adapter(denoiser: torch.nn.Module) -> str:
+    active = _active_adapters(denoiser)
     if not active:
         raise ValueError("the denoiser has LoRA weights but no active adapter; set config.adapter_name")
     if len(active) > 1:

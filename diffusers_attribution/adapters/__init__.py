@@ -4,10 +4,25 @@ A new family is one `PipelineAdapter` subclass passed to `register_adapter` (tri
 """
 
 from .base import ModelInputs, PipelineAdapter, UnsupportedPipelineError
+from .dit import DiTAdapter
+from .flow_matching import FlowMatchingAdapter
+from .flux import FluxAdapter
+from .pixart import PixArtAdapter
+from .sd3 import StableDiffusion3Adapter
+from .sdxl import StableDiffusionXLAdapter
 from .stable_diffusion import StableDiffusionAdapter
 from .unconditional import UnconditionalAdapter
 
-ADAPTERS: list[type[PipelineAdapter]] = [StableDiffusionAdapter, UnconditionalAdapter]
+# Tried in order, most specific first (SDXL's UNet is also a UNet2DConditionModel).
+ADAPTERS: list[type[PipelineAdapter]] = [
+    StableDiffusionXLAdapter,
+    StableDiffusionAdapter,
+    StableDiffusion3Adapter,
+    FluxAdapter,
+    PixArtAdapter,
+    DiTAdapter,
+    UnconditionalAdapter,
+]
 
 
 def register_adapter(adapter_cls: type[PipelineAdapter]) -> type[PipelineAdapter]:
@@ -34,9 +49,15 @@ def get_adapter(pipe) -> PipelineAdapter:
 
 __all__ = [
     "ADAPTERS",
+    "DiTAdapter",
+    "FlowMatchingAdapter",
+    "FluxAdapter",
     "ModelInputs",
+    "PixArtAdapter",
     "PipelineAdapter",
+    "StableDiffusion3Adapter",
     "StableDiffusionAdapter",
+    "StableDiffusionXLAdapter",
     "UnconditionalAdapter",
     "UnsupportedPipelineError",
     "get_adapter",

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 import torch
 from diffusers import DDPMScheduler
 
+from ..seeding import seeded_randn
+
 
 class UnsupportedPipelineError(TypeError):
     """The pipeline lacks a component attribution needs, or no adapter knows its family."""
@@ -41,6 +43,7 @@ class PipelineAdapter:
     """
 
     family: str = "base"
+    options: tuple[str, ...] = ()  # attributes that `AttributionConfig.extra` may set (docs/families.md)
 
     def __init__(self, pipe):
         self.pipe = pipe
@@ -74,6 +77,19 @@ class PipelineAdapter:
         """(channels, height, width) of the images this pipeline is trained on."""
         raise NotImplementedError
 
+    @property
+    def vae_scale_factor(self) -> int:
+        """Pixels per latent pixel: the pipeline's own `vae_scale_factor`, else 2^(VAE blocks - 1)."""
+        factor = getattr(self.pipe, "vae_scale_factor", None)
+        return int(factor or 2 ** (len(self.pipe.vae.config.block_out_channels) - 1))
+
+    def latent_image_shape(self) -> tuple[int, int, int]:
+        """(RGB channels, H, W) = the denoiser's latent `sample_size` times the VAE scale factor."""
+        size = self.denoiser.config.sample_size
+        height, width = (size, size) if isinstance(size, int) else tuple(size)
+        scale = self.vae_scale_factor
+        return int(self.pipe.vae.config.in_channels), int(height * scale), int(width * scale)
+
     def validate_images(self, images: torch.Tensor, what: str = "images") -> None:
         from ..data import InvalidImageError
 
@@ -89,6 +105,44 @@ class PipelineAdapter:
     def encode(self, images: torch.Tensor, captions: list[str | None], keys: list, seed: int) -> ModelInputs:
         """Images [B, C, H, W] in [-1, 1] and captions → x0 and conditioning on the denoiser's device."""
         raise NotImplementedError
+
+    @torch.no_grad()
+    def encode_latents(self, images: torch.Tensor, keys: list, seed: int) -> torch.Tensor:
+        """x0 = (z - shift_factor) · scaling_factor, z = μ + σ·η ~ vae.encode(image), η seeded by (seed, key).
+
+        Returns [B, C_latent, h, w] on the VAE's device in its dtype; one draw per example, any batch.
+        """
+        vae = self.pipe.vae
+        distribution = vae.encode(images.to(vae.device, vae.dtype)).latent_dist
+        eps = torch.stack([seeded_randn(distribution.mean.shape[1:], seed, "latent", key) for key in keys])
+        latents = distribution.mean + distribution.std * eps.to(distribution.mean)
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        return (latents - shift) * vae.config.scaling_factor
+
+    def text_prompts(self, captions: list) -> list[str]:
+        """Captions as prompts: None → "" (the unconditional prompt); anything but a string is an error."""
+        prompts = []
+        for caption in captions:
+            if caption is not None and not isinstance(caption, str):
+                raise TypeError(
+                    f"{type(self.pipe).__name__} is conditioned on text: captions must be strings or None, "
+                    f"got {type(caption).__name__} {caption!r}"
+                )
+            prompts.append(caption or "")
+        return prompts
+
+    def sequence_length_kwargs(self) -> dict:
+        """`max_sequence_length=` for `encode_prompt` when the `max_sequence_length` option is set, else nothing
+        (the pipeline's own default)."""
+        length = getattr(self, "max_sequence_length", None)
+        return {} if length is None else {"max_sequence_length": int(length)}
+
+    def configure(self, config) -> None:
+        """Take this family's `options` from `config.extra` (so they are part of the config's hash), and raise
+        if `config.output` (objectives.py) is undefined for this family. Called once by `AttributionTask`."""
+        for name in self.options:
+            if name in config.extra:
+                setattr(self, name, config.extra[name])
 
     def denoiser_kwargs(self, x_t: torch.Tensor, t: torch.Tensor, conditioning: dict) -> dict:
         raise NotImplementedError

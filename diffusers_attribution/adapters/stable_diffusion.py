@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 from diffusers import UNet2DConditionModel
 
-from ..seeding import seeded_randn
 from .base import ModelInputs, PipelineAdapter
 
 
@@ -34,14 +33,8 @@ class StableDiffusionAdapter(PipelineAdapter):
 
     @torch.no_grad()
     def encode(self, images, captions, keys, seed) -> ModelInputs:
-        vae = self.pipe.vae
-        distribution = vae.encode(images.to(vae.device, vae.dtype)).latent_dist
-        eps = torch.stack([seeded_randn(distribution.mean.shape[1:], seed, "latent", key) for key in keys])
-        latents = distribution.mean + distribution.std * eps.to(distribution.mean)
-        shift = getattr(vae.config, "shift_factor", None) or 0.0
-        latents = (latents - shift) * vae.config.scaling_factor
-        prompts = [caption or "" for caption in captions]
-        embeddings, _ = self.pipe.encode_prompt(prompts, self.device, 1, False)
+        latents = self.encode_latents(images, keys, seed)
+        embeddings, _ = self.pipe.encode_prompt(self.text_prompts(captions), self.device, 1, False)
         dtype = next(self.denoiser.parameters()).dtype
         return ModelInputs(latents.to(self.device, dtype), {"encoder_hidden_states": embeddings.to(dtype)})
 

@@ -1,0 +1,353 @@
+"""Featurization speed and fidelity: a training step, the per-sample-gradient recipe, and the factored hooks.
+
+Throughput, measured side by side on the same (example, timestep) rows (B examples × K timesteps):
+  train     forward + backward + AdamW step (what one training step costs)
+  vmap      the published recipe: torch.func vmap per-sample gradients of the attributed parameters (one
+            vmap over examples per timestep, attention on the math SDPA kernel), summed over timesteps,
+            then a dense Gaussian projection (its matrix cached in memory)
+  factored  FactoredProjector: one batched forward/backward with attribution hooks
+on the digits DDPM (`diffusers_attribution.digits`) and on a Stable-Diffusion-shaped UNet2DConditionModel
+with a LoRA (only the LoRA weights attributed / trained). Fidelity on the digits DDPM: Spearman correlation,
+per query, between projected scores and exact scores (identity features, dual-form kernel) for `factored`
+(default split, and a split calibrated on 8 training gradients, passed as `layer_dims`) and dense
+`gaussian` at the same total k.
+
+    python benchmarks/featurize_speed.py            # 10-15 minutes on 2 shared CPU cores
+    python benchmarks/featurize_speed.py --quick    # a few minutes
+
+Peak memory on CPU is the growth of the process RSS above its value at the start of each measurement
+(warm-up call included), sampled every 2 ms; freed memory is handed back to the OS with malloc_trim
+between measurements. On CUDA it is torch.cuda.max_memory_allocated above the start.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import platform
+import statistics
+import threading
+import time
+
+import sys
+from pathlib import Path
+
+import psutil
+import torch
+from diffusers import DDPMScheduler, UNet2DConditionModel
+from torch.func import functional_call, grad, vmap
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+if not (Path(__file__).resolve().parents[1] / "diffusers_attribution").is_dir():
+    raise SystemExit("run from a checkout of diffusers-attribution")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout, installed or not
+
+from diffusers_attribution import AttributionConfig
+from diffusers_attribution.adapters import ModelInputs, PipelineAdapter, UnconditionalAdapter
+from diffusers_attribution.factored import FactoredProjector
+from diffusers_attribution.gradients import per_example_gradients
+from diffusers_attribution.projection import DenseProjector
+from diffusers_attribution.scoring import KernelScorer
+from diffusers_attribution.task import AttributionTask, gradients_only_for, select_parameters
+
+
+# ----------------------------------------------------------------------------- models
+
+
+def digits_model(device, n_train=500):
+    """The digits DDPM trained on `load_digits_images(n_train)`, its training images, and held-out digits."""
+    from diffusers_attribution.digits import load_digits_images, load_or_train_digits_ddpm
+
+    pipe = load_or_train_digits_ddpm(n_train=n_train, progress=False)  # cached after the first run
+    train, everything = load_digits_images(n_train), load_digits_images()
+    seen = {bytes(x.numpy()) for x in train}
+    held_out = torch.stack([x for x in everything if bytes(x.numpy()) not in seen])
+    pipe.unet.to(device).eval()
+    return UnconditionalAdapter(pipe), train, held_out
+
+
+class LatentAdapter(PipelineAdapter):
+    """SD-style denoiser on ready-made latents and text embeddings (no VAE / text encoder to time)."""
+
+    family = "sd-latents"
+
+    def __init__(self, unet):
+        self.pipe, self.denoiser = None, unet
+        self.noise_scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+        self.prediction_type = "epsilon"
+
+    def denoiser_kwargs(self, x_t, t, conditioning):
+        return {"sample": x_t, "timestep": t, "encoder_hidden_states": conditioning["encoder_hidden_states"]}
+
+
+def sd_lora_model(device, quick):
+    """A scaled-down SD 1.x UNet (4 resolutions, cross-attention, 4-channel latents) with a rank-16 LoRA."""
+    from peft import LoraConfig
+
+    torch.manual_seed(0)
+    channels = (32, 64, 128, 128)
+    unet = UNet2DConditionModel(
+        sample_size=32, in_channels=4, out_channels=4, block_out_channels=channels, layers_per_block=1 if quick else 2,
+        cross_attention_dim=128, attention_head_dim=8, norm_num_groups=32,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    )
+    unet.add_adapter(LoraConfig(r=16, lora_alpha=16, init_lora_weights="gaussian",
+                                target_modules=["to_q", "to_k", "to_v", "to_out.0"]), adapter_name="lora")
+    with torch.no_grad():  # a trained-looking LoRA: B ≠ 0
+        for name, p in unet.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.02)
+    unet.to(device).eval()
+    note = (f"SD-shaped UNet2DConditionModel, block_out_channels {channels}, layers_per_block "
+            f"{1 if quick else 2}, {sum(p.numel() for p in unet.parameters()) / 1e6:.1f}M params, LoRA rank 16 on "
+            "to_q/to_k/to_v/to_out.0")
+    return LatentAdapter(unet), note
+
+
+# ----------------------------------------------------------------------------- methods
+
+
+def train_step(task, parameters, inputs, keys, optimizer):
+    loss = task.outputs(inputs, keys).mean()
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+
+
+def vmap_features(task, parameters, inputs, keys, projector, fallback):
+    """Σ_k per-sample gradients (torch.func, one vmap over examples per timestep), then dense projection."""
+    adapter, K = task.adapter, task.num_timesteps
+    if fallback:  # ordinary autograd, one example at a time
+        return projector.project(per_example_gradients(task, parameters, inputs, keys))
+    params = {name: p.detach() for name, p in parameters.items()}
+    timesteps = task.timesteps(keys)
+    total = {name: torch.zeros(len(keys), *p.shape, device=p.device) for name, p in params.items()}
+
+    def row_output(p, x0, noise, t, cond):
+        x0, noise, t = x0[None], noise[None], t[None]
+        x_t = adapter.add_noise(x0, noise, t)
+        call = lambda **kwargs: functional_call(adapter.denoiser, p, args=(), kwargs=kwargs)  # noqa: E731
+        prediction = adapter.predict(x_t, t, {k: v[None] for k, v in cond.items()}, denoiser=call)
+        return task.objective(prediction, adapter.target(x0, noise, t), adapter.timestep_weight(t)).sum() / K
+
+    per_sample = vmap(grad(row_output), in_dims=(None, 0, 0, 0, 0))
+    for k in range(K):
+        t = timesteps[:, k].to(inputs.x0.device)
+        noise = torch.stack([task.noise(key, int(t[i]), inputs.x0.shape[1:]) for i, key in enumerate(keys)])
+        with sdpa_kernel(SDPBackend.MATH):  # vmap has no batching rule for the fused attention kernels
+            grads = per_sample(params, inputs.x0, noise.to(inputs.x0), t, inputs.conditioning)
+        for name in total:
+            total[name] += grads[name]
+    return projector.project(total)
+
+
+# ----------------------------------------------------------------------------- measurement
+
+
+class PeakMemory:
+    """Peak memory growth (MB) inside the block: CUDA allocator, or sampled process RSS on CPU."""
+
+    def __init__(self, device):
+        self.device, self.peak = torch.device(device), 0.0
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.start = torch.cuda.memory_allocated()
+            return self
+        _malloc_trim()
+        self.process, self.start, self.running = psutil.Process(), psutil.Process().memory_info().rss, True
+        self.max_rss = self.start
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def _sample(self):
+        while self.running:
+            self.max_rss = max(self.max_rss, self.process.memory_info().rss)
+            time.sleep(0.002)
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            self.peak = (torch.cuda.max_memory_allocated() - self.start) / 2**20
+        else:
+            self.running = False
+            self.thread.join()
+            self.peak = (self.max_rss - self.start) / 2**20
+
+
+def _malloc_trim():
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+
+
+def timed(fn, steps, device, budget_s=60.0):
+    """Median seconds per call after one warm-up call (`steps` calls, fewer if they pass `budget_s`, at least
+    one), and the peak memory growth over all calls, the warm-up included, so that what a method caches
+    (the dense projection matrix) is counted."""
+    times = []
+    with PeakMemory(device) as memory:
+        fn()
+        while len(times) < steps and (not times or sum(times) < budget_s):
+            start = time.perf_counter()
+            fn()
+            if torch.device(device).type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+    return statistics.median(times), memory.peak, len(times)
+
+
+def throughput(name, adapter, inputs, config, steps, device):
+    task = AttributionTask(adapter, config)
+    denoiser = adapter.denoiser
+    parameters = select_parameters(denoiser, config)
+    keys = list(range(len(inputs.x0)))
+    pairs = len(keys) * config.num_timesteps
+    rows = []  # (label, median seconds per call, peak MB, timed calls)
+    with gradients_only_for(denoiser, parameters):
+        saved = {n: p.detach().clone() for n, p in parameters.items()}
+        optimizer = torch.optim.AdamW(parameters.values(), lr=1e-4)
+        train = lambda: train_step(task, parameters, inputs, keys, optimizer)  # noqa: E731
+        rows.append(("train step", *timed(train, steps, device)))
+        with torch.no_grad():  # undo the training steps
+            for n, p in parameters.items():
+                p.copy_(saved[n])
+        del optimizer, saved
+
+        dense = DenseProjector({n: p.shape for n, p in parameters.items()}, config.projection_dim, 0,
+                               cache_bytes=1 << 33)  # P stays in memory, as a fast dense recipe would keep it
+        recipe = lambda fallback: vmap_features(task, parameters, inputs, keys, dense, fallback)  # noqa: E731
+        try:
+            rows.append(("vmap + dense Gaussian", *timed(lambda: recipe(False), steps, device)))
+        except Exception as error:  # noqa: BLE001 - report what vmap could not handle, use the autograd loop
+            label = f"per-example autograd + dense Gaussian (vmap failed: {type(error).__name__}: {str(error)[:80]})"
+            rows.append((label, *timed(lambda: recipe(True), steps, device)))
+        del dense, recipe
+        _malloc_trim()
+
+        factored = FactoredProjector(denoiser, parameters, config.projection_dim, 0)
+        hooks = lambda: factored.features(task, parameters, inputs, keys)  # noqa: E731
+        rows.append(("factored hooks", *timed(hooks, steps, device)))
+
+    train_rate = pairs / rows[0][1]
+    print(f"\n{name}: {len(parameters)} attributed tensors, {sum(p.numel() for p in parameters.values()):,} values; "
+          f"B={len(keys)} examples × K={config.num_timesteps} timesteps per step, k={config.projection_dim}")
+    print("| method | pairs/s | × training | peak memory growth (MB) | timed calls |")
+    print("|---|---:|---:|---:|---:|")
+    for label, seconds, memory, calls in rows:
+        rate = pairs / seconds
+        print(f"| {label} | {rate:,.3g} | {rate / train_rate:.2f} | {memory:,.0f} | {calls} |")
+
+
+# ----------------------------------------------------------------------------- fidelity
+
+
+def spearman(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Row-wise Spearman correlation of [n, N] score matrices (ties are negligible for real-valued scores)."""
+    ra, rb = (x.argsort(1).argsort(1).double() for x in (a, b))
+    ra, rb = ra - ra.mean(1, keepdim=True), rb - rb.mean(1, keepdim=True)
+    return (ra * rb).sum(1) / (ra.norm(dim=1) * rb.norm(dim=1))
+
+
+def fidelity(adapter, images, held_out, n_train, n_query, dims, num_timesteps, device):
+    config = AttributionConfig(num_timesteps=num_timesteps, projector="identity")
+    task = AttributionTask(adapter, config)
+    denoiser = adapter.denoiser
+    parameters = select_parameters(denoiser, config)
+    train, query = images[:n_train].to(device), held_out[:n_query].to(device)
+    sets = {"train": (train, list(range(n_train))), "query": (query, [f"query:{i}" for i in range(n_query)])}
+
+    def batches(name):
+        x, keys = sets[name]
+        for start in range(0, len(keys), 32):
+            yield ModelInputs(x[start : start + 32]), keys[start : start + 32]
+
+    start = time.perf_counter()
+    with gradients_only_for(denoiser, parameters):
+        exact = {name: [per_example_gradients(task, parameters, inputs, keys) for inputs, keys in batches(name)]
+                 for name in sets}
+        exact = {name: {p: torch.cat([g[p] for g in grads]) for p in parameters} for name, grads in exact.items()}
+        flat = {name: torch.cat([g[p].flatten(1) for p in parameters], 1) for name, g in exact.items()}
+        reference = KernelScorer(flat["train"]).scores(flat["query"])
+        print(f"\nfidelity on {n_train} training digits, {n_query} held-out query digits, K={num_timesteps}, "
+              f"{flat['train'].shape[1]:,} parameters (exact features in {time.perf_counter() - start:.0f} s)")
+        del flat
+        print("Spearman of projected vs exact scores, mean ± sd over queries (projection seed 0):")
+        print("| k | factored (default split) | factored (calibrated split) | dense gaussian |")
+        print("|---:|---:|---:|---:|")
+        for k in dims:
+            dense = DenseProjector({n: p.shape for n, p in parameters.items()}, k, 0)
+            gaussian = {name: dense.project(exact[name]) for name in sets}
+            del dense
+            features = []
+            for layer_dims in (None, calibrated_layer_dims(exact["train"], parameters, k)):
+                projector = FactoredProjector(denoiser, parameters, k, 0, layer_dims=layer_dims)
+                features.append({name: torch.cat([projector.features(task, parameters, inputs, keys).cpu()
+                                                  for inputs, keys in batches(name)]) for name in sets})
+            cells = []
+            for phi in (*features, gaussian):
+                rho = spearman(KernelScorer(phi["train"]).scores(phi["query"]), reference)
+                cells.append(f"{rho.mean():.3f} ± {rho.std():.3f}")
+            print(f"| {k} | " + " | ".join(cells) + " |")
+
+
+def calibrated_layer_dims(train_gradients, parameters, k, n=8):
+    """A data-dependent split for `layer_dims`: k_p ∝ sqrt(mean ‖g_p‖²) over the first n training examples
+    (their exact gradients; never the queries), at least 1 and at most numel_p, total k."""
+    weight = {p: float(train_gradients[p][:n].flatten(1).pow(2).sum(1).mean().sqrt()) for p in parameters}
+    total = sum(weight.values())
+    dims = {p: min(parameters[p].numel(), max(1, int(k * w / total))) for p, w in weight.items()}
+    order = sorted(dims, key=weight.get, reverse=True)
+    while (left := k - sum(dims.values())) != 0:  # one feature at a time to the heaviest block with room
+        step = 1 if left > 0 else -1
+        p = next(p for p in order if 1 <= dims[p] + step <= parameters[p].numel())
+        dims[p] += step
+    return dims
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="smaller SD model, fewer steps, N=200")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--skip-fidelity", action="store_true")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device, quick = args.device, args.quick
+    steps = 2 if quick else 5
+    print(f"torch {torch.__version__}, device {device}, {torch.get_num_threads()} threads, "
+          f"{psutil.cpu_count()} CPUs, {platform.processor() or platform.machine()}")
+
+    adapter, images, held_out = digits_model(device)
+    print(f"digits: the digits DDPM (DigitsRecipe) trained on {len(images)} digits")
+    batch = images[:16].to(device)
+    config = AttributionConfig(num_timesteps=10, projection_dim=2048)
+    throughput("digits DDPM (all parameters)", adapter, ModelInputs(batch), config, steps, device)
+
+    sd, note = sd_lora_model(device, quick)
+    size = 16 if quick else 32
+    print(f"\nsd-lora: {note}; latents 4×{size}×{size}, 16 text tokens of width 128")
+    generator = torch.Generator().manual_seed(0)
+    latents = torch.randn(4, 4, size, size, generator=generator).to(device)
+    text = torch.randn(len(latents), 16, 128, generator=generator).to(device)
+    config = AttributionConfig(num_timesteps=4, projection_dim=2048, parameters="lora")
+    throughput("SD-shaped UNet, LoRA weights", sd, ModelInputs(latents, {"encoder_hidden_states": text}),
+               config, steps, device)
+    del sd
+
+    if not args.skip_fidelity:
+        n_train, n_query = (200, 8) if quick else (len(images), 16)
+        fidelity(adapter, images, held_out, n_train, n_query, (512, 2048), 5 if quick else 10, device)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,451 @@
+"""LDS benchmark on scikit-learn's digits: a ground truth of retrained DDPMs, then a table of attribution methods.
+
+The setting (a cheaper, documented version of D-TRAK's protocol; docs/benchmarks.md):
+  training set  N = 500 digits: `load_digits_images(500, seed=0)`; held-out real queries: the next 64 of the same
+                permutation (`load_digits_images(564, seed=0)[500:]`), never trained on.
+  recipe        `LDS_RECIPE`: the digits UNet (~164k parameters) trained 600 steps of batch 64 (~150 epochs of a
+                250-image subset), training seed 0 for every model (common random numbers across subsets).
+  model         the attributed model = the recipe on all 500 digits; queries generated from it with deterministic
+                DDIM (50 steps, `generate_digits(pipe, 96, seed=1234)`): the first 32 are the *validation* split
+                (used only to choose λ), the other 64 the *evaluation* queries.
+  ground truth  64 random half-size subsets (α = 0.5, mask seed 0), one model each; output = the diffusion loss on
+                every query averaged over 100 evenly spaced timesteps × 2 fixed noises (`LossSpec`).
+
+Two phases:
+    # 1. ground truth (64 retrainings, ~30-45 min on 2 free CPU cores; resumable: rerun the same command):
+    nice -n 19 python benchmarks/lds_digits.py --build-ground-truth
+    #    in 2 processes:  ... --build-ground-truth --rank 0 --world-size 2  and  --rank 1 --world-size 2
+    #    or with accelerate: ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 \\
+    #                        benchmarks/lds_digits.py --build-ground-truth
+    #    writes benchmarks/data/lds_digits/{ground_truth.json, masks.safetensors, outputs.safetensors,
+    #    queries.safetensors} (small, committed); the retrained models are not kept.
+    # 2. the table, from the committed ground truth (minutes; --quick for the cheap rows only):
+    python benchmarks/lds_digits.py [--quick] [--only d-trak]
+    #    writes benchmarks/data/lds_digits/results.json and docs/lds_digits.png, prints a markdown table.
+    # optional counterfactual experiment (2 retrainings per query and method):
+    nice -n 19 python benchmarks/lds_digits.py --counterfactual
+
+Every LDS is reported as mean ± std over 3 attribution noise seeds (`AttributionConfig.noise_seed` = 0, 1, 2)
+with the mean of the per-seed 95 % bootstrap intervals over queries.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import os
+import platform
+import sys
+import threading
+import time
+import warnings
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if not (ROOT / "diffusers_attribution").is_dir():
+    raise SystemExit("run from a checkout of diffusers-attribution")
+sys.path.insert(0, str(ROOT))
+
+from diffusers_attribution import AttributionConfig, enable_attribution  # noqa: E402
+from diffusers_attribution.config import PROJECTORS  # noqa: E402
+from diffusers_attribution.digits import (  # noqa: E402
+    DigitsRecipe,
+    generate_digits,
+    load_digits_images,
+    load_or_train_digits_ddpm,
+)
+from diffusers_attribution.evaluation.damping import KernelPath, select_damping  # noqa: E402
+from diffusers_attribution.evaluation.lds import lds, summarize_seeds  # noqa: E402
+from diffusers_attribution.evaluation.masks import subset_masks  # noqa: E402
+from diffusers_attribution.evaluation.outputs import LossSpec, QueryLosses  # noqa: E402
+from diffusers_attribution.evaluation.retrain import DigitsTrainingRecipe, RetrainHarness  # noqa: E402
+
+DATA = ROOT / "benchmarks" / "data" / "lds_digits"
+PLOT = ROOT / "docs" / "lds_digits.png"
+N_TRAIN = 500
+N_REAL = 64
+N_VALIDATION, N_EVALUATION = 32, 64
+QUERY_SEED = 1234
+NUM_SUBSETS, ALPHA, MASK_SEED = 64, 0.5, 0
+TRAINING_SEED = 0
+LDS_RECIPE = DigitsRecipe(num_steps=600, batch_size=64, lr_warmup_steps=30)
+LOSS_SPEC = LossSpec(timesteps=100, noise_draws=2, seed=0)
+NOISE_SEEDS = (0, 1, 2)
+PROJECTION_DIM = 2048
+
+
+def default_workdir() -> Path:
+    return Path(os.environ.get("LDS_DIGITS_WORKDIR", "~/.cache/diffusers_attribution/lds_digits")).expanduser()
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+
+def training_images() -> torch.Tensor:
+    return load_digits_images(N_TRAIN, seed=0)
+
+
+def real_queries() -> torch.Tensor:
+    return load_digits_images(N_TRAIN + N_REAL, seed=0)[N_TRAIN:]
+
+
+def full_model(workdir: Path, progress: bool = True):
+    """The attributed model: LDS_RECIPE on all N_TRAIN digits (trained once, cached under workdir)."""
+    return load_or_train_digits_ddpm(workdir / "models", recipe=replace(LDS_RECIPE, seed=TRAINING_SEED),
+                                     n_train=N_TRAIN, progress=progress)
+
+
+def fingerprint(pipe) -> str:
+    from diffusers_attribution.featurize import model_fingerprint
+
+    return model_fingerprint(pipe.unet, dict(pipe.unet.named_parameters()))["denoiser"]
+
+
+def load_ground_truth() -> dict:
+    from safetensors.torch import load_file
+
+    info = json.loads((DATA / "ground_truth.json").read_text())
+    masks = load_file(str(DATA / "masks.safetensors"))["masks"].bool()
+    outputs = load_file(str(DATA / "outputs.safetensors"))
+    queries = load_file(str(DATA / "queries.safetensors"))
+    return {"info": info, "masks": masks, "outputs": outputs, "queries": queries}
+
+
+# ---------------------------------------------------------------------------------------------- phase 1
+
+
+def build_ground_truth(args) -> None:
+    from safetensors.torch import save_file
+
+    workdir = Path(args.workdir)
+    DATA.mkdir(parents=True, exist_ok=True)
+    images = training_images()
+    start = time.time()
+    pipe = full_model(workdir, progress=args.rank in (None, 0))
+    generated = generate_digits(pipe, N_VALIDATION + N_EVALUATION, seed=QUERY_SEED)
+    real = real_queries()
+    queries = {"validation": generated[:N_VALIDATION], "generated": generated[N_VALIDATION:], "real": real}
+    masks = subset_masks(N_TRAIN, args.subsets, ALPHA, MASK_SEED)
+    measure = QueryLosses(queries, LOSS_SPEC)
+    harness = RetrainHarness(DigitsTrainingRecipe(LDS_RECIPE), images, masks, workdir / "retrain", measure,
+                             seeds=(TRAINING_SEED,), rank=args.rank, world_size=args.world_size,
+                             metadata={"benchmark": "lds_digits"})
+    results = harness.run()
+    if not results.complete:
+        missing = int((~results.done).sum())
+        print(f"ground truth: {missing} of {results.done.numel()} retrainings still missing (other processes?); "
+              "rerun without --rank to assemble once they finish")
+        return
+    if harness.rank != 0:
+        return
+    outputs = {name: results.outputs(name).contiguous() for name in ("validation", "generated", "real")}
+    save_file({"masks": masks.to(torch.uint8)}, str(DATA / "masks.safetensors"))
+    save_file(outputs, str(DATA / "outputs.safetensors"))
+    save_file({name: value.contiguous() for name, value in queries.items()}, str(DATA / "queries.safetensors"))
+    seconds = results.seconds()
+    info = {
+        "n_train": N_TRAIN, "training_set": f"load_digits_images({N_TRAIN}, seed=0)",
+        "real_queries": f"load_digits_images({N_TRAIN + N_REAL}, seed=0)[{N_TRAIN}:]",
+        "generated_queries": f"generate_digits(full model, {N_VALIDATION + N_EVALUATION}, seed={QUERY_SEED}): "
+                             f"first {N_VALIDATION} = validation, rest = generated",
+        "num_subsets": args.subsets, "alpha": ALPHA, "mask_seed": MASK_SEED, "training_seeds": [TRAINING_SEED],
+        "recipe": asdict(LDS_RECIPE), "loss_spec": LOSS_SPEC.to_dict(), "full_model_fingerprint": fingerprint(pipe),
+        "retrain_seconds": seconds, "wall_seconds_this_run": time.time() - start,
+        "torch": torch.__version__, "machine": platform.platform(), "cpus": os.cpu_count(),
+    }
+    (DATA / "ground_truth.json").write_text(json.dumps(info, indent=2, sort_keys=True))
+    print(f"ground truth written to {DATA} ({args.subsets} subsets; training {seconds['train_mean']:.1f}s and "
+          f"measuring {seconds['measure_mean']:.1f}s per model)")
+
+
+# ---------------------------------------------------------------------------------------------- phase 2
+
+
+class PeakMemory:
+    """Peak growth of the process RSS above its value on entry (MiB), sampled every 5 ms."""
+
+    def __enter__(self):
+        import psutil
+
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except OSError:
+            pass
+        self.process = psutil.Process()
+        self.start = self.peak = self.process.memory_info().rss
+        self.running = True
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def _sample(self):
+        while self.running:
+            self.peak = max(self.peak, self.process.memory_info().rss)
+            time.sleep(0.005)
+
+    def __exit__(self, *exc):
+        self.running = False
+        self.thread.join()
+        self.peak = max(self.peak, self.process.memory_info().rss)
+        self.mib = (self.peak - self.start) / 2**20
+
+
+def method_rows(quick: bool) -> list[dict]:
+    """The rows of the table: name, config fields, whether they depend on the noise seed."""
+    rows = [{"name": "pixel cosine", "config": {"method": "pixel-cosine"}, "seeded": False}]
+    for method, label in (("trak", "TRAK"), ("d-trak", "D-TRAK")):
+        for K in ((10,) if quick else (10, 100)):
+            rows.append({"name": f"{label} K={K} factored", "config": {"method": method, "num_timesteps": K,
+                                                                        "projector": "factored"}, "seeded": True})
+    for projector in PROJECTORS:
+        if projector == "factored":
+            continue
+        if quick and projector != "identity":
+            continue
+        for method, label in (("trak", "TRAK"), ("d-trak", "D-TRAK")):
+            if projector != "identity" and method == "trak":
+                continue  # dense projections cost ~10x the factored one: D-TRAK only
+            rows.append({"name": f"{label} K=10 {projector}", "config": {"method": method, "num_timesteps": 10,
+                                                                          "projector": projector}, "seeded": True})
+    try:
+        import diffusers_attribution.methods.tracin  # noqa: F401
+
+        if not quick:
+            for method, label in (("tracin", "TracIn"), ("retrac", "ReTrac")):
+                rows.append({"name": f"{label} (1 ckpt)", "config": {"method": method, "query_timesteps": 100,
+                                                                      "query_noise_draws": 1}, "seeded": True})
+    except ImportError as error:
+        print(f"note: TracIn/ReTrac skipped: diffusers_attribution.methods.tracin is not available ({error})")
+    return rows
+
+
+def evaluate_row(pipe, row: dict, seed: int, gt: dict, images: torch.Tensor) -> dict:
+    from diffusers_attribution.methods.registry import KERNEL_METHODS, make_featurizer, make_scorer
+
+    fields = {"batch_size": 32, "projection_dim": PROJECTION_DIM, "noise_seed": seed, **row["config"]}
+    config = AttributionConfig(**fields)
+    masks, outputs, queries = gt["masks"], gt["outputs"], gt["queries"]
+    names = ("validation", "generated", "real")
+    featurizer = make_featurizer(pipe, config)
+    with PeakMemory() as memory:
+        t0 = time.perf_counter()
+        store = featurizer.featurize_dataset(images, progress=False)
+        t1 = time.perf_counter()
+        kernel = config.method in KERNEL_METHODS  # only kernel methods have a λ to choose on validation queries
+        features = {name: featurizer.featurize_queries(queries[name]) for name in names
+                    if kernel or name != "validation"}
+        t2 = time.perf_counter()
+        record: dict = {"seed": seed, "dim": int(store.dim)}
+        if kernel:
+            path = KernelPath(store.features)
+            default_damping = config.damping_ratio * path.mean_eigenvalue
+            selection = select_damping(path.phi, features["validation"], masks, outputs["validation"])
+            for name in ("generated", "real"):
+                default = lds(path.scores(features[name], default_damping), masks, outputs[name], seed=seed)
+                chosen = lds(path.scores(features[name], selection.damping), masks, outputs[name], seed=seed)
+                record[name] = chosen.to_dict()
+                record[f"{name}_default_damping"] = default.to_dict()
+            record["damping"] = {"ratio": selection.ratio, "damping": selection.damping,
+                                 "default_ratio": config.damping_ratio,
+                                 "validation_curve": dict(zip(map(str, selection.ratios), selection.validation_lds))}
+        else:
+            scorer = make_scorer(store)
+            for name in ("generated", "real"):
+                record[name] = lds(scorer.scores(features[name]), masks, outputs[name], seed=seed).to_dict()
+        t3 = time.perf_counter()
+    record["seconds"] = {"train_features": t1 - t0, "query_features": t2 - t1, "scoring": t3 - t2, "total": t3 - t0}
+    record["peak_memory_mib"] = memory.mib
+    return record
+
+
+def summarize(row: dict, records: list[dict]) -> dict:
+    class _R:  # summarize_seeds reads .mean and .ci
+        def __init__(self, d):
+            self.mean, self.ci = d["mean"], tuple(d["ci"])
+
+    out = {"name": row["name"], "config": row["config"], "seeds": [r["seed"] for r in records]}
+    for key in ("generated", "real", "generated_default_damping", "real_default_damping"):
+        if key in records[0]:
+            out[key] = summarize_seeds([_R(r[key]) for r in records]).to_dict()
+    out["seconds"] = sum(r["seconds"]["total"] for r in records) / len(records)
+    out["peak_memory_mib"] = max(r["peak_memory_mib"] for r in records)
+    if "damping" in records[0]:
+        out["damping_ratios"] = [r["damping"]["ratio"] for r in records]
+    return out
+
+
+def run_table(args) -> None:
+    if not (DATA / "ground_truth.json").is_file():
+        raise SystemExit(f"no ground truth in {DATA}: run with --build-ground-truth first")
+    gt = load_ground_truth()
+    info = gt["info"]
+    pipe = enable_attribution(full_model(Path(args.workdir)))
+    if fingerprint(pipe) != info["full_model_fingerprint"]:
+        warnings.warn("the full model retrained here differs from the one the ground truth was built with "
+                      "(another torch version or CPU?): scores are of a slightly different model")
+    images = training_images()
+    rows = method_rows(args.quick)
+    if args.only:
+        rows = [row for row in rows if any(part.lower() in row["name"].lower() for part in args.only.split(","))]
+    out_path = Path(args.results)
+    previous = json.loads(out_path.read_text()) if out_path.is_file() else {}
+    table = {row["name"]: row for row in previous.get("rows", [])} if args.only else {}
+    started = time.time()
+    for row in rows:
+        seeds = NOISE_SEEDS if row["seeded"] else (0,)
+        records = []
+        for seed in seeds:
+            record = evaluate_row(pipe, row, seed, gt, images)
+            records.append(record)
+            print(f"{row['name']:<26} seed {seed}: LDS generated {record['generated']['mean']:.3f} "
+                  f"real {record['real']['mean']:.3f} ({record['seconds']['total']:.1f}s, "
+                  f"{record['peak_memory_mib']:.0f} MiB)", flush=True)
+        summary = summarize(row, records)
+        summary["per_seed"] = records
+        table[row["name"]] = summary
+    result = {
+        "rows": list(table.values()), "ground_truth": {k: info[k] for k in ("n_train", "num_subsets", "alpha", "loss_spec")},
+        "projection_dim": PROJECTION_DIM, "noise_seeds": list(NOISE_SEEDS), "table_seconds": time.time() - started,
+        "torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.platform(),
+        "loadavg_at_end": open("/proc/loadavg").read().split()[:3] if os.path.exists("/proc/loadavg") else None,
+    }
+    out_path.write_text(json.dumps(result, indent=2))
+    print()
+    print(markdown_table(result))
+    plot(result, PLOT)
+    print(f"\nwrote {out_path} and {PLOT}")
+
+
+def markdown_table(result: dict) -> str:
+    lines = ["| method | LDS generated (λ from validation) | LDS generated (default λ) | LDS real held-out | "
+             "time / seed (s) | peak memory (MiB) |", "|---|---|---|---|---|---|"]
+    for row in result["rows"]:
+        def cell(key):
+            if key not in row:
+                return "–"
+            value = row[key]
+            return f"{value['mean']:.3f} ± {value['std']:.3f} [{value['ci'][0]:.3f}, {value['ci'][1]:.3f}]"
+
+        lines.append(f"| {row['name']} | {cell('generated')} | {cell('generated_default_damping')} | {cell('real')} | "
+                     f"{row['seconds']:.0f} | {row['peak_memory_mib']:.0f} |")
+    return "\n".join(lines)
+
+
+def plot(result: dict, path: Path) -> None:
+    from matplotlib.figure import Figure
+
+    rows = result["rows"]
+    figure = Figure(figsize=(10, 4.2))
+    ax, curve_ax = figure.subplots(1, 2, gridspec_kw={"width_ratios": [2.2, 1]})
+    names = [row["name"] for row in rows]
+    x = range(len(rows))
+    for offset, key, label in ((-0.2, "generated", "generated queries"), (0.2, "real", "held-out real images")):
+        means = [row[key]["mean"] for row in rows]
+        stds = [row[key]["std"] for row in rows]
+        ax.bar([i + offset for i in x], means, width=0.4, yerr=stds, capsize=2, label=label)
+    ax.set_xticks(list(x))
+    ax.set_xticklabels(names, rotation=60, ha="right", fontsize=7)
+    ax.set_ylabel(f"LDS (Spearman), mean ± std over {len(result['noise_seeds'])} seeds")
+    ax.axhline(0, color="black", linewidth=0.6)
+    ax.set_title(f"LDS on digits (N={result['ground_truth']['n_train']}, "
+                 f"{result['ground_truth']['num_subsets']} subsets)", fontsize=9)
+    ax.legend(fontsize=7)
+    for row in rows:
+        curves = [r["damping"]["validation_curve"] for r in row.get("per_seed", []) if "damping" in r]
+        if curves and "factored" in row["name"]:
+            ratios = [float(r) for r in curves[0]]
+            mean = [sum(c[k] for c in curves) / len(curves) for k in curves[0]]
+            curve_ax.plot(ratios, mean, label=row["name"])
+    curve_ax.set_xscale("log")
+    curve_ax.set_xlabel("λ / mean eigenvalue of the kernel")
+    curve_ax.set_ylabel("validation LDS")
+    curve_ax.set_title("choosing λ on validation queries", fontsize=9)
+    curve_ax.legend(fontsize=6)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120)
+
+
+# ---------------------------------------------------------------------------------------------- counterfactual
+
+
+def run_counterfactual(args) -> None:
+    from diffusers_attribution.evaluation.counterfactual import counterfactual
+    from diffusers_attribution.methods.registry import make_featurizer
+
+    gt = load_ground_truth()
+    workdir = Path(args.workdir)
+    pipe = enable_attribution(full_model(workdir))
+    images = training_images()
+    # One image per seed, from seeds other than those of the LDS queries.
+    query_seeds = [QUERY_SEED + 1000 + i for i in range(args.counterfactual_queries)]
+    original = torch.cat([generate_digits(pipe, 1, seed=s) for s in query_seeds])
+    results_path = DATA / "counterfactual.json"
+    summary = json.loads(results_path.read_text()) if results_path.is_file() else {}
+    previous = json.loads(Path(args.results).read_text()) if Path(args.results).is_file() else {"rows": []}
+    ratios = {row["name"]: row.get("damping_ratios", [None])[0] for row in previous["rows"]}
+    for method, label in (("d-trak", "D-TRAK K=10 factored"), ("trak", "TRAK K=10 factored")):
+        config = AttributionConfig(method=method, num_timesteps=10, projection_dim=PROJECTION_DIM, batch_size=32,
+                                   damping_ratio=ratios.get(label) or 0.1)
+        featurizer = make_featurizer(pipe, config)
+        store = featurizer.featurize_dataset(images, progress=False)
+        path = KernelPath(store.features)
+        scores = path.scores(featurizer.featurize_queries(original), config.damping_ratio * path.mean_eigenvalue)
+        result = counterfactual(DigitsTrainingRecipe(LDS_RECIPE), images, scores,
+                                query_seeds, args.counterfactual_k,
+                                workdir / f"counterfactual-{method}-k{args.counterfactual_k}", original=original,
+                                generate=lambda p, s: generate_digits(p, 1, seed=s), training_seed=TRAINING_SEED)
+        summary[label] = {**result.summary(), "l2": result.l2.tolist(), "l2_random": result.l2_random.tolist(),
+                          "damping_ratio": config.damping_ratio}
+        print(label, result.summary(), flush=True)
+    results_path.write_text(json.dumps(summary, indent=2))
+
+
+def apply_smoke(args) -> None:
+    """Shrink everything so that each phase runs in well under a minute (outputs under <workdir>/smoke)."""
+    global DATA, PLOT, N_TRAIN, N_REAL, N_VALIDATION, N_EVALUATION, LDS_RECIPE, LOSS_SPEC, NOISE_SEEDS, PROJECTION_DIM
+    root = Path(args.workdir) / "smoke"
+    DATA, PLOT = root / "data", root / "lds_digits.png"
+    N_TRAIN, N_REAL, N_VALIDATION, N_EVALUATION = 40, 6, 6, 6
+    LDS_RECIPE = replace(LDS_RECIPE, num_steps=4, batch_size=8, lr_warmup_steps=1)
+    LOSS_SPEC = replace(LOSS_SPEC, timesteps=5, noise_draws=1)
+    NOISE_SEEDS, PROJECTION_DIM = (0, 1), 256
+    args.workdir = str(root)
+    args.subsets = min(args.subsets, 5)
+    args.results = str(DATA / "results.json")
+    args.counterfactual_queries, args.counterfactual_k = 2, 5
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--build-ground-truth", action="store_true", help="retrain on the subsets (long, resumable)")
+    parser.add_argument("--counterfactual", action="store_true", help="the counterfactual experiment (retrains)")
+    parser.add_argument("--subsets", type=int, default=NUM_SUBSETS)
+    parser.add_argument("--workdir", default=str(default_workdir()), help="models and per-subset results (not committed)")
+    parser.add_argument("--rank", type=int, default=None, help="this process's rank (ground truth in several processes)")
+    parser.add_argument("--world-size", type=int, default=None)
+    parser.add_argument("--quick", action="store_true", help="table: pixel, K=10 factored and identity rows only")
+    parser.add_argument("--only", default=None, help="table: comma-separated substrings of row names to (re)run")
+    parser.add_argument("--results", default=str(DATA / "results.json"))
+    parser.add_argument("--counterfactual-queries", type=int, default=8)
+    parser.add_argument("--counterfactual-k", type=int, default=100)
+    parser.add_argument("--smoke", action="store_true",
+                        help="a tiny end-to-end run of every phase into <workdir>/smoke (checks the script, not LDS)")
+    args = parser.parse_args()
+    if args.smoke:
+        apply_smoke(args)
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
+    if args.build_ground_truth:
+        build_ground_truth(args)
+    elif args.counterfactual:
+        run_counterfactual(args)
+    else:
+        run_table(args)
+
+
+if __name__ == "__main__":
+    main()

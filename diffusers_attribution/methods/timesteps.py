@@ -1,0 +1,129 @@
+"""Per-(timestep, noise) features: the building block of TracIn, ReTrac, Journey-TRAK and the bias diagnostics.
+
+The core `AttributionTask` averages an example's gradient over its K timesteps before projecting. These
+methods need the gradient of every single (example i, timestep t, noise draw d) row on its own:
+
+    g_{i,t,d} = ∇θ f(ε_θ(add_noise(x0_i, ε_{i,t,d}, t), t, c_i), target, w_t)
+
+so each row is featurized as a pseudo-example with one timestep (`PointTask`), through the configured
+projector (`identity`: exact; dense or factored: φ = P g with ‖φ‖ = ‖g‖ (1 ± O(1/sqrt(k))) by JL), and the
+rows are reduced per example:
+
+    mean:        φ_i = (1/(K·D)) Σ_{t,d} φ_{i,t,d}
+    normalized:  φ_i = (1/(K·D)) Σ_{t,d} φ_{i,t,d} / ‖φ_{i,t,d}‖          (ReTrac)
+
+Noise of draw d at timestep t: draw 0 is exactly the core task's ε (`AttributionTask.noise`), so one draw at
+the core task's timesteps reproduces its features; draw d > 0 appends d to the seed:
+`seeded_randn(shape, noise_seed, "noise", [key,] t, d)` (`key` only in `per-example` noise mode).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from ..adapters import ModelInputs
+from ..seeding import seeded_randn
+from ..task import AttributionTask, gradients_only_for
+
+
+class PointTask(AttributionTask):
+    """An `AttributionTask` whose examples are (key, t, d) rows: one timestep t and noise draw d each."""
+
+    def __init__(self, adapter, config, noise_mode: str | None = None):
+        super().__init__(adapter, config)
+        self.noise_mode = noise_mode or config.noise_mode
+
+    @property
+    def num_timesteps(self) -> int:
+        return 1
+
+    def chunks(self) -> list[slice]:
+        return [slice(0, 1)]
+
+    def timesteps(self, keys: Sequence) -> torch.Tensor:
+        return torch.tensor([[int(t)] for _, t, _ in keys], dtype=torch.long)
+
+    def noise(self, key, timestep: int, shape: torch.Size) -> torch.Tensor:
+        example, t, draw = key
+        return point_noise(shape, self.config.noise_seed, self.noise_mode, example, t, draw, self._shared_noise)
+
+
+def point_noise(shape, seed: int, noise_mode: str, key, t: int, draw: int, cache: dict | None = None) -> torch.Tensor:
+    """ε for (example key, timestep t, draw d); draw 0 equals the core task's noise (module docstring)."""
+    extra = () if draw == 0 else (int(draw),)
+    if noise_mode == "per-example":
+        return seeded_randn(shape, seed, "noise", key, int(t), *extra)
+    cache_key = (int(t), int(draw), tuple(shape))
+    if cache is not None and cache_key in cache:
+        return cache[cache_key]
+    value = seeded_randn(shape, seed, "noise", int(t), *extra)
+    if cache is not None:
+        cache[cache_key] = value
+    return value
+
+
+@dataclass
+class TimestepFeatures:
+    """features [B, k]: the reduced features; norms [B, K, D]: ‖φ_{i,t,d}‖ of every row before normalizing."""
+
+    features: torch.Tensor
+    norms: torch.Tensor
+
+
+def timestep_features(
+    featurizer,
+    inputs: ModelInputs,
+    keys: Sequence,
+    timesteps: torch.Tensor,
+    draws: int = 1,
+    normalize: bool = False,
+    noise_mode: str | None = None,
+    rows_per_pass: int | None = None,
+) -> TimestepFeatures:
+    """Reduce per-(t, d) projected gradients of each example (module docstring).
+
+    Args:
+        featurizer: a `Featurizer` (its adapter, config, selected parameters and projector are used).
+        inputs: the encoded examples (x0 [B, ...], conditioning), one row per key.
+        keys: the examples' keys (they seed `per-example` noise).
+        timesteps: LongTensor [B, K] (or [K], shared by all examples).
+        draws: D, noise draws per timestep.
+        normalize: divide each row's φ by its L2 norm before averaging (ReTrac).
+        noise_mode: override of `config.noise_mode` for these rows.
+        rows_per_pass: rows per forward/backward pass (default `config.batch_size`).
+    """
+    batch = len(keys)
+    if timesteps.ndim == 1:
+        timesteps = timesteps.expand(batch, -1)
+    K = timesteps.shape[1]
+    task = PointTask(featurizer.adapter, featurizer.config, noise_mode)
+    rows = [(i, int(t), d) for i in range(batch) for t in timesteps[i].tolist() for d in range(draws)]
+    size = rows_per_pass or featurizer.config.batch_size
+    out = torch.zeros(batch, featurizer.projector.dim, dtype=torch.float64)
+    norms = torch.zeros(len(rows), dtype=torch.float64)
+    with gradients_only_for(featurizer.adapter.denoiser, featurizer.parameters):
+        for start in range(0, len(rows), size):
+            chunk = rows[start : start + size]
+            index = torch.tensor([i for i, _, _ in chunk], device=inputs.x0.device)
+            chunk_inputs = ModelInputs(
+                inputs.x0.index_select(0, index), {k: v.index_select(0, index) for k, v in inputs.conditioning.items()}
+            )
+            chunk_keys = [(keys[i], t, d) for i, t, d in chunk]
+            phi = featurizer.projector.features(task, featurizer.parameters, chunk_inputs, chunk_keys)
+            phi = phi.detach().double().cpu()
+            norm = phi.norm(dim=1)
+            norms[start : start + len(chunk)] = norm
+            if normalize:
+                phi = phi / norm.clamp_min(torch.finfo(torch.float64).tiny)[:, None]
+            out.index_add_(0, index.cpu(), phi)
+    return TimestepFeatures((out / (K * draws)).float(), norms.view(batch, K, draws).float())
+
+
+def uniform_timesteps(num: int, num_train_timesteps: int) -> torch.Tensor:
+    """t_k = k · (T // K), k = 0..K-1: the core task's uniform grid (K evenly spaced timesteps)."""
+    if num > num_train_timesteps:
+        raise ValueError(f"asked for {num} evenly spaced timesteps out of only {num_train_timesteps}")
+    return torch.arange(num, dtype=torch.long) * (num_train_timesteps // num)
