@@ -7,12 +7,13 @@ from .config import AttributionConfig
 from .data import InvalidImageError
 from .mixin import AttributionMixin, enable_attribution
 from .result import AttributionResult, TopK
-from .store import FeatureStore, StoreMismatchError
+from .store import CorruptStoreError, FeatureStore, StoreMismatchError
 
 __all__ = [
     "AttributionConfig",
     "AttributionMixin",
     "AttributionResult",
+    "CorruptStoreError",
     "FeatureStore",
     "InvalidImageError",
     "PipelineAdapter",

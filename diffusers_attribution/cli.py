@@ -16,7 +16,7 @@ def _add_demo_parser(subparsers) -> None:
     demo.add_argument("--num-queries", type=int, default=8, help="how many images to generate and attribute")
     demo.add_argument("--topk", type=int, default=5)
     demo.add_argument("--method", default="d-trak", choices=METHODS)
-    demo.add_argument("--num-timesteps", type=int, default=10)
+    demo.add_argument("--num-timesteps", type=int, default=None, help="K (default: the method's own)")
     demo.add_argument("--projector", default=None, choices=PROJECTORS)
     demo.add_argument("--projection-dim", type=int, default=2048)
     demo.add_argument("--cache-dir", default=None, help="where the trained digits DDPM is cached")
@@ -27,9 +27,9 @@ def _add_demo_parser(subparsers) -> None:
 def _run_demo(args) -> None:
     from .demo import run_demo
 
-    options = {"method": args.method, "num_timesteps": args.num_timesteps, "projection_dim": args.projection_dim}
-    if args.projector:
-        options["projector"] = args.projector
+    options = {"method": args.method, "num_timesteps": args.num_timesteps, "projection_dim": args.projection_dim,
+               "projector": args.projector}
+    options = {name: value for name, value in options.items() if value is not None}
     run_demo(args.output_dir, args.num_queries, args.topk, AttributionConfig(**options), args.cache_dir, args.seed)
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
 
 from .config import AttributionConfig
 from .digits import generate_digits, load_digits_images, load_or_train_digits_ddpm

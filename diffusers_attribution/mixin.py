@@ -55,8 +55,10 @@ class AttributionMixin:
         """Score `images` against a `FeatureStore`, a store's directory or Hub dataset repo id (`user/name`),
         or a training set (featurized first).
 
-        With a store, the store's own config is used; a `config`, model, LoRA or projection that differs from
-        the store's is a `StoreMismatchError` unless `check_compatibility=False`. A list of stores (or store
+        With a store, the store's own config is used, except for the damping λ (`config.damping`,
+        `config.damping_ratio`), which only changes scores; a `config`, model, LoRA or projection that
+        differs from the store's in anything that changes features is a `StoreMismatchError` unless
+        `check_compatibility=False`. A list of stores (or store
         directories) is an ensemble: the mean of the scores against each (methods/ensemble.py).
         """
         if isinstance(train_data, (list, tuple)) and train_data and all(
@@ -67,10 +69,13 @@ class AttributionMixin:
             return ensemble_attribute([(self, store) for store in train_data], images, prompts=prompts, progress=progress)
         if isinstance(train_data, (str, os.PathLike)):
             train_data = FeatureStore.from_pretrained(train_data)
+        damping = {}
         if isinstance(train_data, FeatureStore):
             store = train_data
-            if config is not None and check_compatibility:
-                store.check_compatible(config, {})
+            if config is not None:
+                if check_compatibility:
+                    store.check_compatible(config, {})
+                damping = {"damping": config.damping, "damping_ratio": config.damping_ratio}
             config = store.config
         else:
             store = self.featurize(train_data, config, progress=progress)
@@ -79,7 +84,7 @@ class AttributionMixin:
         if check_compatibility:
             store.check_compatible(config, featurizer.metadata())
         query_features = featurizer.featurize_queries(images, prompts)
-        scorer = make_scorer(store)
+        scorer = make_scorer(store, **damping)
         from .data import to_image_batch
 
         return AttributionResult(

@@ -43,7 +43,7 @@ class AttributionResult:
         if len(data) != self.scores.shape[1]:
             raise ValueError(f"the result scores {self.scores.shape[1]} training examples, the dataset has {len(data)}")
         best = self.topk(k)
-        gap, label = 6, 14
+        gap, label = 6, 26
         columns = best.indices.shape[1] + 1
         width = columns * tile + (columns + 1) * gap + gap
         height = len(self.query_images) * (tile + label + gap) + gap
@@ -57,7 +57,7 @@ class AttributionResult:
             for col, (index, score) in enumerate(zip(best.indices[row].tolist(), best.scores[row].tolist())):
                 x = 2 * gap + (col + 1) * (tile + gap)
                 canvas.paste(_to_pil(data[index][0], tile), (x, y + label))
-                draw.text((x, y), f"#{index} {score:.2g}", fill="black")
+                draw.text((x, y), f"#{index}\n{score:.3g}", fill="black", spacing=1)
         return canvas
 
 

@@ -1,8 +1,8 @@
 """TRAK-family scores through the kernel: τ(q) = φ(q) (ΦᵀΦ + λI)⁻¹ Φᵀ, an n_queries × N matrix.
 
 When N ≤ k the dual form φ(q) Φᵀ (ΦΦᵀ + λI)⁻¹ is exact and cheaper. Kernels are accumulated and solved
-in float64. The default λ never looks at queries: λ = ratio · tr(ΦᵀΦ) / rank(ΦᵀΦ)-bound, i.e. a fixed
-fraction of the kernel's mean non-zero eigenvalue (the trace over min(N, k)).
+in float64. The default λ never looks at queries: λ = ratio · tr(ΦᵀΦ) / min(N, k), a fixed fraction of
+the kernel's mean non-zero eigenvalue.
 """
 
 from __future__ import annotations

@@ -115,8 +115,7 @@ def test_identity_scores_equal_closed_form(images):
     assert default.metadata["damping"] == pytest.approx(0.1 * eigenvalues.sum() / len(images), rel=1e-4)
 
 
-def test_primal_and_dual_forms_agree(images):
-    pipe = enable_attribution(tiny_ddpm_pipeline())
+def test_primal_and_dual_forms_agree():
     torch.manual_seed(0)
     from diffusers_attribution.scoring import KernelScorer
 
@@ -213,6 +212,9 @@ def test_store_round_trip_and_mismatch(tmp_path, images):
     other = enable_attribution(tiny_ddpm_pipeline(seed=1))
     with pytest.raises(StoreMismatchError, match="model_fingerprint"):
         other.attribute(images[:2], loaded)
+    # λ changes scores, not features: a query config may override the store's damping.
+    damped = pipe.attribute(images[:2], loaded, AttributionConfig(**{**config.to_dict(), "damping": 0.5}))
+    assert damped.metadata["damping"] == 0.5 and not torch.allclose(damped.scores, a)
     with pytest.raises(StoreMismatchError, match="num_timesteps"):
         pipe.attribute(images[:2], loaded, exact_config(projector="gaussian", projection_dim=32, num_timesteps=5))
 

@@ -19,16 +19,6 @@ from diffusers_attribution.digits import (
 SMALL = replace(DigitsRecipe(), num_steps=30, batch_size=16, lr_warmup_steps=5, seed=3)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny 8x8 models gain nothing from intra-op threads, and a 2-thread pool is
-    ~20x slower when the CPU is shared with other processes."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _state(pipe):
     return {k: v.clone() for k, v in pipe.unet.state_dict().items()}
 

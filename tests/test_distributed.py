@@ -26,13 +26,6 @@ CONFIG = AttributionConfig(num_timesteps=2, projector="factored", projection_dim
                            parameters=["conv_in.*", "conv_out.*"])
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):

@@ -240,14 +240,6 @@ def training_data(fam: Family, images):
     return dataset, torch.stack([to_image_tensor(image) for image in pil])
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models are tiny: a second thread only adds contention on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def images():

@@ -26,18 +26,16 @@ BUILDERS = {
 
 
 @pytest.fixture(autouse=True, scope="module")
-def offline_single_thread():
-    """Fail on any network connection; one thread is much faster for tiny models."""
-    original_connect, threads = socket.socket.connect, torch.get_num_threads()
+def offline():
+    """Fail on any network connection."""
+    original_connect = socket.socket.connect
 
     def no_network(*args, **kwargs):
         raise RuntimeError("tiny fixtures must not touch the network")
 
     socket.socket.connect = no_network
-    torch.set_num_threads(1)
     yield
     socket.socket.connect = original_connect
-    torch.set_num_threads(threads)
 
 
 def _denoiser(pipe):

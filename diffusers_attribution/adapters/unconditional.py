@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import torch
 from diffusers import UNet2DModel
 
 from .base import ModelInputs, PipelineAdapter

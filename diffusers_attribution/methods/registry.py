@@ -49,11 +49,15 @@ def make_featurizer(pipe, config: AttributionConfig, **kwargs):
     raise ValueError(f"no featurizer for method {method!r}")
 
 
-def make_scorer(store: FeatureStore):
-    """The scorer of the store's method, built from the store's features and config."""
+def make_scorer(store: FeatureStore, damping: float | None = None, damping_ratio: float | None = None):
+    """The scorer of the store's method, built from the store's features and config.
+
+    `damping` / `damping_ratio` (kernel methods) override the store's: λ changes scores, never features.
+    """
     config = store.config
     if config.method in KERNEL_METHODS:
-        return TrakScorer(store, config.damping, config.damping_ratio)
+        ratio = config.damping_ratio if damping_ratio is None else damping_ratio
+        return TrakScorer(store, config.damping if damping is None else damping, ratio)
     if config.method in ("tracin", "retrac"):
         from .tracin import TracInScorer
 
