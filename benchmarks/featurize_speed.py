@@ -1,7 +1,8 @@
 """Featurization speed and fidelity: a training step, the per-sample-gradient recipe, and the factored hooks.
 
-Throughput, measured side by side on the same (example, timestep) rows (B examples × K timesteps):
-  train     forward + backward + AdamW step (what one training step costs)
+Throughput, measured side by side on the same (example, timestep) rows (B examples × K timesteps), in
+interleaved rounds (one call of each method per round) so that load on a shared machine hits all alike:
+  train     forward + backward + AdamW step (what one training step costs; lr = 0 keeps the weights)
   vmap      the published recipe: torch.func vmap per-sample gradients of the attributed parameters (one
             vmap over examples per timestep, attention on the math SDPA kernel), summed over timesteps,
             then a dense Gaussian projection (its matrix cached in memory)
@@ -15,9 +16,9 @@ per query, between projected scores and exact scores (identity features, dual-fo
     python benchmarks/featurize_speed.py            # 10-15 minutes on 2 shared CPU cores
     python benchmarks/featurize_speed.py --quick    # a few minutes
 
-Peak memory on CPU is the growth of the process RSS above its value at the start of each measurement
-(warm-up call included), sampled every 2 ms; freed memory is handed back to the OS with malloc_trim
-between measurements. On CUDA it is torch.cuda.max_memory_allocated above the start.
+Peak memory: each method's first call, on its own, caches included (the dense P). On CPU the growth of
+the process RSS above its value at the start of the call, sampled every 2 ms (freed memory is handed back
+to the OS with malloc_trim before); on CUDA torch.cuda.max_memory_allocated above the start.
 """
 
 from __future__ import annotations
@@ -186,62 +187,59 @@ def _malloc_trim():
         pass
 
 
-def timed(fn, steps, device, budget_s=60.0):
-    """Median seconds per call after one warm-up call (`steps` calls, fewer if they pass `budget_s`, at least
-    one), and the peak memory growth over all calls, the warm-up included, so that what a method caches
-    (the dense projection matrix) is counted."""
-    times = []
-    with PeakMemory(device) as memory:
-        fn()
-        while len(times) < steps and (not times or sum(times) < budget_s):
-            start = time.perf_counter()
-            fn()
-            if torch.device(device).type == "cuda":
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - start)
-    return statistics.median(times), memory.peak, len(times)
-
-
-def throughput(name, adapter, inputs, config, steps, device):
+def throughput(name, adapter, inputs, config, steps, device, budget_s=120.0):
+    """Each method once (warm-up, peak memory growth measured, caches such as the dense P included), then
+    `steps` interleaved rounds of one timed call per method (fewer past `budget_s`), so that a busy moment
+    on a shared machine hits every method alike; the median seconds per call give pairs per second."""
     task = AttributionTask(adapter, config)
     denoiser = adapter.denoiser
     parameters = select_parameters(denoiser, config)
     keys = list(range(len(inputs.x0)))
     pairs = len(keys) * config.num_timesteps
-    rows = []  # (label, median seconds per call, peak MB, timed calls)
     with gradients_only_for(denoiser, parameters):
-        saved = {n: p.detach().clone() for n, p in parameters.items()}
-        optimizer = torch.optim.AdamW(parameters.values(), lr=1e-4)
-        train = lambda: train_step(task, parameters, inputs, keys, optimizer)  # noqa: E731
-        rows.append(("train step", *timed(train, steps, device)))
-        with torch.no_grad():  # undo the training steps
-            for n, p in parameters.items():
-                p.copy_(saved[n])
-        del optimizer, saved
-
+        # lr = 0: the arithmetic of a real step, and the weights stay as they are for the other methods
+        optimizer = torch.optim.AdamW(parameters.values(), lr=0.0)
         dense = DenseProjector({n: p.shape for n, p in parameters.items()}, config.projection_dim, 0,
                                cache_bytes=1 << 33)  # P stays in memory, as a fast dense recipe would keep it
-        recipe = lambda fallback: vmap_features(task, parameters, inputs, keys, dense, fallback)  # noqa: E731
-        try:
-            rows.append(("vmap + dense Gaussian", *timed(lambda: recipe(False), steps, device)))
-        except Exception as error:  # noqa: BLE001 - report what vmap could not handle, use the autograd loop
-            label = f"per-example autograd + dense Gaussian (vmap failed: {type(error).__name__}: {str(error)[:80]})"
-            rows.append((label, *timed(lambda: recipe(True), steps, device)))
-        del dense, recipe
-        _malloc_trim()
-
         factored = FactoredProjector(denoiser, parameters, config.projection_dim, 0)
-        hooks = lambda: factored.features(task, parameters, inputs, keys)  # noqa: E731
-        rows.append(("factored hooks", *timed(hooks, steps, device)))
+        methods = {
+            "train step": lambda: train_step(task, parameters, inputs, keys, optimizer),
+            "vmap + dense Gaussian": lambda: vmap_features(task, parameters, inputs, keys, dense, False),
+            "factored hooks": lambda: factored.features(task, parameters, inputs, keys),
+        }
+        memory = {}
+        for label in list(methods):
+            try:
+                with PeakMemory(device) as peak:
+                    methods[label]()
+            except Exception as error:  # noqa: BLE001 - vmap failed on some module: say which, use the loop
+                if "vmap" not in label:
+                    raise
+                del methods[label]
+                label = f"per-example autograd + dense Gaussian (vmap failed: {type(error).__name__}: {error})"[:160]
+                methods[label] = lambda: vmap_features(task, parameters, inputs, keys, dense, True)
+                with PeakMemory(device) as peak:
+                    methods[label]()
+            memory[label] = peak.peak
+        times = {label: [] for label in methods}
+        start = time.perf_counter()
+        while len(times["train step"]) < steps and (not times["train step"] or time.perf_counter() - start < budget_s):
+            for label, method in methods.items():
+                tic = time.perf_counter()
+                method()
+                if torch.device(device).type == "cuda":
+                    torch.cuda.synchronize()
+                times[label].append(time.perf_counter() - tic)
 
-    train_rate = pairs / rows[0][1]
+    rates = {label: pairs / statistics.median(seconds) for label, seconds in times.items()}
     print(f"\n{name}: {len(parameters)} attributed tensors, {sum(p.numel() for p in parameters.values()):,} values; "
-          f"B={len(keys)} examples × K={config.num_timesteps} timesteps per step, k={config.projection_dim}")
-    print("| method | pairs/s | × training | peak memory growth (MB) | timed calls |")
-    print("|---|---:|---:|---:|---:|")
-    for label, seconds, memory, calls in rows:
-        rate = pairs / seconds
-        print(f"| {label} | {rate:,.3g} | {rate / train_rate:.2f} | {memory:,.0f} | {calls} |")
+          f"B={len(keys)} examples × K={config.num_timesteps} timesteps per call, k={config.projection_dim}, "
+          f"{len(times['train step'])} interleaved rounds")
+    print("| method | pairs/s | × training | peak memory growth (MB) |")
+    print("|---|---:|---:|---:|")
+    for label, rate in rates.items():
+        shown = f"{rate:,.0f}" if rate >= 100 else f"{rate:.3g}"
+        print(f"| {label} | {shown} | {rate / rates['train step']:.2f} | {memory[label]:,.0f} |")
 
 
 # ----------------------------------------------------------------------------- fidelity
@@ -318,10 +316,12 @@ def main():
     parser.add_argument("--quick", action="store_true", help="smaller SD model, fewer steps, N=200")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--skip-fidelity", action="store_true")
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch.set_num_threads; default 1 on CPU: on a shared machine OpenMP threads wait on "
+                             "each other (a 2-thread forward ran 25× slower than a 1-thread one on 2 busy cores)")
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    if args.threads or args.device == "cpu":
+        torch.set_num_threads(args.threads or 1)
     device, quick = args.device, args.quick
     steps = 2 if quick else 5
     print(f"torch {torch.__version__}, device {device}, {torch.get_num_threads()} threads, "
@@ -339,7 +339,7 @@ def main():
     generator = torch.Generator().manual_seed(0)
     latents = torch.randn(4, 4, size, size, generator=generator).to(device)
     text = torch.randn(len(latents), 16, 128, generator=generator).to(device)
-    config = AttributionConfig(num_timesteps=4, projection_dim=2048, parameters="lora")
+    config = AttributionConfig(num_timesteps=4 if quick else 10, projection_dim=2048, parameters="lora")
     throughput("SD-shaped UNet, LoRA weights", sd, ModelInputs(latents, {"encoder_hidden_states": text}),
                config, steps, device)
     del sd

@@ -9,16 +9,18 @@ P_in (d_in × k_in) and P_out (d_out × k_out):
 is computed from the layer input a and output gradient δ of one batched backward (`hooks.py`); G_i itself
 is never formed. Conv2d: a_pos is the unfolded patch (d_in = C_in/groups · kh · kw), and P_inᵀ a_pos at all
 positions is a convolution of the input with P_in reshaped to a [k_in, C_in/groups, kh, kw] kernel (same
-stride, padding, dilation), applied to each group. Exact per-sample gradients of small parameters come
-from the same (a, δ) and are projected densely:
+stride, padding, dilation), applied to each group. nn.Embedding (W: num × dim, row idx looked up):
+G_i = Σ_pos e_idx δ_posᵀ, so P_outᵀ G_i P_in = Σ_pos P_out[idx_pos]ᵀ (P_inᵀ δ_pos)ᵀ, the padding row
+excluded. Exact per-sample gradients of small parameters come from the same (a, δ) and are projected
+densely:
 
     bias of Linear/Conv2d:       g_b = Σ_pos δ_pos
     GroupNorm/LayerNorm scale:   g_γ = Σ_pos δ_pos ⊙ x̂_pos   (x̂ = the normalized input, recomputed)
     GroupNorm/LayerNorm shift:   g_β = Σ_pos δ_pos
 
-Everything else (embeddings, bare `nn.Parameter`s such as positional tables, Conv1d/Conv3d, custom layers
-such as RMSNorm) is left out of the features, by choice: a warning names them, and selecting only such
-parameters is an error (use a dense projector for them).
+Everything else (bare `nn.Parameter`s such as positional or scale-shift tables, Conv1d/Conv3d, custom
+layers such as diffusers' RMSNorm) is left out of the features, by choice: a warning names them, and
+selecting only such parameters is an error (use a dense projector for them).
 
 Dimensions: parameter p gets k_p features, Σ_p k_p = k exactly (`split_dims`: k_p ∝ sqrt(numel_p), at
 least 1, at most numel_p), or what `layer_dims` sets. A weight's k_p features are the first k_p entries,
@@ -59,7 +61,7 @@ class Block:
 
     name: str
     module: str
-    role: str  # "weight" (Linear/Conv2d), "bias", "norm-weight", "norm-bias"
+    role: str  # "weight" (Linear/Conv2d/Embedding), "bias", "norm-weight", "norm-bias"
     shape: tuple[int, ...]
     k: int
     k_out: int = 0  # weights only
@@ -74,6 +76,17 @@ class Block:
     def d_in(self) -> int:
         return math.prod(self.shape[1:])
 
+    @property
+    def exact_in(self) -> bool:
+        """P_in = I: the grid keeps every input dimension."""
+        return self.k_in == self.d_in
+
+    @property
+    def exact_out(self) -> bool:
+        """P_out = I: every output dimension kept, unless that would leave entries of G out entirely (both
+        sides full but k < d_out·d_in): then P_out stays Gaussian and the columns are estimated instead."""
+        return self.k_out == self.d_out and (not self.exact_in or self.k == self.d_out * self.d_in)
+
     def entry_scale(self) -> torch.Tensor:
         """s [k] with E⟨s ⊙ e, s ⊙ e'⟩ = ⟨G, G'⟩ for the kept entries e = vec(P_outᵀ G P_in)[:k].
 
@@ -82,12 +95,11 @@ class Block:
         """
         index = torch.arange(self.k)
         rows, cols = index // self.k_in, index % self.k_in
-        exact_out, exact_in = self.k_out == self.d_out, self.k_in == self.d_in
-        if exact_out and exact_in:
+        if self.exact_out and self.exact_in:
             count = torch.ones(self.k)
-        elif exact_out:
+        elif self.exact_out:
             count = torch.bincount(rows)[rows].float()
-        elif exact_in:
+        elif self.exact_in:
             count = torch.bincount(cols)[cols].float()
         else:
             count = torch.full((self.k,), float(self.k))
@@ -104,16 +116,17 @@ class FactoredProjector(Projector):
         owners, excluded = _owners(denoiser, parameters)
         if not owners:
             raise ValueError(
-                "the factored projector handles weights and biases of nn.Linear/nn.Conv2d and affine parameters "
-                f"of nn.GroupNorm/nn.LayerNorm, and none of the {len(parameters)} selected parameters is one "
+                "the factored projector handles weights and biases of nn.Linear/nn.Conv2d, nn.Embedding tables and "
+                f"affine parameters of nn.GroupNorm/nn.LayerNorm, and none of the {len(parameters)} selected "
+                "parameters is one "
                 f"(e.g. {list(parameters)[:3]}); use projector='gaussian' for them"
             )
         if excluded:
             warnings.warn(
                 f"the factored projection leaves out {len(excluded)} of {len(parameters)} selected parameters "
                 f"({sum(parameters[n].numel() for n in excluded)} values) that are not Linear/Conv2d weights or "
-                f"biases or GroupNorm/LayerNorm affine parameters: {excluded[:5]}; use projector='gaussian' to "
-                "include them",
+                f"biases, Embedding tables or GroupNorm/LayerNorm affine parameters: {excluded[:5]}; use "
+                "projector='gaussian' to include them",
                 stacklevel=2,
             )
         super().__init__({name: parameters[name].shape for name in owners}, dim, seed)
@@ -138,12 +151,12 @@ class FactoredProjector(Projector):
         return next(b for blocks in self.blocks.values() for b in blocks if b.name == name)
 
     def matrix(self, name: str, role: str, dtype=torch.float32, device="cpu") -> torch.Tensor:
-        """`role` "in" (d_in × k_in), "out" (d_out × k_out): N(0, 1), or the identity when k_in = d_in
-        (k_out = d_out); "dense" (numel × k): N(0, 1/k)."""
+        """`role` "in" (d_in × k_in), "out" (d_out × k_out): N(0, 1), or the identity on an exact side
+        (`Block.exact_in`, `exact_out`); "dense" (numel × k): N(0, 1/k)."""
         block = self.block(name)
         rows, cols = {"in": (block.d_in, block.k_in), "out": (block.d_out, block.k_out),
                       "dense": (math.prod(block.shape), block.k)}[role]
-        if role != "dense" and rows == cols:
+        if (role == "in" and block.exact_in) or (role == "out" and block.exact_out):
             return torch.eye(rows, dtype=dtype, device=device)
         generator = torch.Generator().manual_seed(
             seed_from(self.seed, "factored", name, block.shape, role, rows, cols)
@@ -200,7 +213,7 @@ class FactoredProjector(Projector):
                 "the factored projector needs every hooked layer to see one row per (example, timestep)"
             )
         with torch.autocast(a.device.type, enabled=False):
-            a, delta = a.float(), delta.float()
+            a, delta = (a if isinstance(module, nn.Embedding) else a.float()), delta.float()
             for block in self.blocks[module_name]:
                 value = _PROJECT[block.role](self, block, module, a, delta, batch)
                 self._out[:, block.offset : block.offset + block.k] += value
@@ -213,6 +226,12 @@ class FactoredProjector(Projector):
             pa = a.reshape(batch, -1, block.d_in) @ p_in  # [B, n, k_in], n = K'·positions
             pd = delta.reshape(batch, -1, block.d_out) @ p_out  # [B, n, k_out]
             product = pd.transpose(1, 2) @ pa
+        elif isinstance(module, nn.Embedding):  # a: indices [R, ...], δ [R, ..., dim]; W rows are "out"
+            looked_up = p_out[a.reshape(batch, -1)]  # [B, n, k_out]: P_outᵀ e_idx
+            if module.padding_idx is not None:  # autograd gives the padding row no gradient
+                looked_up = looked_up * (a.reshape(batch, -1, 1) != module.padding_idx)
+            pd = delta.reshape(batch, -1, block.d_in) @ self._matrix(block, "in", a.device)  # [B, n, k_in]
+            product = looked_up.transpose(1, 2) @ pd
         else:  # Conv2d: a [R, C_in, H, W], δ [R, C_out, H', W']
             groups, rows = module.groups, a.shape[0]
             kernel = self._matrix(block, "kernel", a.device, groups)
@@ -271,6 +290,8 @@ def _supported(module: nn.Module) -> str | None:
     kind = type(module)
     if isinstance(module, nn.Linear) and kind.forward is nn.Linear.forward:
         return "linear"
+    if isinstance(module, nn.Embedding) and kind.forward is nn.Embedding.forward and module.max_norm is None:
+        return "linear"  # max_norm renormalizes rows in place during the forward: left out
     stock_conv = (kind.forward, getattr(kind, "_conv_forward", None)) == (nn.Conv2d.forward, nn.Conv2d._conv_forward)
     if isinstance(module, nn.Conv2d) and stock_conv:
         return "conv"

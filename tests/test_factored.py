@@ -21,7 +21,7 @@ from diffusers_attribution.testing import save_tiny_lora, tiny_ddpm_pipeline, ti
 
 
 class Toy(nn.Module):
-    """Every layer kind the projector handles, plus a bare parameter it leaves out."""
+    """Every layer kind the projector handles, plus a bare parameter that it leaves out."""
 
     def __init__(self):
         super().__init__()
@@ -33,12 +33,13 @@ class Toy(nn.Module):
         self.tokens = nn.Linear(6, 6)  # on [R, L, 6]
         self.ln = nn.LayerNorm(6)
         self.conv_out = nn.Conv2d(6, 2, 1)
-        self.table = nn.Parameter(torch.linspace(0.5, 1.5, 6))  # used directly: not a Linear/Conv/Norm
+        self.classes = nn.Embedding(5, 8, padding_idx=0)  # looked up by t // 250: rows 0 (padding), 1, 2
+        self.table = nn.Parameter(torch.linspace(0.5, 1.5, 6))  # used directly: left out
 
     def forward(self, x, t, return_dict=False):
         freqs = torch.arange(1, 3, dtype=torch.float32)
         emb = torch.cat([torch.sin(t[:, None] / 300 * freqs), torch.cos(t[:, None] / 300 * freqs)], 1)
-        h = self.conv_in(x) + self.time(emb)[:, :, None, None]
+        h = self.conv_in(x) + (self.time(emb) + self.classes(t // 250))[:, :, None, None]
         h = self.reflect(self.strided(torch.nn.functional.silu(self.norm(h))))
         r, c, height, width = h.shape
         tokens = self.ln(self.tokens(h.flatten(2).transpose(1, 2))) * self.table
@@ -99,13 +100,24 @@ def assert_close_rel(actual, expected, tol=1e-5):
     torch.testing.assert_close(actual.double(), expected.double(), rtol=tol, atol=tol * float(scale))
 
 
+# every structure of a weight's grid: both sides Gaussian (whole or cut), one side exact (P = I), cut
+GRIDS = {"strided.weight": [3, 5], "conv_in.weight": 13, "conv_out.weight": 7, "tokens.weight": 29, "time.weight": 29,
+         "classes.weight": 11}
+
+
 def test_linear_conv_groups_bias_and_norms_match_autograd():
-    model, task, parameters, projector, inputs = toy_setup()
+    model, task, parameters, projector, inputs = toy_setup(layer_dims=GRIDS)
     assert projector.excluded == ["table"]  # the bare parameter is left out, by choice
     roles = {b.name: b.role for bs in projector.blocks.values() for b in bs}
     assert roles["strided.weight"] == "weight" and roles["norm.weight"] == "norm-weight"
-    assert roles["ln.bias"] == "norm-bias" and roles["tokens.bias"] == "bias"
+    assert roles["ln.bias"] == "norm-bias" and roles["tokens.bias"] == "bias" and roles["classes.weight"] == "weight"
     assert projector.dim == 300
+    structure = {name: (projector.block(name).exact_out, projector.block(name).exact_in,
+                        projector.block(name).k_out * projector.block(name).k_in > projector.block(name).k)
+                 for name in GRIDS}
+    assert structure == {"strided.weight": (False, False, False), "conv_in.weight": (False, False, True),
+                         "conv_out.weight": (True, False, True), "tokens.weight": (True, False, True),
+                         "time.weight": (False, True, True)}
     phi, expected = factored_and_reference(model, task, parameters, projector, inputs, [0, 1, 2, 3])
     assert phi.shape == (4, 300) and phi.dtype == torch.float32
     # block by block, so that a failure names the layer
@@ -167,6 +179,10 @@ def test_matrices_are_seeded_pure_functions():
     generator = torch.Generator().manual_seed(seed_from(5, "factored", b.name, b.shape, "in", b.d_in, b.k_in))
     assert torch.equal(p_in, torch.randn(b.d_in, b.k_in, generator=generator))
     assert torch.equal(projector.matrix(b.name, "in", torch.float64), p_in.double())
+    bias = projector.block("strided.bias")  # dense blocks: N(0, 1/k), so that E‖Pᵀg‖² = ‖g‖²
+    generator = torch.Generator().manual_seed(seed_from(5, "factored", bias.name, bias.shape, "dense", 6, bias.k))
+    expected = torch.randn(6, bias.k, generator=generator) / math.sqrt(bias.k)
+    assert torch.equal(projector.matrix(bias.name, "dense"), expected)
     assert torch.equal(projector.matrix(b.name, "out", torch.bfloat16), projector.matrix(b.name, "out").bfloat16())
     _, _, _, again, _ = toy_setup()
     assert torch.equal(again.matrix(b.name, "out"), projector.matrix(b.name, "out"))
@@ -179,7 +195,7 @@ def test_matrices_are_seeded_pure_functions():
 
 
 @pytest.mark.parametrize("d_out,d_in,k,exact", [(30, 30, 13, (False, False)), (3, 40, 20, (True, False)),
-                                               (40, 3, 20, (False, True))])
+                                               (40, 3, 20, (False, True)), (8, 4, 29, (False, True))])
 def test_inner_products_preserved_in_expectation(d_out, d_in, k, exact):
     """E⟨φ, φ'⟩ = ⟨G, G'⟩ over seeds, for ragged grids (k < k_out·k_in), with Gaussian or exact (P = I) sides."""
     layer = nn.Linear(d_in, d_out)
@@ -192,7 +208,7 @@ def test_inner_products_preserved_in_expectation(d_out, d_in, k, exact):
         p = FactoredProjector(layer, {"weight": layer.weight}, k, seed=seed)
         block = p.block("weight")
         assert block.k_out * block.k_in > k  # ragged: the last row is cut
-        assert (block.k_out == d_out, block.k_in == d_in) == exact
+        assert (block.exact_out, block.exact_in) == exact
         p_out, p_in = p.matrix("weight", "out", torch.float64), p.matrix("weight", "in", torch.float64)
         a, b = ((p_out.T @ x @ p_in).flatten()[:k] * block.entry_scale().double() for x in (g, h))
         estimates.append(float(a @ b))
