@@ -13,8 +13,8 @@ per query, between projected scores and exact scores (identity features, dual-fo
 (default split, and a split calibrated on 8 training gradients, passed as `layer_dims`) and dense
 `gaussian` at the same total k.
 
-    python benchmarks/featurize_speed.py            # 10-15 minutes on 2 shared CPU cores
-    python benchmarks/featurize_speed.py --quick    # a few minutes
+    python benchmarks/featurize_speed.py            # 5-7 minutes on 2 shared CPU cores
+    python benchmarks/featurize_speed.py --quick    # under a minute
 
 Peak memory: each method's first call, on its own, caches included (the dense P). On CPU the growth of
 the process RSS above its value at the start of the call, sampled every 2 ms (freed memory is handed back
@@ -27,10 +27,9 @@ import argparse
 import ctypes
 import platform
 import statistics
+import sys
 import threading
 import time
-
-import sys
 from pathlib import Path
 
 import psutil
@@ -39,9 +38,7 @@ from diffusers import DDPMScheduler, UNet2DConditionModel
 from torch.func import functional_call, grad, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-if not (Path(__file__).resolve().parents[1] / "diffusers_attribution").is_dir():
-    raise SystemExit("run from a checkout of diffusers-attribution")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout, installed or not
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout, installed or not
 
 from diffusers_attribution import AttributionConfig
 from diffusers_attribution.adapters import ModelInputs, PipelineAdapter, UnconditionalAdapter
@@ -50,7 +47,6 @@ from diffusers_attribution.gradients import per_example_gradients
 from diffusers_attribution.projection import DenseProjector
 from diffusers_attribution.scoring import KernelScorer
 from diffusers_attribution.task import AttributionTask, gradients_only_for, select_parameters
-
 
 # ----------------------------------------------------------------------------- models
 
@@ -128,7 +124,7 @@ def vmap_features(task, parameters, inputs, keys, projector, fallback):
     def row_output(p, x0, noise, t, cond):
         x0, noise, t = x0[None], noise[None], t[None]
         x_t = adapter.add_noise(x0, noise, t)
-        call = lambda **kwargs: functional_call(adapter.denoiser, p, args=(), kwargs=kwargs)  # noqa: E731
+        call = lambda **kwargs: functional_call(adapter.denoiser, p, args=(), kwargs=kwargs)
         prediction = adapter.predict(x_t, t, {k: v[None] for k, v in cond.items()}, denoiser=call)
         return task.objective(prediction, adapter.target(x0, noise, t), adapter.timestep_weight(t)).sum() / K
 
@@ -212,7 +208,7 @@ def throughput(name, adapter, inputs, config, steps, device, budget_s=120.0):
             try:
                 with PeakMemory(device) as peak:
                     methods[label]()
-            except Exception as error:  # noqa: BLE001 - vmap failed on some module: say which, use the loop
+            except Exception as error:
                 if "vmap" not in label:
                     raise
                 del methods[label]

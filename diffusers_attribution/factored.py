@@ -39,8 +39,8 @@ from __future__ import annotations
 import fnmatch
 import math
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -132,7 +132,7 @@ class FactoredProjector(Projector):
         super().__init__({name: parameters[name].shape for name in owners}, dim, seed)
         self.excluded = excluded
         self.modules = {module_name: module for module_name, module, _ in owners.values()}
-        dims = _dims(self.shapes, dict((name, role) for name, (_, _, role) in owners.items()), dim, layer_dims)
+        dims = _dims(self.shapes, {name: role for name, (_, _, role) in owners.items()}, dim, layer_dims)
         self.blocks: dict[str, list[Block]] = {module_name: [] for module_name in self.modules}
         offset = 0
         for name, (module_name, _, role) in owners.items():
@@ -371,13 +371,13 @@ def _dims(shapes: dict, roles: dict[str, str], k: int, layer_dims: dict | None) 
     """{name: (k_p, k_out, k_in)}: `layer_dims` (glob → k or [k_out, k_in], first match wins) for the
     parameters it names, `split_dims` of what is left of k for the others."""
     fixed: dict[str, tuple[int, int, int]] = {}
-    for name in shapes:
+    for name, shape in shapes.items():
         pattern = next((p for p in (layer_dims or {}) if fnmatch.fnmatchcase(name, p)), None)
         if pattern is None:
             continue
         value = layer_dims[pattern]
         if isinstance(value, int):
-            fixed[name] = (value, *_grid(value, shapes[name], roles[name]))
+            fixed[name] = (value, *_grid(value, shape, roles[name]))
         elif roles[name] == "weight" and len(value) == 2:
             fixed[name] = (value[0] * value[1], value[0], value[1])
         else:

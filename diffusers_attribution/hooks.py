@@ -21,7 +21,7 @@ attribute, no forward wrapper and no captured tensor remain unless they were the
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
@@ -38,7 +38,7 @@ class CaptureHook(ModelHook):
     With `on_gradient=None`, the pairs are appended to `captured` instead (tests, inspection).
     """
 
-    def __init__(self, name: str, anchors: "Anchors", on_gradient: OnGradient | None = None):
+    def __init__(self, name: str, anchors: Anchors, on_gradient: OnGradient | None = None):
         super().__init__()
         self.name = name
         self.anchors = anchors

@@ -33,7 +33,7 @@ class Toy(nn.Module):
         self.tokens = nn.Linear(6, 6)  # on [R, L, 6]
         self.ln = nn.LayerNorm(6)
         self.conv_out = nn.Conv2d(6, 2, 1)
-        self.classes = nn.Embedding(5, 8, padding_idx=0)  # looked up by t // 250: rows 0 (padding), 1, 2
+        self.classes = nn.Embedding(5, 8, padding_idx=0)  # looked up by t // 250: rows 0 (padding) to 3
         self.table = nn.Parameter(torch.linspace(0.5, 1.5, 6))  # used directly: left out
 
     def forward(self, x, t, return_dict=False):
@@ -77,7 +77,8 @@ def expected_features(projector, gradients):
 def toy_setup(**overrides):
     torch.manual_seed(0)
     model = Toy()
-    config = AttributionConfig(**{"method": "trak", "num_timesteps": 3, "projection_dim": 300, **overrides})
+    config = AttributionConfig(**{"method": "trak", "num_timesteps": 3, "timestep_schedule": "random",  # t per example
+                                  "projection_dim": 300, **overrides})
     task = AttributionTask(ToyAdapter(model), config)
     parameters = select_parameters(model, config)
     with warnings.catch_warnings():
@@ -117,7 +118,7 @@ def test_linear_conv_groups_bias_and_norms_match_autograd():
                  for name in GRIDS}
     assert structure == {"strided.weight": (False, False, False), "conv_in.weight": (False, False, True),
                          "conv_out.weight": (True, False, True), "tokens.weight": (True, False, True),
-                         "time.weight": (False, True, True)}
+                         "time.weight": (False, True, True), "classes.weight": (False, False, True)}
     phi, expected = factored_and_reference(model, task, parameters, projector, inputs, [0, 1, 2, 3])
     assert phi.shape == (4, 300) and phi.dtype == torch.float32
     # block by block, so that a failure names the layer
@@ -256,9 +257,9 @@ def test_hooks_leave_no_state_behind():
     count = counter.count
     unet(x, t)
     assert counter.count == count + 1  # the other hook still runs
-    with pytest.raises(ZeroDivisionError), attribution_hooks(modules):
+    with pytest.raises(RuntimeError, match="inside"), attribution_hooks(modules):
         unet(x, t)
-        1 / 0
+        raise RuntimeError("an error inside the block")
     assert state() == before
     assert all(p.grad is None for p in unet.parameters())
 
