@@ -127,18 +127,24 @@ class Featurizer:
 
     def featurize_queries(self, images: Any, prompts: Sequence[str] | str | None = None) -> torch.Tensor:
         """φ [n, k] for query images; query i uses the example key `"query:i"` for per-example noise."""
-        batch = to_image_batch(images)
-        self.adapter.validate_images(batch, "query images")
-        if isinstance(prompts, str) or prompts is None:
-            prompts = [prompts] * len(batch)
-        if len(prompts) != len(batch):
-            raise ValueError(f"got {len(prompts)} prompts for {len(batch)} query images")
+        batch, prompts = query_batch(self.adapter, images, prompts)
         out = []
         for start in range(0, len(batch), self.config.batch_size):
             stop = min(start + self.config.batch_size, len(batch))
             keys = [f"query:{i}" for i in range(start, stop)]
             out.append(self.features(batch[start:stop], prompts[start:stop], keys))
         return torch.cat(out)
+
+
+def query_batch(adapter: PipelineAdapter, images: Any, prompts) -> tuple[torch.Tensor, list]:
+    """Validated query images [n, C, H, W] and one prompt per image (a single prompt or None is repeated)."""
+    batch = to_image_batch(images)
+    adapter.validate_images(batch, "query images")
+    if isinstance(prompts, str) or prompts is None:
+        prompts = [prompts] * len(batch)
+    if len(prompts) != len(batch):
+        raise ValueError(f"got {len(prompts)} prompts for {len(batch)} query images")
+    return batch, list(prompts)
 
 
 def model_fingerprint(denoiser: torch.nn.Module, parameters: dict[str, torch.nn.Parameter]) -> dict[str, str]:

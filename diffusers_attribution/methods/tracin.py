@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from ..config import AttributionConfig
 from ..data import TrainingData, content_hash, to_image_batch
-from ..featurize import Featurizer, model_fingerprint
+from ..featurize import Featurizer, model_fingerprint, query_batch
 from ..result import AttributionResult
 from ..store import FeatureStore
 from .checkpoints import CheckpointSet, describe
@@ -123,12 +123,7 @@ class TracInFeaturizer:
 
     def featurize_queries(self, images: Any, prompts: Sequence[str] | str | None = None) -> torch.Tensor:
         """φ [n, C·k]: each query's gradient averaged over `query_timesteps` evenly spaced t × `query_noise_draws`."""
-        batch = to_image_batch(images)
-        self.adapter.validate_images(batch, "query images")
-        if isinstance(prompts, str) or prompts is None:
-            prompts = [prompts] * len(batch)
-        if len(prompts) != len(batch):
-            raise ValueError(f"got {len(prompts)} prompts for {len(batch)} query images")
+        batch, prompts = query_batch(self.adapter, images, prompts)
         grid = uniform_timesteps(self.config.query_timesteps, self.adapter.num_train_timesteps)
         draws, k = self.config.query_noise_draws, self.block_dim
         per_group = max(1, self.config.batch_size // (len(grid) * draws))
