@@ -377,7 +377,6 @@ def run_counterfactual(args) -> None:
     from diffusers_attribution.evaluation.counterfactual import counterfactual
     from diffusers_attribution.methods.registry import make_featurizer
 
-    gt = load_ground_truth()
     workdir = Path(args.workdir)
     pipe = enable_attribution(full_model(workdir))
     images = training_images()
@@ -388,7 +387,11 @@ def run_counterfactual(args) -> None:
     summary = json.loads(results_path.read_text()) if results_path.is_file() else {}
     previous = json.loads(Path(args.results).read_text()) if Path(args.results).is_file() else {"rows": []}
     ratios = {row["name"]: row.get("damping_ratios", [None])[0] for row in previous["rows"]}
+    shared_random: Path | None = None  # the random-removal control is the same for every method: train it once
     for method, label in (("d-trak", "D-TRAK K=10 factored"), ("trak", "TRAK K=10 factored")):
+        output_dir = workdir / f"counterfactual-{method}-k{args.counterfactual_k}"
+        if shared_random is not None:
+            reuse_random_removals(shared_random, output_dir, len(query_seeds))
         config = AttributionConfig(method=method, num_timesteps=10, projection_dim=PROJECTION_DIM, batch_size=32,
                                    damping_ratio=ratios.get(label) or 0.1)
         featurizer = make_featurizer(pipe, config)
@@ -397,12 +400,31 @@ def run_counterfactual(args) -> None:
         scores = path.scores(featurizer.featurize_queries(original), config.damping_ratio * path.mean_eigenvalue)
         result = counterfactual(DigitsTrainingRecipe(LDS_RECIPE), images, scores,
                                 query_seeds, args.counterfactual_k,
-                                workdir / f"counterfactual-{method}-k{args.counterfactual_k}", original=original,
+                                output_dir, original=original,
                                 generate=lambda p, s: generate_digits(p, 1, seed=s), training_seed=TRAINING_SEED)
-        summary[label] = {**result.summary(), "l2": result.l2.tolist(), "l2_random": result.l2_random.tolist(),
-                          "damping_ratio": config.damping_ratio}
+        shared_random = output_dir
+        summary[label] = {**result.summary(), "l2_std": float(result.l2.std()),
+                          "l2_random_std": float(result.l2_random.std()), "l2": result.l2.tolist(),
+                          "l2_random": result.l2_random.tolist(), "damping_ratio": config.damping_ratio,
+                          "query_seeds": query_seeds, "seconds": result.extra["seconds"]}
         print(label, result.summary(), flush=True)
+    results_path.parent.mkdir(parents=True, exist_ok=True)
     results_path.write_text(json.dumps(summary, indent=2))
+
+
+def reuse_random_removals(source: Path, target: Path, num_queries: int) -> None:
+    """Copy the finished random-removal retrainings (jobs n_q .. 2 n_q - 1) of one counterfactual run to another.
+
+    `counterfactual` draws the random removals from (random_seed, query) only, so they are the same for every
+    method; the harness accepts the copies because their run key and per-subset mask digest match (it checks both).
+    """
+    import shutil
+
+    target.mkdir(parents=True, exist_ok=True)
+    for subset in range(num_queries, 2 * num_queries):
+        name = f"subset-{subset:05d}-seed-{TRAINING_SEED}.safetensors"
+        if (source / name).is_file() and not (target / name).is_file():
+            shutil.copy2(source / name, target / name)
 
 
 def apply_smoke(args) -> None:

@@ -38,7 +38,10 @@ _BASE_DEFAULTS = {"num_timesteps": 10, "timestep_schedule": "uniform"}
 # they are left out of the hash, so a store featurized on a GPU with batch 64 matches a CPU query.
 _EXECUTION_FIELDS = ("batch_size", "device", "timestep_chunk_size", "damping", "damping_ratio")
 # Later fields, left out of the hash while unset so that earlier hashes stay valid.
-_OPTIONAL_FIELDS = ("layer_dims", "checkpoints", "learning_rates", "query_timesteps", "query_noise_draws", "encoder")
+_OPTIONAL_FIELDS = ("layer_dims", "checkpoints", "learning_rates", "query_timesteps", "query_noise_draws", "encoder",
+                    "noise_draws")
+# Optional fields whose explicit value equals the unset behaviour: left out of the hash too (same features).
+_OPTIONAL_NEUTRAL = {"noise_draws": 1}
 
 
 @dataclass
@@ -57,6 +60,10 @@ class AttributionConfig:
         timestep_schedule: `"uniform"`: t ∈ {0, T/K, 2T/K, ...} for every example (D-TRAK);
             `"random"`: K timesteps drawn per example from (seed, example id) (Journey-TRAK's featurization).
         noise_seed: seed of the noise ε_t and of random timesteps.
+        noise_draws: D, noise draws per timestep (None = 1): g(z) = (1/(K·D)) Σ_t Σ_d ∇θ f(z, t, ε_{t,d}), ε_{t,d}
+            a function of (noise_seed, [example,] t, d) whose draw 0 is the single-draw noise, so `noise_draws=1`
+            gives the same features (and feature hash) as None. Costs D times the forward/backward rows of K.
+            TracIn/ReTrac: draws per training timestep (queries use `query_noise_draws`); not for the baselines.
         noise_mode: `"shared"`: ε depends on (noise_seed, t) only, so every example and every query sees the same
             noise at a given t (D-TRAK's code); `"per-example"`: ε depends on (noise_seed, example id, t).
         projector: `"factored"` (per-layer P_outᵀ G P_in, the fast default), dense `"gaussian"` /
@@ -96,6 +103,7 @@ class AttributionConfig:
     num_timesteps: int | None = None
     timestep_schedule: str | None = None
     noise_seed: int = 0
+    noise_draws: int | None = None
     noise_mode: str = "shared"
     projector: str = "factored"
     projection_dim: int = 2048
@@ -168,7 +176,7 @@ class AttributionConfig:
         for name in _EXECUTION_FIELDS:
             data.pop(name)
         for name in _OPTIONAL_FIELDS:
-            if data[name] is None:
+            if data[name] is None or name in _OPTIONAL_NEUTRAL and data[name] == _OPTIONAL_NEUTRAL[name]:
                 data.pop(name)
         return data
 
@@ -188,10 +196,11 @@ def _check_method_fields(config: "AttributionConfig") -> None:
     tracin = config.method in ("tracin", "retrac")
     for name, allowed in {"checkpoints": tracin, "learning_rates": tracin, "query_timesteps": tracin,
                           "query_noise_draws": tracin or config.method == "journey-trak",
-                          "encoder": config.method == "embedding-cosine"}.items():
+                          "encoder": config.method == "embedding-cosine",
+                          "noise_draws": config.method not in ("pixel-dot", "pixel-cosine", "embedding-cosine")}.items():
         if getattr(config, name) is not None and not allowed:
             raise ValueError(f"AttributionConfig.{name} does not apply to method={config.method!r}")
-    for name in ("query_timesteps", "query_noise_draws"):
+    for name in ("query_timesteps", "query_noise_draws", "noise_draws"):
         if getattr(config, name) is not None and int(getattr(config, name)) < 1:
             raise ValueError(f"AttributionConfig.{name} must be >= 1, got {getattr(config, name)}")
     if config.checkpoints is not None:

@@ -1,11 +1,17 @@
 """`AttributionTask`: the one abstraction that says how to get a per-sample output from a pipeline.
 
-For example i with timesteps t_1..t_K and noises ε_{i,k}, the task's output is
+For example i with timesteps t_1..t_K and D noise draws ε_{i,k,d} per timestep (`config.noise_draws`,
+default 1), the task's output is
 
-    F_i(θ) = (1/K) Σ_k f(ε_θ(x_{t_k}, t_k, c_i), target_{i,k}, w_{t_k}),   x_{t_k} = add_noise(x0_i, ε_{i,k}, t_k)
+    F_i(θ) = (1/(K·D)) Σ_k Σ_d f(ε_θ(x_{k,d}, t_k, c_i), target_{i,k,d}, w_{t_k}),   x_{k,d} = add_noise(x0_i, ε_{i,k,d}, t_k)
 
-so that ∇θ F_i is the averaged gradient g(z_i) every TRAK-family method projects. All rows of a batch
-(B examples × K' timesteps) go through the denoiser in one forward pass, example-major.
+so that ∇θ F_i is the averaged gradient g(z_i) every TRAK-family method projects. An example has K·D
+columns (timestep-major: column c is timestep c // D, draw c % D); all rows of a batch (B examples × the
+columns of one chunk) go through the denoiser in one forward pass, example-major.
+
+Noise of draw d at timestep t: `seeded_randn(shape, noise_seed, "noise", [key,] t)` for d = 0 (so one draw
+is exactly the single-draw noise), and `seeded_randn(shape, noise_seed, "noise", [key,] t, d)` for d > 0
+(`key` only in `per-example` noise mode).
 """
 
 from __future__ import annotations
@@ -31,12 +37,18 @@ class AttributionTask:
         self._shared_noise: dict[tuple, torch.Tensor] = {}
 
     @property
+    def noise_draws(self) -> int:
+        """D: noise draws per timestep."""
+        return int(self.config.noise_draws or 1)
+
+    @property
     def num_timesteps(self) -> int:
-        return self.config.num_timesteps
+        """Columns (rows of the forward pass) per example: K timesteps × D noise draws; `chunks()` slices them."""
+        return self.config.num_timesteps * self.noise_draws
 
     def timesteps(self, keys: Sequence) -> torch.Tensor:
         """LongTensor [B, K]: the uniform grid t_k = k·T/K for every example, or K per-example random draws."""
-        T, K = self.adapter.num_train_timesteps, self.num_timesteps
+        T, K = self.adapter.num_train_timesteps, self.config.num_timesteps
         if self.config.timestep_schedule == "uniform":
             grid = torch.arange(K, dtype=torch.long) * (T // K) if K <= T else torch.arange(K) % T
             return grid.expand(len(keys), K).clone()
@@ -46,26 +58,25 @@ class AttributionTask:
             rows.append(torch.randint(0, T, (K,), generator=generator))
         return torch.stack(rows)
 
-    def noise(self, key, timestep: int, shape: torch.Size) -> torch.Tensor:
-        """ε for (example key, timestep): a function of (noise_seed, t) in `shared` mode, else of (seed, key, t)."""
-        if self.config.noise_mode == "per-example":
-            return seeded_randn(shape, self.config.noise_seed, "noise", key, timestep)
-        cache_key = (timestep, tuple(shape))
-        if cache_key not in self._shared_noise:
-            self._shared_noise[cache_key] = seeded_randn(shape, self.config.noise_seed, "noise", timestep)
-        return self._shared_noise[cache_key]
+    def noise(self, key, timestep: int, shape: torch.Size, draw: int = 0) -> torch.Tensor:
+        """ε for (example key, timestep, draw): a function of (noise_seed, t, d) in `shared` mode, else of
+        (seed, key, t, d); draw 0 leaves d out of the seed (module docstring)."""
+        return draw_noise(shape, self.config.noise_seed, self.config.noise_mode, key, timestep, draw, self._shared_noise)
 
     def chunks(self) -> list[slice]:
-        """Timestep columns evaluated per forward pass (all K unless `timestep_chunk_size` is set)."""
+        """Columns evaluated per forward pass: all K·D, or `timestep_chunk_size` (timestep, draw) pairs at a time."""
         size = self.config.timestep_chunk_size or self.num_timesteps
         return [slice(start, start + size) for start in range(0, self.num_timesteps, size)]
 
     def outputs(self, inputs: ModelInputs, keys: Sequence, columns: slice = slice(None)) -> torch.Tensor:
-        """[B] per-example outputs summed over the timestep columns `columns`, divided by K (so the chunks add up)."""
-        timesteps = self.timesteps(keys)[:, columns]
+        """[B] per-example outputs summed over the columns `columns`, divided by K·D (so the chunks add up)."""
+        draws = self.noise_draws
+        selected = range(self.num_timesteps)[columns]
+        timesteps = self.timesteps(keys).repeat_interleave(draws, dim=1)[:, columns]  # column c: timestep c // D
         batch, per_example = timesteps.shape
         shape = inputs.x0.shape[1:]
-        noise = torch.stack([self.noise(key, int(t), shape) for key, row in zip(keys, timesteps) for t in row])
+        noise = torch.stack([self.noise(key, int(t), shape, column % draws)
+                             for key, row in zip(keys, timesteps) for t, column in zip(row, selected)])
         rows = inputs.repeat_rows(per_example)
         device = rows.x0.device
         t = timesteps.flatten().to(device)
@@ -81,6 +92,23 @@ class AttributionTask:
         if self.config.dtype == "float32":
             return contextlib.nullcontext()
         return torch.autocast(device.type, dtype=getattr(torch, self.config.dtype))
+
+
+def draw_noise(shape, seed: int, noise_mode: str, key, t: int, draw: int = 0, cache: dict | None = None) -> torch.Tensor:
+    """ε for (example key, timestep t, draw d): `seeded_randn(shape, seed, "noise", [key,] t[, d])`, d only if d > 0.
+
+    `shared` mode leaves the key out (and caches the draws in `cache`); `per-example` mode includes it.
+    """
+    extra = () if draw == 0 else (int(draw),)
+    if noise_mode == "per-example":
+        return seeded_randn(shape, seed, "noise", key, int(t), *extra)
+    cache_key = (int(t), int(draw), tuple(shape))
+    if cache is not None and cache_key in cache:
+        return cache[cache_key]
+    value = seeded_randn(shape, seed, "noise", int(t), *extra)
+    if cache is not None:
+        cache[cache_key] = value
+    return value
 
 
 def select_parameters(denoiser: torch.nn.Module, config: AttributionConfig) -> dict[str, torch.nn.Parameter]:

@@ -27,20 +27,26 @@ def exact_config(**kwargs):
     return AttributionConfig(**{**base, **kwargs})
 
 
-def reference_gradient(pipe, image, config, key=None):
-    """g(z) = (1/K) Σ_t ∇θ f(z, t, ε_t), written out by hand: one autograd call per timestep."""
+def reference_gradient(pipe, image, config, key=None, timesteps=None):
+    """g(z) = (1/(K·D)) Σ_t Σ_d ∇θ f(z, t, ε_{t,d}), written out by hand: one autograd call per (timestep, draw).
+
+    Timesteps: the uniform grid of config.num_timesteps (or `timesteps`); D = config.noise_draws (None = 1);
+    ε_{t,0} is seeded by (seed, "noise", [key,] t) and ε_{t,d>0} by (seed, "noise", [key,] t, d)."""
     unet = pipe.unet
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     abar = scheduler.alphas_cumprod
     params = [p for n, p in unet.named_parameters()]
     total = [torch.zeros_like(p) for p in params]
     T = scheduler.config.num_train_timesteps
-    for k in range(config.num_timesteps):
-        t = k * (T // config.num_timesteps)
+    if timesteps is None:
+        timesteps = [k * (T // config.num_timesteps) for k in range(config.num_timesteps)]
+    draws = config.noise_draws or 1
+    for t, d in [(int(t), d) for t in timesteps for d in range(draws)]:
+        seed_parts = (t,) if d == 0 else (t, d)
         if config.noise_mode == "shared":
-            eps = seeded_randn(image.shape, config.noise_seed, "noise", t)
+            eps = seeded_randn(image.shape, config.noise_seed, "noise", *seed_parts)
         else:
-            eps = seeded_randn(image.shape, config.noise_seed, "noise", key, t)
+            eps = seeded_randn(image.shape, config.noise_seed, "noise", key, *seed_parts)
         x0 = image[None]
         x_t = abar[t].sqrt() * x0 + (1 - abar[t]).sqrt() * eps[None]
         pred = unet(x_t, torch.tensor([t])).sample
@@ -63,7 +69,7 @@ def reference_gradient(pipe, image, config, key=None):
         else:
             raise AssertionError(config.output)
         for acc, g in zip(total, torch.autograd.grad(f, params)):
-            acc += g / config.num_timesteps
+            acc += g / (len(timesteps) * draws)
     return torch.cat([g.flatten() for g in total])
 
 
@@ -91,6 +97,61 @@ def test_features_equal_hand_written_autograd(images, prediction_type, output, n
     for i in range(3):
         expected = reference_gradient(pipe, images[i], config, key=i)
         torch.testing.assert_close(store.features[i], expected, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("noise_mode", ["shared", "per-example"])
+def test_noise_draws_average_hand_written_gradients(images, noise_mode):
+    """K = 2 timesteps × D = 2 draws: the mean of 4 autograd gradients per example; D = 1 is the single-draw path."""
+    pipe = enable_attribution(tiny_ddpm_pipeline())
+    config = exact_config(num_timesteps=2, noise_draws=2, noise_mode=noise_mode, output="loss")
+    store = pipe.featurize(images[:3], config, progress=False)
+    for i in range(3):
+        torch.testing.assert_close(store.features[i], reference_gradient(pipe, images[i], config, key=i),
+                                   rtol=1e-4, atol=1e-6)
+    # Chunks of (timestep, draw) columns that do not divide K·D = 4 add up to the same features.
+    chunked = pipe.featurize(images[:3], exact_config(**{**config.to_dict(), "timestep_chunk_size": 3}), progress=False)
+    torch.testing.assert_close(chunked.features, store.features, rtol=1e-5, atol=1e-7)
+    # Queries get the same draws as training examples (one task for both).
+    from diffusers_attribution.featurize import Featurizer
+
+    torch.testing.assert_close(Featurizer(pipe, config).featurize_queries(images[:1])[0],
+                               reference_gradient(pipe, images[0], config, key="query:0"), rtol=1e-4, atol=1e-6)
+    one, unset = exact_config(num_timesteps=2, noise_draws=1), exact_config(num_timesteps=2)
+    assert one.feature_hash() == unset.feature_hash() != config.feature_hash()
+    assert torch.equal(pipe.featurize(images[:3], one, progress=False).features,
+                       pipe.featurize(images[:3], unset, progress=False).features)
+
+
+def test_noise_draws_factored_and_tracin(images):
+    """The factored hooks see K·D rows per example; TracIn averages its training gradient over the draws."""
+    from diffusers_attribution.featurize import Featurizer
+    from diffusers_attribution.methods.timesteps import timestep_features
+
+    pipe = enable_attribution(tiny_ddpm_pipeline())
+    config = AttributionConfig(method="d-trak", num_timesteps=2, noise_draws=3, projection_dim=256, batch_size=4)
+    store = pipe.featurize(images, config, progress=False)
+    featurizer = Featurizer(pipe, config)
+    keys = list(range(len(images)))
+    inputs = featurizer.adapter.encode(images, [None] * len(images), keys, config.noise_seed)
+    # An independent route: every (example, t, d) row projected on its own, then averaged.
+    rows = timestep_features(featurizer, inputs, keys, featurizer.task.timesteps(keys), draws=3).features
+    torch.testing.assert_close(store.features, rows, rtol=1e-4, atol=1e-6)
+    single = pipe.featurize(images, AttributionConfig(**{**config.to_dict(), "noise_draws": None}), progress=False)
+    assert not torch.allclose(single.features, store.features)
+
+    tracin = exact_config(method="tracin", num_timesteps=1, noise_draws=2, output="loss", parameters=["conv_out.*"])
+    features = pipe.featurize(images[:2], tracin, progress=False).features
+    t = Featurizer(pipe, tracin).task.timesteps([0, 1])
+    columns = [i for i, (n, _) in enumerate(pipe.unet.named_parameters()) if n.startswith("conv_out.")]
+    sizes = [p.numel() for p in pipe.unet.parameters()]
+    keep = torch.cat([torch.arange(sum(sizes[:i]), sum(sizes[: i + 1])) for i in columns])
+    for i in range(2):
+        expected = reference_gradient(pipe, images[i], tracin, key=i, timesteps=t[i].tolist())[keep]
+        torch.testing.assert_close(features[i], expected, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="noise_draws"):
+        AttributionConfig(method="pixel-cosine", noise_draws=2)
+    with pytest.raises(ValueError, match="noise_draws"):
+        exact_config(noise_draws=0)
 
 
 def test_identity_scores_equal_closed_form(images):

@@ -12,9 +12,10 @@ rows are reduced per example:
     mean:        φ_i = (1/(K·D)) Σ_{t,d} φ_{i,t,d}
     normalized:  φ_i = (1/(K·D)) Σ_{t,d} φ_{i,t,d} / ‖φ_{i,t,d}‖          (ReTrac)
 
-Noise of draw d at timestep t: draw 0 is exactly the core task's ε (`AttributionTask.noise`), so one draw at
-the core task's timesteps reproduces its features; draw d > 0 appends d to the seed:
-`seeded_randn(shape, noise_seed, "noise", [key,] t, d)` (`key` only in `per-example` noise mode).
+Noise of draw d at timestep t: exactly the core task's ε for (t, d) (`AttributionTask.noise`, `draw_noise`),
+so D draws at the core task's timesteps reproduce its features with `noise_draws=D`; draw 0 is
+`seeded_randn(shape, noise_seed, "noise", [key,] t)`, draw d > 0 appends d to the seed (`key` only in
+`per-example` noise mode).
 """
 
 from __future__ import annotations
@@ -25,8 +26,9 @@ from typing import Sequence
 import torch
 
 from ..adapters import ModelInputs
-from ..seeding import seeded_randn
-from ..task import AttributionTask, gradients_only_for
+from ..task import AttributionTask, draw_noise, gradients_only_for
+
+point_noise = draw_noise  # ε for (key, t, d), shared with the core task
 
 
 class PointTask(AttributionTask):
@@ -35,6 +37,10 @@ class PointTask(AttributionTask):
     def __init__(self, adapter, config, noise_mode: str | None = None):
         super().__init__(adapter, config)
         self.noise_mode = noise_mode or config.noise_mode
+
+    @property
+    def noise_draws(self) -> int:
+        return 1  # the draw is part of each row's key
 
     @property
     def num_timesteps(self) -> int:
@@ -46,23 +52,9 @@ class PointTask(AttributionTask):
     def timesteps(self, keys: Sequence) -> torch.Tensor:
         return torch.tensor([[int(t)] for _, t, _ in keys], dtype=torch.long)
 
-    def noise(self, key, timestep: int, shape: torch.Size) -> torch.Tensor:
-        example, t, draw = key
-        return point_noise(shape, self.config.noise_seed, self.noise_mode, example, t, draw, self._shared_noise)
-
-
-def point_noise(shape, seed: int, noise_mode: str, key, t: int, draw: int, cache: dict | None = None) -> torch.Tensor:
-    """ε for (example key, timestep t, draw d); draw 0 equals the core task's noise (module docstring)."""
-    extra = () if draw == 0 else (int(draw),)
-    if noise_mode == "per-example":
-        return seeded_randn(shape, seed, "noise", key, int(t), *extra)
-    cache_key = (int(t), int(draw), tuple(shape))
-    if cache is not None and cache_key in cache:
-        return cache[cache_key]
-    value = seeded_randn(shape, seed, "noise", int(t), *extra)
-    if cache is not None:
-        cache[cache_key] = value
-    return value
+    def noise(self, key, timestep: int, shape: torch.Size, draw: int = 0) -> torch.Tensor:
+        example, t, row_draw = key
+        return draw_noise(shape, self.config.noise_seed, self.noise_mode, example, t, row_draw, self._shared_noise)
 
 
 @dataclass

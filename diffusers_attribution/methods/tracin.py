@@ -4,7 +4,8 @@ Over checkpoints c = 1..C with learning rates η_c (the paper's code uses η_c =
 between checkpoints / N; pass that product):
 
     TracIn:  τ(z, q) = Σ_c η_c ⟨g_c(z), g_c(q)⟩
-             g_c(z) = (1/K) Σ_{t ~ U[0, T)} ∇θ f(z, t, ε)                (K = num_timesteps, 1 by default)
+             g_c(z) = (1/(K·D)) Σ_{t ~ U[0, T)} Σ_{d < D} ∇θ f(z, t, ε_d)   (K = num_timesteps, 1 by default;
+                                                                          D = noise_draws, 1 by default)
              g_c(q) = (1/(Kq·D)) Σ_{t ∈ grid of Kq} Σ_{d < D} ∇θ f(q, t, ε_d) (Kq = query_timesteps, D = query_noise_draws)
     ReTrac:  the same with every per-(t, d) gradient divided by its L2 norm before averaging:
              ĝ_c = (1/(K·D)) Σ g_{c,t,d} / ‖g_{c,t,d}‖, training and query alike.
@@ -88,7 +89,7 @@ class TracInFeaturizer:
                     yield c, g, timestep_features(self.base, inputs, keys, timesteps, draws, self.normalize).features
 
     def featurize_dataset(self, dataset: Any, progress: bool = True, **store_options) -> FeatureStore:
-        """Φ [N, C·k]: each training example's gradient at its K sampled timesteps (one noise each).
+        """Φ [N, C·k]: each training example's gradient at its K sampled timesteps (`noise_draws` noises each).
 
         `store_options`: `output_dir` (the store is written there once computed), `shard_rows`, `max_shard_size`.
         """
@@ -113,7 +114,7 @@ class TracInFeaturizer:
 
         bar = tqdm(total=len(self.checkpoints) * len(starts), desc=f"featurize ({config.method})", unit="batch",
                    disable=not progress)
-        for c, g, block in self._blocks(groups, 1):
+        for c, g, block in self._blocks(groups, self.base.task.noise_draws):
             start = starts[g]
             features[start : start + len(block), c * k : (c + 1) * k] = block
             bar.update(1)
