@@ -6,12 +6,13 @@ interleaved rounds (one call of each method per round) so that load on a shared 
   vmap      the published recipe: torch.func vmap per-sample gradients of the attributed parameters (one
             vmap over examples per timestep, attention on the math SDPA kernel), summed over timesteps,
             then a dense Gaussian projection (its matrix cached in memory)
-  factored  FactoredProjector: one batched forward/backward with attribution hooks
+  factored  FactoredProjector: one batched forward/backward with attribution hooks (random per-layer
+            matrices), and CalibratedProjector (the default: calibrated bases, then the k_mid × k mix)
 on the digits DDPM (`diffusers_attribution.digits`) and on a Stable-Diffusion-shaped UNet2DConditionModel
 with a LoRA (only the LoRA weights attributed / trained). Fidelity on the digits DDPM: Spearman correlation,
 per query, between projected scores and exact scores (identity features, dual-form kernel) for `factored`
-(default split, and a split calibrated on 8 training gradients, passed as `layer_dims`) and dense
-`gaussian` at the same total k.
+(random per-layer matrices, and calibrated bases — the default, calibration.py) and dense `gaussian` at the
+same total k, over 3 projection seeds.
 
     python benchmarks/featurize_speed.py            # 5-7 minutes on 2 shared CPU cores
     python benchmarks/featurize_speed.py --quick    # under a minute
@@ -42,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout, i
 
 from diffusers_attribution import AttributionConfig
 from diffusers_attribution.adapters import ModelInputs, PipelineAdapter, UnconditionalAdapter
+from diffusers_attribution.calibration import CalibratedProjector, calibrate, calibration_indices
 from diffusers_attribution.factored import FactoredProjector
 from diffusers_attribution.gradients import per_example_gradients
 from diffusers_attribution.projection import DenseProjector
@@ -198,10 +200,15 @@ def throughput(name, adapter, inputs, config, steps, device, budget_s=120.0):
         dense = DenseProjector({n: p.shape for n, p in parameters.items()}, config.projection_dim, 0,
                                cache_bytes=1 << 33)  # P stays in memory, as a fast dense recipe would keep it
         factored = FactoredProjector(denoiser, parameters, config.projection_dim, 0)
+        tic = time.perf_counter()  # calibration is once per store; here on the call's own examples
+        bases = calibrate(task, denoiser, parameters, [(inputs, keys)], 4 * config.projection_dim, 0)
+        calibration_s = time.perf_counter() - tic
+        calibrated = CalibratedProjector(denoiser, parameters, config.projection_dim, 0, bases)
         methods = {
             "train step": lambda: train_step(task, parameters, inputs, keys, optimizer),
             "vmap + dense Gaussian": lambda: vmap_features(task, parameters, inputs, keys, dense, False),
-            "factored hooks": lambda: factored.features(task, parameters, inputs, keys),
+            "factored hooks (random)": lambda: factored.features(task, parameters, inputs, keys),
+            "factored hooks (calibrated, default)": lambda: calibrated.features(task, parameters, inputs, keys),
         }
         memory = {}
         for label in list(methods):
@@ -236,6 +243,8 @@ def throughput(name, adapter, inputs, config, steps, device, budget_s=120.0):
     for label, rate in rates.items():
         shown = f"{rate:,.0f}" if rate >= 100 else f"{rate:.3g}"
         print(f"| {label} | {shown} | {rate / rates['train step']:.2f} | {memory[label]:,.0f} |")
+    print(f"calibration (once per store; two passes over {len(keys)} examples here, 64 by default): "
+          f"{calibration_s:.1f} s; calibrated sketch k_mid = {calibrated.sketch.dim:,} coordinates mixed into k")
 
 
 # ----------------------------------------------------------------------------- fidelity
@@ -248,7 +257,10 @@ def spearman(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (ra * rb).sum(1) / (ra.norm(dim=1) * rb.norm(dim=1))
 
 
-def fidelity(adapter, images, held_out, n_train, n_query, dims, num_timesteps, device):
+def fidelity(adapter, images, held_out, n_train, n_query, dims, num_timesteps, device, seeds=(0, 1, 2)):
+    """Spearman of projected vs exact kernel scores per query, for the random and calibrated factored
+    projections and a dense Gaussian at the same k, over projection seeds (calibration: the default 64
+    training examples, `calibration_indices`; never the queries)."""
     config = AttributionConfig(num_timesteps=num_timesteps, projector="identity")
     task = AttributionTask(adapter, config)
     denoiser = adapter.denoiser
@@ -261,6 +273,10 @@ def fidelity(adapter, images, held_out, n_train, n_query, dims, num_timesteps, d
         for start in range(0, len(keys), 32):
             yield ModelInputs(x[start : start + 32]), keys[start : start + 32]
 
+    def featurize(projector):
+        return {name: torch.cat([projector.features(task, parameters, inputs, keys).cpu() for inputs, keys in batches(name)])
+                for name in sets}
+
     start = time.perf_counter()
     with gradients_only_for(denoiser, parameters):
         exact = {name: [per_example_gradients(task, parameters, inputs, keys) for inputs, keys in batches(name)]
@@ -271,37 +287,27 @@ def fidelity(adapter, images, held_out, n_train, n_query, dims, num_timesteps, d
         print(f"\nfidelity on {n_train} training digits, {n_query} held-out query digits, K={num_timesteps}, "
               f"{flat['train'].shape[1]:,} parameters (exact features in {time.perf_counter() - start:.0f} s)")
         del flat
-        print("Spearman of projected vs exact scores, mean ± sd over queries (projection seed 0):")
-        print("| k | factored (default split) | factored (calibrated split) | dense gaussian |")
+        calibration = calibration_indices(n_train, 64, 0)
+        calibration_batches = [(ModelInputs(train[calibration[i : i + 4]]), calibration[i : i + 4])
+                               for i in range(0, len(calibration), 4)]
+        print(f"Spearman of projected vs exact scores: mean over {n_query} queries, then mean ± sd over projection "
+              f"seeds {list(seeds)}")
+        print("| k | factored, random | factored, calibrated (default) | dense gaussian |")
         print("|---:|---:|---:|---:|")
         for k in dims:
-            dense = DenseProjector({n: p.shape for n, p in parameters.items()}, k, 0)
-            gaussian = {name: dense.project(exact[name]) for name in sets}
-            del dense
-            features = []
-            for layer_dims in (None, calibrated_layer_dims(exact["train"], parameters, k)):
-                projector = FactoredProjector(denoiser, parameters, k, 0, layer_dims=layer_dims)
-                features.append({name: torch.cat([projector.features(task, parameters, inputs, keys).cpu()
-                                                  for inputs, keys in batches(name)]) for name in sets})
-            cells = []
-            for phi in (*features, gaussian):
-                rho = spearman(KernelScorer(phi["train"]).scores(phi["query"]), reference)
-                cells.append(f"{rho.mean():.3f} ± {rho.std():.3f}")
-            print(f"| {k} | " + " | ".join(cells) + " |")
-
-
-def calibrated_layer_dims(train_gradients, parameters, k, n=8):
-    """A data-dependent split for `layer_dims`: k_p ∝ sqrt(mean ‖g_p‖²) over the first n training examples
-    (their exact gradients; never the queries), at least 1 and at most numel_p, total k."""
-    weight = {p: float(train_gradients[p][:n].flatten(1).pow(2).sum(1).mean().sqrt()) for p in parameters}
-    total = sum(weight.values())
-    dims = {p: min(parameters[p].numel(), max(1, int(k * w / total))) for p, w in weight.items()}
-    order = sorted(dims, key=weight.get, reverse=True)
-    while (left := k - sum(dims.values())) != 0:  # one feature at a time to the heaviest block with room
-        step = 1 if left > 0 else -1
-        p = next(p for p in order if 1 <= dims[p] + step <= parameters[p].numel())
-        dims[p] += step
-    return dims
+            cells = {"random": [], "calibrated": [], "gaussian": []}
+            for seed in seeds:
+                dense = DenseProjector({n: p.shape for n, p in parameters.items()}, k, seed)
+                phis = {"gaussian": {name: dense.project(exact[name]) for name in sets}}
+                del dense
+                phis["random"] = featurize(FactoredProjector(denoiser, parameters, k, seed))
+                bases = calibrate(task, denoiser, parameters, calibration_batches, 4 * k, seed)
+                phis["calibrated"] = featurize(CalibratedProjector(denoiser, parameters, k, seed, bases))
+                for label, phi in phis.items():
+                    rho = spearman(KernelScorer(phi["train"]).scores(phi["query"]), reference)
+                    cells[label].append(float(rho.mean()))
+            row = [f"{statistics.mean(v):.3f} ± {statistics.pstdev(v):.3f}" for v in cells.values()]
+            print(f"| {k} | " + " | ".join(row) + " |", flush=True)
 
 
 # ----------------------------------------------------------------------------- main

@@ -74,7 +74,13 @@ class AttributionConfig:
         layer_dims: `factored` only: features per parameter, by glob pattern on parameter names (first match
             wins): an int k_p, or `[k_out, k_in]` for a Linear/Conv2d weight (k_p = k_out·k_in). Parameters not
             matched share the rest of `projection_dim` (k_p ∝ sqrt(numel)); the total is always `projection_dim`.
-            None: the default split for all (docs/projection.md).
+            None: the default split for all (docs/projection.md). Only with `calibration_examples=0`.
+        calibration_examples: `factored`, kernel methods: n training examples (a seeded subset) on which the
+            per-layer eigenbases of the gradient's second moments are measured (calibration.py); the features
+            are then the top `sketch_dim` coordinates in those bases mixed into `projection_dim` by a seeded
+            Gaussian. None = 64 for TRAK/D-TRAK/Journey-TRAK with `factored` (0 with `layer_dims`), else 0; 0 = the random
+            per-layer projection (a pure function of seeds; TracIn/ReTrac always use it).
+        sketch_dim: calibrated `factored` only: how many eigen-coordinates are ranked in (None = 4 × projection_dim).
         damping: λ of the kernel (ΦᵀΦ + λI)⁻¹. `None` applies the rule λ = damping_ratio · tr(ΦᵀΦ) / rank,
             i.e. a fixed fraction of the kernel's mean non-zero eigenvalue; it never looks at queries.
         damping_ratio: the fraction used by the rule above.
@@ -109,6 +115,8 @@ class AttributionConfig:
     projection_dim: int = 2048
     projection_seed: int = 0
     layer_dims: dict[str, int | list[int]] | None = None
+    calibration_examples: int | None = None
+    sketch_dim: int | None = None
     damping: float | None = None
     damping_ratio: float = 0.1
     parameters: str | list[str] = "all"
@@ -147,8 +155,12 @@ class AttributionConfig:
         for name in ("num_timesteps", "projection_dim", "batch_size"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"AttributionConfig.{name} must be >= 1, got {getattr(self, name)}")
+        _resolve_calibration(self)
         if self.layer_dims is not None:
             self.layer_dims = _check_layer_dims(self.layer_dims, self.projector)
+            if self.calibration_examples:
+                raise ValueError("AttributionConfig.layer_dims sets the random factored split; calibrated bases choose "
+                                 "their own dims: set calibration_examples=0 to use layer_dims")
         if self.damping is not None and self.damping < 0:
             raise ValueError(f"AttributionConfig.damping must be >= 0, got {self.damping}")
 
@@ -214,6 +226,25 @@ def _check_method_fields(config: "AttributionConfig") -> None:
         if len(config.learning_rates) != expected:
             raise ValueError(f"AttributionConfig.learning_rates has {len(config.learning_rates)} values for "
                              f"{expected} checkpoint(s)")
+
+
+def _resolve_calibration(config: "AttributionConfig") -> None:
+    """calibration_examples: 64 for the kernel methods with the factored projector (0 with `layer_dims`, which
+    sets the random split), else 0; sketch_dim: 4k."""
+    calibrated_kind = config.projector == "factored" and config.method in ("trak", "d-trak", "journey-trak")
+    if config.calibration_examples is None:
+        config.calibration_examples = 64 if calibrated_kind and config.layer_dims is None else 0
+    if config.calibration_examples < 0:
+        raise ValueError(f"AttributionConfig.calibration_examples must be >= 0, got {config.calibration_examples}")
+    if config.calibration_examples and not calibrated_kind:
+        raise ValueError("AttributionConfig.calibration_examples applies to projector='factored' with the kernel "
+                         f"methods (trak, d-trak, journey-trak), not projector={config.projector!r}, "
+                         f"method={config.method!r}")
+    if config.sketch_dim is None and config.calibration_examples:
+        config.sketch_dim = 4 * config.projection_dim
+    if config.sketch_dim is not None and (not config.calibration_examples or config.sketch_dim < config.projection_dim):
+        raise ValueError(f"AttributionConfig.sketch_dim={config.sketch_dim} needs calibration_examples > 0 and "
+                         f"sketch_dim >= projection_dim ({config.projection_dim})")
 
 
 def _check_layer_dims(layer_dims: dict, projector: str) -> dict[str, int | list[int]]:

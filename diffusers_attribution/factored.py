@@ -67,6 +67,7 @@ class Block:
     k_out: int = 0  # weights only
     k_in: int = 0
     offset: int = 0
+    basis: dict[str, torch.Tensor] | None = None  # given matrices ("out"/"in", or "dense"): calibration.py
 
     @property
     def d_out(self) -> int:
@@ -93,6 +94,8 @@ class Block:
         Both sides Gaussian: every entry estimates ⟨G, G'⟩, s = 1/sqrt(k). P_out = I: row i of the grid
         estimates ⟨G_i:, G'_i:⟩ from its n_i entries, s = 1/sqrt(n_i); P_in = I: the same by columns.
         """
+        if self.basis is not None:  # given (orthonormal) directions: every entry is a coordinate, unscaled
+            return torch.ones(self.k)
         index = torch.arange(self.k)
         rows, cols = index // self.k_in, index % self.k_in
         if self.exact_out and self.exact_in:
@@ -111,8 +114,11 @@ class FactoredProjector(Projector):
 
     kind = "factored"
 
-    def __init__(self, denoiser: nn.Module, parameters: dict[str, nn.Parameter], dim: int, seed: int = 0,
-                 layer_dims: dict | None = None):
+    def __init__(self, denoiser: nn.Module, parameters: dict[str, nn.Parameter], dim: int | None, seed: int = 0,
+                 layer_dims: dict | None = None, bases: dict[str, dict[str, torch.Tensor]] | None = None):
+        """`bases`: instead of seeded Gaussian matrices, the given ones, per parameter {"out": [d_out, k_out],
+        "in": [d_in, k_in]} for a weight (every entry of the k_out × k_in grid is kept, unscaled) or
+        {"dense": [numel, k]}; parameters without an entry get no features. `dim` is then their total."""
         owners, excluded = _owners(denoiser, parameters)
         if not owners:
             raise ValueError(
@@ -129,15 +135,20 @@ class FactoredProjector(Projector):
                 "projector='gaussian' to include them",
                 stacklevel=2,
             )
-        super().__init__({name: parameters[name].shape for name in owners}, dim, seed)
+        if bases is not None:
+            owners = {name: owner for name, owner in owners.items() if name in bases}
+        super().__init__({name: parameters[name].shape for name in owners}, dim or 0, seed)
         self.excluded = excluded
+        self.bases = bases
+        roles = {name: role for name, (_, _, role) in owners.items()}
+        dims = _dims(self.shapes, roles, dim, layer_dims) if bases is None else _basis_dims(bases, self.shapes, roles)
         self.modules = {module_name: module for module_name, module, _ in owners.values()}
-        dims = _dims(self.shapes, {name: role for name, (_, _, role) in owners.items()}, dim, layer_dims)
         self.blocks: dict[str, list[Block]] = {module_name: [] for module_name in self.modules}
         offset = 0
         for name, (module_name, _, role) in owners.items():
             k, k_out, k_in = dims[name]
-            block = Block(name, module_name, role, tuple(self.shapes[name]), k, k_out, k_in, offset)
+            basis = None if bases is None else bases[name]
+            block = Block(name, module_name, role, tuple(self.shapes[name]), k, k_out, k_in, offset, basis)
             self.blocks[module_name].append(block)
             offset += k
         self.dim = offset
@@ -154,6 +165,8 @@ class FactoredProjector(Projector):
         """`role` "in" (d_in × k_in), "out" (d_out × k_out): N(0, 1), or the identity on an exact side
         (`Block.exact_in`, `exact_out`); "dense" (numel × k): N(0, 1/k)."""
         block = self.block(name)
+        if block.basis is not None:
+            return block.basis[role].to(device=device, dtype=dtype)
         rows, cols = {"in": (block.d_in, block.k_in), "out": (block.d_out, block.k_out),
                       "dense": (math.prod(block.shape), block.k)}[role]
         if (role == "in" and block.exact_in) or (role == "out" and block.exact_out):
@@ -180,6 +193,10 @@ class FactoredProjector(Projector):
         return self._cache[key]
 
     def spec(self) -> dict:
+        if self.bases is not None:  # the matrices themselves are stored with the features (calibration.py)
+            return {"kind": self.kind, "version": VERSION, "dim": self.dim, "bases": "given",
+                    "parameters": {b.name: {"role": b.role, "shape": list(b.shape), "k": b.k, "k_out": b.k_out,
+                                            "k_in": b.k_in} for blocks in self.blocks.values() for b in blocks}}
         return {
             "kind": self.kind, "version": VERSION, "dim": self.dim, "seed": self.seed,
             "parameters": {b.name: {"role": b.role, "shape": list(b.shape), "k": b.k, "k_out": b.k_out,
@@ -393,6 +410,24 @@ def _dims(shapes: dict, roles: dict[str, str], k: int, layer_dims: dict | None) 
     split = split_dims(rest, left) if rest else {}
     dims = {name: (split[name], *_grid(split[name], shapes[name], roles[name])) for name in rest}
     return {name: fixed.get(name) or dims[name] for name in shapes}
+
+
+def _basis_dims(bases: dict, shapes: dict, roles: dict[str, str]) -> dict[str, tuple[int, int, int]]:
+    """{name: (k_p, k_out, k_in)} from given matrices, after checking their shapes against the parameters."""
+    dims = {}
+    for name, shape in shapes.items():
+        basis, d_out, d_in = bases[name], shape[0], math.prod(shape[1:])
+        if roles[name] == "weight":
+            p_out, p_in = basis["out"], basis["in"]
+            if p_out.shape[0] != d_out or p_in.shape[0] != d_in:
+                raise ValueError(f"basis of {name}: out {tuple(p_out.shape)}, in {tuple(p_in.shape)} do not fit a "
+                                 f"weight of shape {tuple(shape)} (d_out={d_out}, d_in={d_in})")
+            dims[name] = (p_out.shape[1] * p_in.shape[1], p_out.shape[1], p_in.shape[1])
+        else:
+            if basis["dense"].shape[0] != math.prod(shape):
+                raise ValueError(f"basis of {name}: {tuple(basis['dense'].shape)} does not fit shape {tuple(shape)}")
+            dims[name] = (basis["dense"].shape[1], 0, 0)
+    return dims
 
 
 def _grid(k: int, shape, role: str) -> tuple[int, int]:

@@ -19,33 +19,89 @@ from .projection import Projector, make_projector
 from .distributed import ProcessGroup, launched_with_several_processes
 from .store import (
     CONFIG_NAME,
+    PROJECTION_NAME,
     DEFAULT_MAX_SHARD_SIZE,
     CorruptStoreError,
     FeatureStore,
     StoreMismatchError,
     file_digest,
     open_shard,
+    read_projection,
     read_shard_run,
     rows_per_shard,
     run_identity,
     shard_plan,
     tensor_to_hashes,
+    write_projection,
     write_shard,
 )
 from .task import AttributionTask, gradients_only_for, select_parameters
 
 
 class Featurizer:
-    """Everything fixed for one (pipeline, config): adapter, task, parameters, projector."""
+    """Everything fixed for one (pipeline, config): adapter, task, parameters, projector.
 
-    def __init__(self, pipe, config: AttributionConfig):
+    A calibrated factored projection (`config.calibration_examples > 0`, calibration.py) is measured on the
+    training set by `featurize_dataset`, or taken from a store's `projection_state` (`projection_state=`).
+    """
+
+    def __init__(self, pipe, config: AttributionConfig, projection_state: dict[str, torch.Tensor] | None = None):
         if config.device is not None:
             pipe.to(config.device)
         self.config = config
         self.adapter: PipelineAdapter = get_adapter(pipe)
         self.task = AttributionTask(self.adapter, config)
         self.parameters = select_parameters(self.adapter.denoiser, config)
-        self.projector: Projector = make_projector(config, self.adapter.denoiser, self.parameters)
+        self.needs_calibration = config.projector == "factored" and config.calibration_examples > 0
+        self._projector: Projector | None = None
+        if not self.needs_calibration:
+            self._projector = make_projector(config, self.adapter.denoiser, self.parameters)
+        elif projection_state is not None:
+            self.use_projection_state(projection_state)
+
+    @property
+    def projector(self) -> Projector:
+        if self._projector is None:
+            raise RuntimeError(
+                "this featurizer's factored projection is calibrated on training examples "
+                f"(calibration_examples={self.config.calibration_examples}): featurize the training set first, or "
+                "build it from the store (make_featurizer(pipe, store.config, store=store))"
+            )
+        return self._projector
+
+    def use_projection_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Project with saved calibrated bases (a store's `projection_state`)."""
+        from .calibration import CalibratedProjector, bases_from_state_dict
+
+        self._projector = CalibratedProjector(self.adapter.denoiser, self.parameters, self.config.projection_dim,
+                                              self.config.projection_seed, bases_from_state_dict(state))
+
+    def calibrate(self, data: TrainingData) -> None:
+        """Measure the calibrated bases on `config.calibration_examples` training examples (calibration.py)."""
+        from .calibration import CALIBRATION_BATCH, CalibratedProjector, calibrate, calibration_indices
+
+        config = self.config
+        indices = calibration_indices(len(data), config.calibration_examples, config.projection_seed)
+        batches = []
+        for start in range(0, len(indices), CALIBRATION_BATCH):
+            chunk = indices[start : start + CALIBRATION_BATCH]
+            images, captions = data.batch(chunk)
+            self.adapter.validate_images(images, f"training examples {chunk[0]}..{chunk[-1]}")
+            batches.append((self.adapter.encode(images, list(captions), chunk, config.noise_seed), chunk))
+        with gradients_only_for(self.adapter.denoiser, self.parameters):
+            bases = calibrate(self.task, self.adapter.denoiser, self.parameters, batches, config.sketch_dim,
+                              config.projection_seed)
+        self._projector = CalibratedProjector(self.adapter.denoiser, self.parameters, config.projection_dim,
+                                              config.projection_seed, bases)
+
+    def calibration_identity(self, data: TrainingData) -> dict[str, Any]:
+        """What calibrated bases depend on: the feature config, the attributed weights, the calibration examples."""
+        from .calibration import calibration_indices
+
+        indices = calibration_indices(len(data), self.config.calibration_examples, self.config.projection_seed)
+        return {"feature_hash": self.config.feature_hash(),
+                "model_fingerprint": model_fingerprint(self.adapter.denoiser, self.parameters)["attributed"],
+                "examples": {str(i): data.example_hash(i) for i in indices}}
 
     def metadata(self) -> dict[str, Any]:
         """What a store records so that queries are only ever scored against compatible features."""
@@ -92,11 +148,14 @@ class Featurizer:
             if launched_with_several_processes():
                 warnings.warn("several processes are running but no output_dir= was given: each computes every "
                               "feature; pass output_dir= to share the work", stacklevel=3)
+            if self.needs_calibration and self._projector is None:
+                self.calibrate(data)
             bar = tqdm(total=len(data), desc="featurize", unit="example", disable=not progress)
             features, hashes = self.featurize_rows(data, 0, len(data), bar)
             bar.close()
             metadata = {**self.metadata(), "num_examples": len(data), "dataset_name": name, "example_hashes": hashes}
-            return FeatureStore(features, self.config, metadata)
+            state = self.projector.state_dict() if self.needs_calibration else None
+            return FeatureStore(features, self.config, metadata, projection_state=state)
         return featurize_to_directory(
             self, data, Path(output_dir), ProcessGroup(accelerator), shard_rows=shard_rows,
             max_shard_size=max_shard_size, compute_kernel=compute_kernel, progress=progress, dataset_name=name,
@@ -174,9 +233,12 @@ def featurize_to_directory(featurizer: Featurizer, data: TrainingData, directory
                            shard_rows: int | None, max_shard_size: int | str, compute_kernel: bool, progress: bool,
                            dataset_name: str | None) -> FeatureStore:
     """Featurize the shards missing from `directory` (this process's share of them), then finalize the store."""
-    config, n, dim = featurizer.config, len(data), featurizer.projector.dim
+    config, n = featurizer.config, len(data)
     if group.device is not None and config.device is None:
         featurizer.adapter.pipe.to(group.device)
+    if featurizer.needs_calibration:
+        calibrate_in_directory(featurizer, data, directory, group)
+    dim = featurizer.projector.dim
     rows = shard_rows or rows_per_shard(dim, max_shard_size)
     plan = shard_plan(n, rows)
     metadata = {**featurizer.metadata(), "num_examples": n, "dim": dim, "dataset_name": dataset_name}
@@ -204,6 +266,38 @@ def featurize_to_directory(featurizer: Featurizer, data: TrainingData, directory
     bar.close()
     group.barrier()
     return finalize_directory(directory, config, metadata, plan, rows, group, compute_kernel)
+
+
+def calibrate_in_directory(featurizer: Featurizer, data: TrainingData, directory: Path, group: ProcessGroup) -> None:
+    """The calibrated bases of `directory` (a resumed run), or computed on the main process and saved there
+    first; every process then projects with the saved ones. Bases of another calibration are refused."""
+    path, identity = directory / PROJECTION_NAME, featurizer.calibration_identity(data)
+    status: dict[str, Any] = {}
+    if group.is_main:
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            if path.is_file():
+                recorded = read_projection(path)[1]
+                differ = sorted(key for key in identity if key != "examples" and recorded.get(key) != identity[key])
+                changed = [i for i, h in identity["examples"].items() if (recorded.get("examples") or {}).get(i) != h]
+                if changed and not differ:
+                    status = {"mismatch": True, "error": (
+                        f"training example {changed[0]} differs from the one the bases in {path} were calibrated on: "
+                        "the dataset changed. Use another output_dir, or delete it to start over")}
+                elif differ:
+                    status = {"mismatch": True, "error": (
+                        f"{path} holds a projection calibrated for another {', '.join(differ)} "
+                        f"({ {k: recorded.get(k) for k in differ} } there, { {k: identity[k] for k in differ} } now). "
+                        "Use another output_dir, or delete it to start over")}
+            else:
+                featurizer.calibrate(data)
+                write_projection(directory, featurizer.projector.state_dict(), identity)
+        except Exception as error:  # sent to every process, so that none waits for a main process that failed
+            status = {"mismatch": isinstance(error, StoreMismatchError), "error": f"{type(error).__name__}: {error}"}
+    status = group.broadcast(status if group.is_main else None)
+    if "error" in status:
+        raise (StoreMismatchError if status["mismatch"] else RuntimeError)(status["error"])
+    featurizer.use_projection_state(read_projection(path)[0])
 
 
 def survey(directory: Path, plan: list[dict], run: dict) -> dict:

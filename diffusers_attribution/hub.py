@@ -153,7 +153,7 @@ def push_store(store, repo_id: str, *, private: bool | None = None, token: str |
         directory = store.directory if store.directory is not None else store.save_pretrained(Path(scratch) / "store")
         header = json.loads((directory / "config.json").read_text())
         files = ["config.json"] + [entry["file"] for entry in header["shards"]]
-        files += [header["kernel"]["file"]] if header.get("kernel") else []
+        files += [header[key]["file"] for key in ("kernel", "projection_file") if header.get(key)]
         # The upload folder: links to the store's files (no copies) and a card that names the repository.
         staging = Path(scratch) / "upload"
         staging.mkdir()

@@ -80,7 +80,7 @@ class AttributionMixin:
         else:
             store = self.featurize(train_data, config, progress=progress)
             config = store.config
-        featurizer = make_featurizer(self, config)
+        featurizer = make_featurizer(self, config, store=store)
         if check_compatibility:
             store.check_compatible(config, featurizer.metadata())
         query_features = featurizer.featurize_queries(images, prompts)

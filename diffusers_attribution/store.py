@@ -8,6 +8,8 @@ On disk (format 2), a directory:
     features-00000-of-00004.safetensors      "features" float32 [rows, k], "example_hashes" uint8 [rows, 8]
     ...                                      (the content hash of each example, data.content_hash)
     kernel.safetensors                       "gram" float64: ΦᵀΦ [k, k] (N > k) or ΦΦᵀ [N, N] (N ≤ k)
+    projection.safetensors                   calibrated factored projection only: its per-layer bases
+                                             ("<parameter>::out" / "::in" / "::dense", calibration.py)
     README.md                                a dataset card (hub.store_card)
 
 Every file is written to a temporary name, fsynced and renamed, and `config.json` is written last: a
@@ -35,6 +37,7 @@ from .config import AttributionConfig
 FORMAT_VERSION = 2
 CONFIG_NAME = "config.json"
 KERNEL_NAME = "kernel.safetensors"
+PROJECTION_NAME = "projection.safetensors"
 CARD_NAME = "README.md"
 DEFAULT_MAX_SHARD_SIZE = "2GB"
 HASH_BYTES = 8  # data.content_hash: 16 hex digits
@@ -167,7 +170,7 @@ class FeatureStore:
 
     def __init__(self, features: torch.Tensor | None, config: AttributionConfig, metadata: dict[str, Any] | None = None,
                  *, directory: str | os.PathLike | None = None, shards: list[dict[str, Any]] | None = None,
-                 kernel: torch.Tensor | None = None):
+                 kernel: torch.Tensor | None = None, projection_state: dict[str, torch.Tensor] | None = None):
         if features is None and (directory is None or shards is None):
             raise ValueError("a FeatureStore needs either features or a directory with shards")
         self._features = features
@@ -177,6 +180,18 @@ class FeatureStore:
         self.shards = shards or []
         self._kernel = kernel
         self._kernel_file: Path | None = None
+        self._projection_state = projection_state
+        self._projection_entry: dict[str, Any] | None = None
+
+    @property
+    def projection_state(self) -> dict[str, torch.Tensor] | None:
+        """The calibrated projection's bases (calibration.py) the features were made with; None for seeded ones."""
+        if self._projection_state is None and self._projection_entry is not None:
+            path = self.directory / self._projection_entry["file"]
+            _check_file(path, self._projection_entry, True)
+            with open_shard(path) as handle:
+                self._projection_state = {key: handle.get_tensor(key) for key in handle.keys()}
+        return self._projection_state
 
     @property
     def kernel(self) -> torch.Tensor | None:
@@ -293,6 +308,8 @@ class FeatureStore:
         run = run_identity(self.config, self.metadata, len(self), rows, self.dim)
         for entry in plan:
             write_shard(directory, entry, self.rows(entry["start"], entry["stop"]), hashes[entry["start"] : entry["stop"]], run)
+        if self.projection_state is not None:
+            write_projection(directory, self.projection_state)
         staged = FeatureStore(None, self.config, {**self.metadata, "dim": self.dim, "num_examples": len(self)},
                               directory=directory, shards=plan, kernel=self.kernel)
         if kernel and staged.kernel is None:
@@ -323,6 +340,12 @@ class FeatureStore:
             size, sha = file_digest(directory / KERNEL_NAME)
             kernel_entry = {"file": KERNEL_NAME, "form": form, "bytes": size, "sha256": sha}
         shards = [{**entry, "bytes": digests[entry["file"]][0], "sha256": digests[entry["file"]][1]} for entry in self.shards]
+        projection_entry = None
+        if (self.metadata.get("projection") or {}).get("calibrated"):
+            if not (directory / PROJECTION_NAME).is_file():
+                raise CorruptStoreError(f"{directory}: the calibrated projection's {PROJECTION_NAME} is missing")
+            size, sha = file_digest(directory / PROJECTION_NAME)
+            projection_entry = {"file": PROJECTION_NAME, "bytes": size, "sha256": sha}
         metadata = {key: value for key, value in self.metadata.items() if key != "example_hashes"}
         metadata["dataset_fingerprint"] = dataset_fingerprint(self.example_hashes)
         header = {
@@ -335,6 +358,7 @@ class FeatureStore:
             "shard_rows": shard_rows,
             "shards": shards,
             "kernel": kernel_entry,
+            "projection_file": projection_entry,
         }
         from .hub import store_card
 
@@ -379,7 +403,10 @@ class FeatureStore:
         config = AttributionConfig.from_dict(header.pop("config"))
         header.pop("format_version")
         shards, kernel_entry = header.pop("shards"), header.pop("kernel", None)
-        for entry in shards + ([kernel_entry] if kernel_entry else []):
+        projection_entry = header.pop("projection_file", None)
+        if (header.get("projection") or {}).get("calibrated") and not projection_entry:
+            raise CorruptStoreError(f"{config_path}: a calibrated projection but no {PROJECTION_NAME} entry")
+        for entry in shards + [e for e in (kernel_entry, projection_entry) if e]:
             _check_file(directory / entry["file"], entry, verify)
         hashes: list[str] = []
         for entry in shards:
@@ -395,6 +422,7 @@ class FeatureStore:
         header["example_hashes"] = hashes
         store = cls(None, config, header, directory=directory, shards=shards)
         store._kernel_file = directory / kernel_entry["file"] if kernel_entry else None
+        store._projection_entry = projection_entry
         return store
 
     def verify(self) -> None:
@@ -402,7 +430,7 @@ class FeatureStore:
         if self.directory is None:
             return
         header = json.loads((self.directory / CONFIG_NAME).read_text())
-        for entry in header["shards"] + ([header["kernel"]] if header.get("kernel") else []):
+        for entry in header["shards"] + [header[k] for k in ("kernel", "projection_file") if header.get(k)]:
             _check_file(self.directory / entry["file"], entry, True)
 
     def push_to_hub(self, repo_id: str, *, private: bool | None = None, token: str | bool | None = None,
@@ -436,6 +464,20 @@ def atomic_write(path: Path, write: Callable[[str], Any]) -> None:
     finally:
         if os.path.exists(temporary):
             os.remove(temporary)
+
+
+def write_projection(directory: Path, state: dict[str, torch.Tensor], identity: dict[str, Any] | None = None) -> None:
+    """projection.safetensors: the calibrated bases, with what they were calibrated on (`identity`) as metadata."""
+    tensors = {key: value.detach().cpu().float().contiguous() for key, value in state.items()}
+    metadata = {"identity": json.dumps(identity or {}, sort_keys=True)}
+    atomic_write(directory / PROJECTION_NAME, lambda p: save_file(tensors, p, metadata=metadata))
+
+
+def read_projection(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(bases state, identity) of a projection.safetensors; a truncated or foreign file is a `CorruptStoreError`."""
+    with open_shard(path) as handle:
+        identity = json.loads((handle.metadata() or {}).get("identity", "{}"))
+        return {key: handle.get_tensor(key) for key in handle.keys()}, identity
 
 
 def file_digest(path: Path) -> tuple[int, str]:

@@ -130,7 +130,7 @@ def test_noise_draws_factored_and_tracin(images):
     pipe = enable_attribution(tiny_ddpm_pipeline())
     config = AttributionConfig(method="d-trak", num_timesteps=2, noise_draws=3, projection_dim=256, batch_size=4)
     store = pipe.featurize(images, config, progress=False)
-    featurizer = Featurizer(pipe, config)
+    featurizer = Featurizer(pipe, config, projection_state=store.projection_state)  # the calibrated bases
     keys = list(range(len(images)))
     inputs = featurizer.adapter.encode(images, [None] * len(images), keys, config.noise_seed)
     # An independent route: every (example, t, d) row projected on its own, then averaged.

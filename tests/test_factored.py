@@ -267,7 +267,7 @@ def test_hooks_leave_no_state_behind():
 def test_lora_only_attribution_on_a_stable_diffusion_unet(tmp_path):
     pipe = enable_attribution(tiny_stable_diffusion_pipeline())
     pipe.load_lora_weights(save_tiny_lora(pipe, tmp_path / "lora"), adapter_name="tiny_lora")
-    config = AttributionConfig(parameters="lora", num_timesteps=2, projection_dim=256)
+    config = AttributionConfig(parameters="lora", num_timesteps=2, projection_dim=256, calibration_examples=0)
     featurizer = Featurizer(pipe, config)
     spec = featurizer.projector.spec()
     assert spec["excluded"] == [] and all(".lora_" in name for name in spec["parameters"])
@@ -284,7 +284,8 @@ def test_lora_only_attribution_on_a_stable_diffusion_unet(tmp_path):
 def test_end_to_end_featurize_and_attribute_on_a_tiny_ddpm(tmp_path):
     pipe = enable_attribution(tiny_ddpm_pipeline())
     assert AttributionConfig().projector == "factored"  # the default
-    config = AttributionConfig(num_timesteps=4, projection_dim=512, batch_size=3, timestep_chunk_size=3)
+    config = AttributionConfig(num_timesteps=4, projection_dim=512, batch_size=3, timestep_chunk_size=3,
+                             calibration_examples=0)
     images = torch.rand(5, 1, 8, 8, generator=torch.Generator().manual_seed(2)) * 2 - 1
     store = pipe.featurize(images, config, progress=False)
     featurizer = Featurizer(pipe, config)
@@ -300,7 +301,7 @@ def test_end_to_end_featurize_and_attribute_on_a_tiny_ddpm(tmp_path):
 
 def test_mixed_precision_forward_is_projected_in_float32():
     pipe = enable_attribution(tiny_ddpm_pipeline())
-    config = AttributionConfig(num_timesteps=2, projection_dim=256, dtype="bfloat16")
+    config = AttributionConfig(num_timesteps=2, projection_dim=256, dtype="bfloat16", calibration_examples=0)
     images = torch.rand(3, 1, 8, 8, generator=torch.Generator().manual_seed(3)) * 2 - 1
     featurizer = Featurizer(pipe, config)
     phi = featurizer.features(images, [None] * 3, [0, 1, 2])

@@ -84,7 +84,7 @@ def test_push_to_hub_and_pull_in_a_fresh_process(reference, pipe, images, tmp_pa
 
         api = HfApi(endpoint=hub.endpoint, token="test")
         files = sorted(api.list_repo_files(repo, repo_type="dataset"))
-        assert files == sorted(["README.md", "config.json", "kernel.safetensors"]
+        assert files == sorted(["README.md", "config.json", "kernel.safetensors", "projection.safetensors"]
                                + [s["file"] for s in reference.shards]), files
         assert api.dataset_info(repo).sha == commit.oid
         readme = api.hf_hub_download(repo, "README.md", repo_type="dataset", cache_dir=tmp_path / "cache")

@@ -122,6 +122,8 @@ def timestep_gradient_norms(
     data = train_data if isinstance(train_data, TrainingData) else TrainingData(
         train_data, config.image_column, config.caption_column
     )
+    if featurizer.needs_calibration:  # a calibrated factored projection is measured on the training set
+        featurizer.calibrate(data)
     per_pass = max(1, config.batch_size // (len(grid) * draws))
     norms = []
     for start in tqdm(range(0, len(data), per_pass), desc="gradient norms", unit="batch", disable=not progress):

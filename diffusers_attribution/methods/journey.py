@@ -176,7 +176,7 @@ def attribute_trajectory(
     config = store.config
     if config.method not in KERNEL_METHODS:
         raise ValueError(f"per-step attribution scores with the TRAK kernel; the store's method is {config.method!r}")
-    featurizer = Featurizer(pipe, config)
+    featurizer = Featurizer(pipe, config, projection_state=store.projection_state)
     store.check_compatible(config, featurizer.metadata())
 
     prompt = prompt_or_seed if isinstance(prompt_or_seed, str) else None

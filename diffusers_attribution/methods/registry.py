@@ -30,14 +30,15 @@ class TrakScorer(StreamingScorer):
         return {"damping": self.damping}
 
 
-def make_featurizer(pipe, config: AttributionConfig, **kwargs):
+def make_featurizer(pipe, config: AttributionConfig, store: FeatureStore | None = None, **kwargs):
     """The featurizer of `config.method` for `pipe`; `kwargs` go to it (`checkpoints=` for TracIn/ReTrac,
-    `encoder=`/`processor=` for embedding-cosine)."""
+    `encoder=`/`processor=` for embedding-cosine). `store`: the store queries will be scored against, whose
+    calibrated projection (if any) the query features must use."""
     method = config.method
     if method in KERNEL_METHODS:
         if kwargs:
             raise TypeError(f"method {method!r} takes no featurizer options, got {sorted(kwargs)}")
-        return Featurizer(pipe, config)
+        return Featurizer(pipe, config, projection_state=store.projection_state if store is not None else None)
     if method in ("tracin", "retrac"):
         from .tracin import TracInFeaturizer
 

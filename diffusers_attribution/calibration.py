@@ -1,0 +1,215 @@
+"""Calibrated factored projection: per-layer eigenbases measured on training examples, then a dense mix.
+
+Random per-layer projections (factored.py) estimate ⟨G, G'⟩ with a Kronecker variance that a dense Gaussian
+projection of the same k does not have. Calibration replaces the random P_out, P_in by data. On n training
+examples (a seeded subset, `calibration_indices`), for every weight G_p (d_out × d_in):
+
+    S_p = E[G_p G_pᵀ],   A_p = E[G_pᵀ G_p],   U_p, V_p = their eigenvectors, descending
+
+(for biases and norm parameters C_p = E[g_p g_pᵀ] and its eigenvectors). In these bases the coordinates
+H_p = U_pᵀ G_p V_p hold the gradient's energy in few entries. Their second moments E[(H_p)_ij²], measured
+on the same examples, rank every (parameter, i, j) in one pool; the top `sketch_dim` entries are kept, as
+per parameter the smallest rectangle U_p[:, :s_out]ᵀ G_p V_p[:, :s_in] that holds its chosen entries. That
+first stage is one factored pass (the hooks of factored.py, no per-sample gradient), k_mid features. A
+seeded dense Gaussian M [k_mid, k] ~ N(0, 1/k) then mixes them into k features:
+
+    φ(z) = [vec(U_pᵀ G_p(z) V_p[:, :s]) for every p] M.
+
+Why it beats a dense Gaussian at the same k (docs/projection.md, Fidelity): the mix preserves the geometry
+of the kept coordinates like any Gaussian projection, and the truncation drops a low-energy tail that adds
+JL noise to the kernel scores but little signal. Sides wider than `MAX_SIDE` are first reduced to MAX_SIDE
+orthonormal random directions (seeded), so calibration costs O(MAX_SIDE²) per layer and side.
+
+The bases depend on the model and the calibration examples, not only on seeds: they are saved with the
+features (`projection.safetensors` in a store) and queries are always projected with the saved ones.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import warnings
+from collections.abc import Iterable, Sequence
+
+import torch
+from torch import nn
+
+from .adapters import ModelInputs
+from .factored import FactoredProjector, _owners
+from .projection import BLOCK_ROWS, Projector
+from .seeding import seed_from
+from .task import AttributionTask
+
+VERSION = 1  # bump if the definition of the calibration changes
+MAX_SIDE = 1024  # sides wider than this are reduced to MAX_SIDE random orthonormal directions first
+CALIBRATION_BATCH = 4  # examples per calibration step (fixed: sums in float64 in this order)
+
+
+def calibration_indices(num_examples: int, count: int, seed: int) -> list[int]:
+    """The training examples calibration uses: the first `count` of a permutation seeded by (seed, N), sorted."""
+    generator = torch.Generator().manual_seed(seed_from(seed, "calibration", num_examples))
+    return sorted(torch.randperm(num_examples, generator=generator)[: min(count, num_examples)].tolist())
+
+
+class CalibratedProjector(Projector):
+    """φ = (factored features in the calibrated bases) @ M; `bases` from `calibrate` or a saved store."""
+
+    kind = "factored"
+
+    def __init__(self, denoiser: nn.Module, parameters: dict[str, nn.Parameter], dim: int, seed: int,
+                 bases: dict[str, dict[str, torch.Tensor]]):
+        with warnings.catch_warnings():  # parameters left out were reported when the bases were calibrated
+            warnings.simplefilter("ignore")
+            self.sketch = FactoredProjector(denoiser, parameters, None, seed, bases=bases)
+        super().__init__(self.sketch.shapes, dim, seed)
+        self.bases = bases
+        self.digest = bases_digest(bases)
+        self._mix: dict[str, torch.Tensor] = {}
+
+    def mix(self, device) -> torch.Tensor:
+        """M [k_mid, k] ~ N(0, 1/k), generated on the CPU in row blocks from (seed, k_mid, k, block), cached."""
+        key = str(device)
+        if key not in self._mix:
+            rows, blocks = self.sketch.dim, []
+            for index, start in enumerate(range(0, rows, BLOCK_ROWS)):
+                generator = torch.Generator().manual_seed(seed_from(self.seed, "mix", rows, self.dim, index))
+                blocks.append(torch.randn(min(BLOCK_ROWS, rows - start), self.dim, generator=generator))
+            self._mix[key] = torch.cat(blocks).div_(math.sqrt(self.dim)).to(device)
+        return self._mix[key]
+
+    def features(self, task: AttributionTask, parameters: dict, inputs: ModelInputs, keys: Sequence) -> torch.Tensor:
+        sketch = self.sketch.features(task, parameters, inputs, keys)
+        return sketch @ self.mix(sketch.device)
+
+    def spec(self) -> dict:
+        return {"kind": self.kind, "calibrated": True, "version": VERSION, "dim": self.dim, "seed": self.seed,
+                "sketch_dim": self.sketch.dim, "bases_sha256": self.digest, "sketch": self.sketch.spec()}
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return bases_to_state_dict(self.bases)
+
+
+# ------------------------------------------------------------------------------------------- calibration
+
+
+def calibrate(task: AttributionTask, denoiser: nn.Module, parameters: dict[str, nn.Parameter],
+              batches: Iterable[tuple[ModelInputs, Sequence]], sketch_dim: int, seed: int) -> dict:
+    """The calibrated bases {parameter: {"out", "in"} or {"dense"}} from two passes over `batches`.
+
+    Pass 1 accumulates S, A (or C) from the coordinates of G in the (possibly reduced) full sides; pass 2
+    measures E[H_ij²] in the eigenbases; then the top `sketch_dim` entries choose each rectangle.
+    `batches` must be re-iterable (a list): both passes read the same examples.
+    """
+    batches = list(batches)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # left-out parameters: warned about once, by the caller's projector
+        full = FactoredProjector(denoiser, parameters, None, seed, bases=_reduced_sides(denoiser, parameters, seed))
+    moments = {b.name: _zero_moments(b) for b in _blocks(full)}
+    count = 0
+    for inputs, keys in batches:
+        coordinates = full.features(task, parameters, inputs, keys).double().cpu()
+        count += len(keys)
+        for block in _blocks(full):
+            h = coordinates[:, block.offset : block.offset + block.k]
+            if block.role == "weight":
+                h = h.reshape(len(h), block.k_out, block.k_in)
+                moments[block.name][0].add_(torch.einsum("bij,bkj->ik", h, h))
+                moments[block.name][1].add_(torch.einsum("bji,bjk->ik", h, h))
+            else:
+                moments[block.name][0].add_(h.T @ h)
+    if count == 0:
+        raise ValueError("calibration needs at least one training example")
+
+    eigen = {}
+    for block in _blocks(full):
+        sides = ("out", "in") if block.role == "weight" else ("dense",)
+        eigen[block.name] = {side: full.matrix(block.name, side, torch.float64) @ _eigenvectors(m / count)
+                             for side, m in zip(sides, moments[block.name])}
+    rotated = FactoredProjector(denoiser, parameters, None, seed, bases=eigen)
+    energy = torch.zeros(rotated.dim, dtype=torch.float64)
+    for inputs, keys in batches:
+        energy += rotated.features(task, parameters, inputs, keys).double().pow(2).sum(0).cpu()
+    return _keep_top(rotated, eigen, energy / count, sketch_dim)
+
+
+def _keep_top(rotated: FactoredProjector, eigen: dict, energy: torch.Tensor, sketch_dim: int) -> dict:
+    """Per parameter, the smallest rectangle of leading eigen-directions holding its share of the top entries."""
+    chosen = torch.zeros_like(energy, dtype=torch.bool)
+    chosen[torch.topk(energy, min(sketch_dim, len(energy))).indices] = True
+    chosen &= energy > 0  # a parameter whose gradient is zero (an unused module) gets no features
+    bases = {}
+    for block in _blocks(rotated):
+        mask = chosen[block.offset : block.offset + block.k]
+        if not mask.any():
+            continue
+        if block.role == "weight":
+            grid = mask.reshape(block.k_out, block.k_in)
+            rows = int(grid.any(1).nonzero().max()) + 1
+            cols = int(grid.any(0).nonzero().max()) + 1
+            bases[block.name] = {"out": eigen[block.name]["out"][:, :rows].float().contiguous(),
+                                 "in": eigen[block.name]["in"][:, :cols].float().contiguous()}
+        else:
+            bases[block.name] = {"dense": eigen[block.name]["dense"][:, : int(mask.nonzero().max()) + 1].float().contiguous()}
+    return bases
+
+
+def _reduced_sides(denoiser: nn.Module, parameters: dict, seed: int) -> dict:
+    """Per handled parameter, the calibration's starting sides: I, or MAX_SIDE seeded orthonormal directions."""
+    def side(name: str, rows: int, role: str) -> torch.Tensor:
+        if rows <= MAX_SIDE:
+            return torch.eye(rows)
+        generator = torch.Generator().manual_seed(seed_from(seed, "calibration-side", name, rows, role))
+        return torch.linalg.qr(torch.randn(rows, MAX_SIDE, generator=generator, dtype=torch.float64)).Q.float()
+
+    sides = {}
+    for name, (_, _, role) in _owners(denoiser, parameters)[0].items():
+        shape = parameters[name].shape
+        if role == "weight":
+            sides[name] = {"out": side(name, shape[0], "out"), "in": side(name, math.prod(shape[1:]), "in")}
+        else:
+            sides[name] = {"dense": side(name, shape.numel(), "dense")}
+    return sides
+
+
+def _zero_moments(block) -> tuple[torch.Tensor, ...]:
+    if block.role == "weight":
+        return (torch.zeros(block.k_out, block.k_out, dtype=torch.float64),
+                torch.zeros(block.k_in, block.k_in, dtype=torch.float64))
+    return (torch.zeros(block.k, block.k, dtype=torch.float64),)
+
+
+def _eigenvectors(matrix: torch.Tensor) -> torch.Tensor:
+    """Eigenvectors of a symmetric PSD matrix as columns, by descending eigenvalue (float64, CPU)."""
+    _, vectors = torch.linalg.eigh(matrix.cpu())
+    return vectors.flip(1)
+
+
+def _blocks(projector: FactoredProjector):
+    return sorted((b for blocks in projector.blocks.values() for b in blocks), key=lambda b: b.offset)
+
+
+# ------------------------------------------------------------------------------------------- saving
+
+
+def bases_to_state_dict(bases: dict) -> dict[str, torch.Tensor]:
+    """{"<parameter>::<side>": tensor}, for safetensors."""
+    return {f"{name}::{side}": matrix.contiguous() for name, sides in bases.items() for side, matrix in sides.items()}
+
+
+def bases_from_state_dict(state: dict[str, torch.Tensor]) -> dict:
+    bases: dict[str, dict[str, torch.Tensor]] = {}
+    for key, matrix in state.items():
+        name, _, side = key.rpartition("::")
+        if side not in ("out", "in", "dense") or not name:
+            raise ValueError(f"not a calibrated projection tensor: {key!r}")
+        bases.setdefault(name, {})[side] = matrix.float()
+    return bases
+
+
+def bases_digest(bases: dict) -> str:
+    """sha256 over names, shapes and float32 values of the bases (what a store records and checks)."""
+    h = hashlib.sha256()
+    for key, matrix in sorted(bases_to_state_dict(bases).items()):
+        h.update(f"{key}:{tuple(matrix.shape)}".encode())
+        h.update(matrix.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]

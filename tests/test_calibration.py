@@ -1,0 +1,132 @@
+"""The calibrated factored projection (the default) against autograd per-sample gradients, and its storage."""
+
+import warnings
+
+import pytest
+import torch
+from test_factored import Toy, ToyAdapter, assert_close_rel
+
+from diffusers_attribution import AttributionConfig, FeatureStore, enable_attribution
+from diffusers_attribution.adapters import ModelInputs
+from diffusers_attribution.calibration import CalibratedProjector, calibrate, calibration_indices
+from diffusers_attribution.featurize import Featurizer
+from diffusers_attribution.gradients import per_example_gradients
+from diffusers_attribution.store import PROJECTION_NAME, CorruptStoreError, StoreMismatchError
+from diffusers_attribution.task import AttributionTask, gradients_only_for, select_parameters
+from diffusers_attribution.testing import tiny_ddpm_pipeline
+
+
+@pytest.fixture(scope="module")
+def toy():
+    torch.manual_seed(0)
+    model = Toy()
+    config = AttributionConfig(method="trak", num_timesteps=3, timestep_schedule="random", projection_dim=40,
+                               calibration_examples=6)
+    task = AttributionTask(ToyAdapter(model), config)
+    parameters = select_parameters(model, config)
+    x = torch.randn(6, 2, 8, 8, generator=torch.Generator().manual_seed(1))
+    batches = [(ModelInputs(x[:3]), [0, 1, 2]), (ModelInputs(x[3:]), [3, 4, 5])]
+    with gradients_only_for(model, parameters), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the bare `table` parameter is left out
+        bases = calibrate(task, model, parameters, batches, sketch_dim=120, seed=0)
+        grads = per_example_gradients(task, parameters, ModelInputs(x), list(range(6)))
+    return model, task, parameters, x, bases, grads
+
+
+def test_bases_diagonalize_the_per_sample_gradient_moments(toy):
+    """U_pᵀ E[G Gᵀ] U_p and V_pᵀ E[Gᵀ G] V_p are diagonal with the leading eigenvalues, from autograd's G."""
+    model, _, parameters, _, bases, grads = toy
+    assert "table" not in bases and len(bases) >= 10
+    for name, sides in bases.items():
+        g = grads[name].double()
+        if "dense" in sides:
+            moments = {"dense": g.flatten(1).T @ g.flatten(1) / len(g)}
+        else:
+            G = g.reshape(len(g), g.shape[1], -1)
+            moments = {"out": torch.einsum("noi,npi->op", G, G) / len(g), "in": torch.einsum("noi,nop->ip", G, G) / len(g)}
+        for side, moment in moments.items():
+            basis = sides[side].double()
+            scale = float(moment.diagonal().sum())
+            torch.testing.assert_close(basis.T @ basis, torch.eye(basis.shape[1], dtype=torch.float64), atol=1e-5, rtol=0)
+            rotated = basis.T @ moment @ basis
+            leading = torch.linalg.eigvalsh(moment).flip(0)[: basis.shape[1]]
+            torch.testing.assert_close(rotated.diagonal(), leading, atol=1e-5 * scale, rtol=1e-4)
+            off = rotated - torch.diag(rotated.diagonal())
+            assert off.abs().max() <= 1e-5 * scale, (name, side)
+
+
+def test_features_equal_rotated_autograd_gradients_times_the_mix(toy):
+    model, task, parameters, x, bases, grads = toy
+    projector = CalibratedProjector(model, parameters, 40, 3, bases)
+    assert projector.sketch.dim >= 120  # the rectangles hold at least the top sketch_dim coordinates
+    with gradients_only_for(model, parameters):
+        phi = projector.features(task, parameters, ModelInputs(x), list(range(6)))
+        halves = torch.cat([projector.features(task, parameters, ModelInputs(x[i : i + 2]), [i, i + 1])
+                            for i in range(0, 6, 2)])
+    blocks = sorted((b for bs in projector.sketch.blocks.values() for b in bs), key=lambda b: b.offset)
+    coordinates = []
+    for block in blocks:
+        g, sides = grads[block.name].double(), bases[block.name]
+        if "dense" in sides:
+            coordinates.append(g.flatten(1) @ sides["dense"].double())
+        else:
+            G = g.reshape(len(g), block.d_out, block.d_in)
+            coordinates.append((sides["out"].double().T @ G @ sides["in"].double()).flatten(1))
+    mix = projector.mix("cpu").double()
+    assert mix.shape == (projector.sketch.dim, 40)
+    assert_close_rel(phi, torch.cat(coordinates, 1) @ mix)
+    assert_close_rel(halves, phi)  # independent of batch size
+    # the mix is a pure function of (seed, k_mid, k)
+    assert torch.equal(CalibratedProjector(model, parameters, 40, 3, bases).mix("cpu"), projector.mix("cpu"))
+    assert not torch.equal(CalibratedProjector(model, parameters, 40, 4, bases).mix("cpu"), projector.mix("cpu"))
+
+
+def test_config_defaults_and_errors():
+    config = AttributionConfig()
+    assert (config.projector, config.calibration_examples, config.sketch_dim) == ("factored", 64, 4 * 2048)
+    assert AttributionConfig(method="tracin").calibration_examples == 0
+    assert AttributionConfig(layer_dims={"*": 4}, projection_dim=64).calibration_examples == 0
+    assert AttributionConfig(projector="gaussian").calibration_examples == 0
+    with pytest.raises(ValueError, match="calibration_examples"):
+        AttributionConfig(projector="gaussian", calibration_examples=8)
+    with pytest.raises(ValueError, match="sketch_dim"):
+        AttributionConfig(projection_dim=64, sketch_dim=32)
+    with pytest.raises(ValueError, match="layer_dims"):
+        AttributionConfig(layer_dims={"*": 4}, calibration_examples=8)
+    assert calibration_indices(10, 4, 0) == calibration_indices(10, 4, 0) != calibration_indices(10, 4, 1)
+    assert calibration_indices(3, 64, 0) == [0, 1, 2]
+
+
+def test_store_round_trip_resume_and_errors(tmp_path, monkeypatch):
+    pipe = enable_attribution(tiny_ddpm_pipeline())
+    config = AttributionConfig(num_timesteps=2, projection_dim=48, batch_size=3, calibration_examples=5)
+    images = torch.rand(8, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    store = pipe.featurize(images, config, progress=False)
+    assert store.metadata["projection"]["calibrated"] and store.projection_state
+    with pytest.raises(RuntimeError, match="calibrated"):
+        Featurizer(pipe, config).featurize_queries(images[:1])
+
+    saved = FeatureStore.from_pretrained(store.save_pretrained(tmp_path / "saved"))
+    assert (tmp_path / "saved" / PROJECTION_NAME).is_file()
+    assert all(torch.equal(saved.projection_state[k], v) for k, v in store.projection_state.items())
+    torch.testing.assert_close(pipe.attribute(images[:2], saved).scores, pipe.attribute(images[:2], store).scores)
+
+    # in a directory: calibrated once, saved first; a resumed run reuses the saved bases
+    directory = tmp_path / "sharded"
+    sharded = pipe.featurize(images, config, progress=False, output_dir=directory, shard_rows=3)
+    torch.testing.assert_close(sharded.features, store.features)
+    (directory / "config.json").unlink()
+    (directory / "features-00001-of-00003.safetensors").unlink()
+    monkeypatch.setattr(Featurizer, "calibrate", lambda *a: pytest.fail("calibrated again instead of resuming"))
+    resumed = pipe.featurize(images, config, progress=False, output_dir=directory, shard_rows=3)
+    torch.testing.assert_close(resumed.features, store.features)
+    monkeypatch.undo()
+
+    other = AttributionConfig(**{**config.to_dict(), "noise_seed": 1})  # bases of another calibration are refused
+    with pytest.raises(StoreMismatchError, match="calibrated for another feature_hash"):
+        pipe.featurize(images, other, progress=False, output_dir=directory, shard_rows=3)
+
+    path = tmp_path / "saved" / PROJECTION_NAME
+    path.write_bytes(path.read_bytes()[:-7])
+    with pytest.raises(CorruptStoreError, match="projection"):
+        FeatureStore.from_pretrained(tmp_path / "saved")
