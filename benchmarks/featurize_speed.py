@@ -201,7 +201,7 @@ def throughput(name, adapter, inputs, config, steps, device, budget_s=120.0):
                                cache_bytes=1 << 33)  # P stays in memory, as a fast dense recipe would keep it
         factored = FactoredProjector(denoiser, parameters, config.projection_dim, 0)
         tic = time.perf_counter()  # calibration is once per store; here on the call's own examples
-        bases = calibrate(task, denoiser, parameters, [(inputs, keys)], 4 * config.projection_dim, 0)
+        bases = calibrate(task, denoiser, parameters, [(inputs, keys)], config.sketch_dim, 0)
         calibration_s = time.perf_counter() - tic
         calibrated = CalibratedProjector(denoiser, parameters, config.projection_dim, 0, bases)
         methods = {
@@ -301,7 +301,8 @@ def fidelity(adapter, images, held_out, n_train, n_query, dims, num_timesteps, d
                 phis = {"gaussian": {name: dense.project(exact[name]) for name in sets}}
                 del dense
                 phis["random"] = featurize(FactoredProjector(denoiser, parameters, k, seed))
-                bases = calibrate(task, denoiser, parameters, calibration_batches, 4 * k, seed)
+                bases = calibrate(task, denoiser, parameters, calibration_batches,
+                                  AttributionConfig(projection_dim=k).sketch_dim, seed)  # the default
                 phis["calibrated"] = featurize(CalibratedProjector(denoiser, parameters, k, seed, bases))
                 for label, phi in phis.items():
                     rho = spearman(KernelScorer(phi["train"]).scores(phi["query"]), reference)

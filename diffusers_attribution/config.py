@@ -80,7 +80,7 @@ class AttributionConfig:
             are then the top `sketch_dim` coordinates in those bases mixed into `projection_dim` by a seeded
             Gaussian. None = 64 for TRAK/D-TRAK/Journey-TRAK with `factored` (0 with `layer_dims`), else 0; 0 = the random
             per-layer projection (a pure function of seeds; TracIn/ReTrac always use it).
-        sketch_dim: calibrated `factored` only: how many eigen-coordinates are ranked in (None = 4 × projection_dim).
+        sketch_dim: calibrated `factored` only: how many eigen-coordinates are ranked in (None = 2 × projection_dim).
         damping: λ of the kernel (ΦᵀΦ + λI)⁻¹. `None` applies the rule λ = damping_ratio · tr(ΦᵀΦ) / rank,
             i.e. a fixed fraction of the kernel's mean non-zero eigenvalue; it never looks at queries.
         damping_ratio: the fraction used by the rule above.
@@ -230,7 +230,7 @@ def _check_method_fields(config: "AttributionConfig") -> None:
 
 def _resolve_calibration(config: "AttributionConfig") -> None:
     """calibration_examples: 64 for the kernel methods with the factored projector (0 with `layer_dims`, which
-    sets the random split), else 0; sketch_dim: 4k."""
+    sets the random split), else 0; sketch_dim: 2k."""
     calibrated_kind = config.projector == "factored" and config.method in ("trak", "d-trak", "journey-trak")
     if config.calibration_examples is None:
         config.calibration_examples = 64 if calibrated_kind and config.layer_dims is None else 0
@@ -241,7 +241,7 @@ def _resolve_calibration(config: "AttributionConfig") -> None:
                          f"methods (trak, d-trak, journey-trak), not projector={config.projector!r}, "
                          f"method={config.method!r}")
     if config.sketch_dim is None and config.calibration_examples:
-        config.sketch_dim = 4 * config.projection_dim
+        config.sketch_dim = 2 * config.projection_dim
     if config.sketch_dim is not None and (not config.calibration_examples or config.sketch_dim < config.projection_dim):
         raise ValueError(f"AttributionConfig.sketch_dim={config.sketch_dim} needs calibration_examples > 0 and "
                          f"sketch_dim >= projection_dim ({config.projection_dim})")

@@ -324,3 +324,21 @@ def test_gradient_norm_profile_equals_autograd_norms(images, tmp_path):
     profile.plot(path=tmp_path / "profile.png")
     assert (tmp_path / "profile.png").stat().st_size > 1000
     assert math.isfinite(profile.summary()["max_over_min"])
+
+
+def test_journey_on_a_flow_matching_pipeline_derives_x0_from_the_velocity():
+    """SD3 (rectified flow): x̂0 = x_σ - σ v̂. Euler's last step lands on σ = 0, x = x - σ v̂: the final latents
+    equal the last step's x̂0, so the decoded final image equals the last query image."""
+    from diffusers_attribution.testing import tiny_sd3_pipeline
+
+    pipe = enable_attribution(tiny_sd3_pipeline())
+    images = torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    config = AttributionConfig(method="journey-trak", projector="identity", num_timesteps=2, query_noise_draws=1,
+                               parameters=["*proj_out*"])
+    store = pipe.featurize(images, config, progress=False)
+    result = pipe.attribute_trajectory("a cat", store, num_inference_steps=3, progress=False)
+    assert result.scores.shape == (3, 3) and torch.isfinite(result.scores).all()
+    steps = result.timesteps.tolist()
+    assert steps == sorted(steps, reverse=True) and all(0 <= t < 1000 for t in steps)
+    torch.testing.assert_close(result.query_images[-1], result.final_image, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(result.query_images[0], result.final_image, atol=1e-2)

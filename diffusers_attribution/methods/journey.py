@@ -2,7 +2,8 @@
 
 Run the sampler and record, at every step s (timestep t_s), the scheduler's prediction of the clean sample
 x̂0^(s) (`pred_original_sample` of its step output; if the scheduler gives none, x̂0 is derived from the
-model output with the DDPM formulas: ε → (x_t - sqrt(1-ᾱ_t) ε̂)/sqrt(ᾱ_t), v → sqrt(ᾱ_t) x_t - sqrt(1-ᾱ_t) v̂).
+model output with the DDPM formulas: ε → (x_t - sqrt(1-ᾱ_t) ε̂)/sqrt(ᾱ_t), v → sqrt(ᾱ_t) x_t - sqrt(1-ᾱ_t) v̂;
+flow matching (SD3, Flux): x̂0 = x_σ - σ v̂, at the training index whose σ is nearest the step's).
 Step s is attributed as a query with the output
 
     f_s(θ) = (1/R) Σ_r loss(ε_θ(add_noise(x̂0^(s), ε_r, t_s), t_s, c), ε_r)      ε_r fresh, r < R
@@ -116,6 +117,9 @@ class StepRecorder:
 
         def step(model_output, timestep, sample, *args, **kwargs):
             output = original(model_output, timestep, sample, *args, **kwargs)
+            if self.adapter.prediction_type == "flow":
+                self.records.append(self.flow_x0(model_output, float(timestep), sample))
+                return output
             if isinstance(output, tuple):
                 x0 = output[1] if len(output) > 1 else None
             else:
@@ -130,6 +134,14 @@ class StepRecorder:
 
     def __exit__(self, *exc) -> None:
         self.pipe.scheduler.__dict__.pop("step", None)
+
+    def flow_x0(self, velocity: torch.Tensor, timestep: float, sample: torch.Tensor) -> tuple[int, torch.Tensor]:
+        """Rectified flow: x_σ = (1 - σ) x0 + σ ε and v = ε - x0, so x̂0 = x_σ - σ v̂, with σ = timestep / T (the
+        flow-matching schedulers' timesteps are σ·T); recorded at the training index t whose σ_t is nearest."""
+        sigma = timestep / self.adapter.num_train_timesteps
+        index = int((self.adapter.sigmas - sigma).abs().argmin())
+        x0 = sample.float() - sigma * velocity[:, : sample.shape[1]].float()
+        return index, x0.to(sample.dtype).detach().clone()
 
     def derive_x0(self, model_output: torch.Tensor, t: int, sample: torch.Tensor) -> torch.Tensor:
         model_output = model_output[:, : sample.shape[1]]
