@@ -102,6 +102,9 @@ class AttributionConfig:
         query_timesteps: TracIn/ReTrac: the query gradient is averaged over this many evenly spaced timesteps.
         query_noise_draws: TracIn/ReTrac: noises per query timestep; Journey-TRAK: fresh noises per sampling step.
         encoder: `"embedding-cosine"`: a transformers image encoder (a path or Hub id; CLIP or DINOv2).
+        adapter_options: options of the pipeline family that change features, e.g. `{"max_sequence_length": 256}`
+            (Flux, SD3, PixArt) or `{"guidance_scale": 3.5}` (Flux-dev); a key the family does not take is an error
+            (docs/families.md).
     """
 
     method: str = "d-trak"
@@ -132,7 +135,7 @@ class AttributionConfig:
     query_timesteps: int | None = None
     query_noise_draws: int | None = None
     encoder: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
+    adapter_options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
         self.method = self.method.lower()

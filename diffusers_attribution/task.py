@@ -33,7 +33,7 @@ class AttributionTask:
         self.adapter = adapter
         self.config = config
         self.objective = OBJECTIVES[config.output]
-        adapter.configure(config)  # family options from config.extra; refuses outputs undefined for the family
+        adapter.configure(config)  # family options from config.adapter_options; refuses outputs undefined for the family
         self._shared_noise: dict[tuple, torch.Tensor] = {}
 
     @property

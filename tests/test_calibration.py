@@ -130,3 +130,16 @@ def test_store_round_trip_resume_and_errors(tmp_path, monkeypatch):
     path.write_bytes(path.read_bytes()[:-7])
     with pytest.raises(CorruptStoreError, match="projection"):
         FeatureStore.from_pretrained(tmp_path / "saved")
+
+
+def test_bfloat16_forward_with_calibrated_bases_stays_close():
+    """Mixed precision: the forward under bf16 autocast, the projection and the mix in float32."""
+    pipe = tiny_ddpm_pipeline()
+    images = torch.rand(4, 1, 8, 8, generator=torch.Generator().manual_seed(3)) * 2 - 1
+    full = Featurizer(pipe, AttributionConfig(num_timesteps=2, projection_dim=64, calibration_examples=4))
+    full.calibrate(full.training_data(images))
+    half = Featurizer(pipe, AttributionConfig(num_timesteps=2, projection_dim=64, calibration_examples=4,
+                                              dtype="bfloat16"), projection_state=full.projector.state_dict())
+    phi32, phi16 = full.features(images, [None] * 4, [0, 1, 2, 3]), half.features(images, [None] * 4, [0, 1, 2, 3])
+    assert phi16.dtype == torch.float32 and torch.isfinite(phi16).all()
+    assert torch.nn.functional.cosine_similarity(phi16, phi32, dim=1).min() > 0.98

@@ -156,7 +156,7 @@ class Family:
     output: str = "loss"
     prepare: Callable = lambda pipe, latent: latent
     column: str | None = None  # a `datasets.Dataset` with this caption/label column; None: (image, caption) tuples
-    extra: dict = field(default_factory=dict)  # AttributionConfig.extra: the family's options
+    extra: dict = field(default_factory=dict)  # AttributionConfig.adapter_options: the family's options
 
 
 def sd3_with_shift():
@@ -217,7 +217,7 @@ def hand_gradient(pipe, fam: Family, image, caption, key, config, params):
     """(1/K) Σ_t ∇θ f(z, t, ε_t) with ε_t shared across examples (noise_mode="shared")."""
     with torch.no_grad():
         x0 = fam.prepare(pipe, vae_latent(pipe, image, key, config.noise_seed))
-        cond = fam.condition(pipe, caption, tuple(image.shape[-2:]), config.extra)
+        cond = fam.condition(pipe, caption, tuple(image.shape[-2:]), config.adapter_options)
     total = [torch.zeros_like(p) for p in params]
     for k in range(config.num_timesteps):
         t = k * (T // config.num_timesteps)
@@ -258,7 +258,7 @@ def test_features_and_scores_equal_hand_written_autograd(name, images):
     assert name != "flux" or pipe.transformer.config.guidance_embeds
     config = AttributionConfig(
         method="trak", output=fam.output, projector="identity", num_timesteps=K, parameters=fam.parameters,
-        batch_size=2, damping=DAMPING, caption_column=fam.column, extra=fam.extra,
+        batch_size=2, damping=DAMPING, caption_column=fam.column, adapter_options=fam.extra,
     )
     data, train_images = training_data(fam, images[:3])
     store = pipe.featurize(data, config, progress=False)
@@ -290,7 +290,7 @@ def test_lora_only_attribution_on_transformers(name, images, tmp_path):
     pipe.load_lora_weights(str(tmp_path / "lora"), adapter_name="style")
     enable_attribution(pipe)
     config = AttributionConfig(method="d-trak", output="squared-norm", projector="identity", num_timesteps=K,
-                               parameters="lora", batch_size=2, extra=fam.extra)
+                               parameters="lora", batch_size=2, adapter_options=fam.extra)
     store = pipe.featurize(list(zip(images[:2], fam.captions[:2])), config, progress=False)
     named = [(n, p) for n, p in pipe.transformer.named_parameters() if ".lora_" in n]
     assert named and all(".style." in n for n, _ in named)
@@ -349,3 +349,11 @@ def test_family_errors_are_clear(images):
         adapter.label_ids(["unicorn"])
     with pytest.raises(ValueError, match="outside 0..999"):
         adapter.label_ids([1000])
+
+
+def test_adapter_options_a_family_does_not_take_are_refused():
+    from diffusers_attribution.featurize import Featurizer
+    from diffusers_attribution.testing import tiny_ddpm_pipeline
+
+    with pytest.raises(ValueError, match=r"adapter_options \['max_sequence_length'\] do not apply to DDPMPipeline"):
+        Featurizer(tiny_ddpm_pipeline(), AttributionConfig(adapter_options={"max_sequence_length": 16}))

@@ -43,7 +43,7 @@ class PipelineAdapter:
     """
 
     family: str = "base"
-    options: tuple[str, ...] = ()  # attributes that `AttributionConfig.extra` may set (docs/families.md)
+    options: tuple[str, ...] = ()  # attributes that `AttributionConfig.adapter_options` may set (docs/families.md)
 
     def __init__(self, pipe):
         self.pipe = pipe
@@ -138,11 +138,16 @@ class PipelineAdapter:
         return {} if length is None else {"max_sequence_length": int(length)}
 
     def configure(self, config) -> None:
-        """Take this family's `options` from `config.extra` (so they are part of the config's hash), and raise
-        if `config.output` (objectives.py) is undefined for this family. Called once by `AttributionTask`."""
+        """Take this family's `options` from `config.adapter_options` (so they are part of the config's hash),
+        and raise for an option it does not take or if `config.output` (objectives.py) is undefined for this
+        family. Called once by `AttributionTask`."""
+        unknown = sorted(set(config.adapter_options) - set(self.options))
+        if unknown:
+            raise ValueError(f"AttributionConfig.adapter_options {unknown} do not apply to {type(self.pipe).__name__} "
+                             f"({self.family} family), which takes {list(self.options) or 'none'}")
         for name in self.options:
-            if name in config.extra:
-                setattr(self, name, config.extra[name])
+            if name in config.adapter_options:
+                setattr(self, name, config.adapter_options[name])
 
     def denoiser_kwargs(self, x_t: torch.Tensor, t: torch.Tensor, conditioning: dict) -> dict:
         raise NotImplementedError
