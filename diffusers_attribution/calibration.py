@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from .adapters import ModelInputs
-from .factored import FactoredProjector, _owners
+from .factored import FactoredProjector, handled_parameters
 from .projection import BLOCK_ROWS, Projector
 from .seeding import seed_from
 from .task import AttributionTask
@@ -162,7 +162,7 @@ def _reduced_sides(denoiser: nn.Module, parameters: dict, seed: int) -> dict:
         return torch.linalg.qr(torch.randn(rows, MAX_SIDE, generator=generator, dtype=torch.float64)).Q.float()
 
     sides = {}
-    for name, (_, _, role) in _owners(denoiser, parameters)[0].items():
+    for name, (_, _, role) in handled_parameters(denoiser, parameters)[0].items():
         shape = parameters[name].shape
         if role == "weight":
             sides[name] = {"out": side(name, shape[0], "out"), "in": side(name, math.prod(shape[1:]), "in")}

@@ -31,7 +31,8 @@ d_out = 1) uses P = I instead and scales per row (column) of the grid (`Block.en
 P ~ N(0, 1/k_p). Hence E⟨φ(z), φ(z')⟩ = ⟨g(z), g(z')⟩ over the projected parameters (JL).
 
 Every matrix is drawn in float32 on the CPU from `seed_from(seed, "factored", name, shape, role, rows,
-cols)`, then cast and moved: the same on any device, in any dtype, for any batch size.
+cols)`, then cast and moved: the same on any device, in any dtype, for any batch size. Or the matrices are
+given (`bases=`): calibration.py measures eigenbases on training examples, the default for TRAK/D-TRAK.
 """
 
 from __future__ import annotations
@@ -119,7 +120,7 @@ class FactoredProjector(Projector):
         """`bases`: instead of seeded Gaussian matrices, the given ones, per parameter {"out": [d_out, k_out],
         "in": [d_in, k_in]} for a weight (every entry of the k_out × k_in grid is kept, unscaled) or
         {"dense": [numel, k]}; parameters without an entry get no features. `dim` is then their total."""
-        owners, excluded = _owners(denoiser, parameters)
+        owners, excluded = handled_parameters(denoiser, parameters)
         if not owners:
             raise ValueError(
                 "the factored projector handles weights and biases of nn.Linear/nn.Conv2d, nn.Embedding tables and "
@@ -319,7 +320,7 @@ def _supported(module: nn.Module) -> str | None:
     return None
 
 
-def _owners(denoiser: nn.Module, parameters: dict[str, nn.Parameter]):
+def handled_parameters(denoiser: nn.Module, parameters: dict[str, nn.Parameter]):
     """{parameter name: (module name, module, role)} for the handled parameters, in `parameters` order,
     and the names of the others (unsupported module, or one tensor shared by several modules)."""
     wanted = {id(p): name for name, p in parameters.items()}
