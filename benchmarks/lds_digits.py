@@ -370,6 +370,161 @@ def plot(result: dict, path: Path) -> None:
     figure.savefig(path, dpi=120)
 
 
+# ---------------------------------------------------------------------------------------------- choosing defaults
+
+# The settings compared on the validation queries: fields on top of the base (K = 10, one noise draw, k = 2048),
+# and the comparison group(s) each belongs to. "ensemble" rows average the scores of 3 base featurizations.
+CHOICE_BASE = "K=10 ×1 draw, k=2048"
+CHOICE_ENSEMBLE = "ensemble of 3 × (K=10, k=2048)"
+CHOICE_SETTINGS = (
+    (CHOICE_BASE, {}, ("noise draws", "projection size", "ensembling")),
+    ("K=10 ×4 draws", {"noise_draws": 4}, ("noise draws",)),
+    ("K=40 ×1 draw", {"num_timesteps": 40}, ("noise draws",)),
+    ("k=512", {"projection_dim": 512}, ("projection size",)),
+    ("k=8192", {"projection_dim": 8192}, ("projection size",)),
+    ("K=30 ×1 draw", {"num_timesteps": 30}, ("ensembling",)),
+    (CHOICE_ENSEMBLE, None, ("ensembling",)),
+)
+
+
+def validation_curve(path: KernelPath, query_features: torch.Tensor, masks: torch.Tensor, losses: torch.Tensor,
+                     scores_at=None) -> list[float]:
+    """Mean validation LDS at every ratio of the damping grid (`scores_at(ratio)` → scores, for ensembles)."""
+    from diffusers_attribution.evaluation.damping import DEFAULT_RATIOS
+    from diffusers_attribution.evaluation.lds import spearman_rows
+
+    if scores_at is None:
+        return select_damping(path.phi, query_features, masks, losses, path=path).validation_lds
+    actual = (-losses.double().T).numpy()
+    curve = []
+    for ratio in DEFAULT_RATIOS:
+        predicted = scores_at(ratio) @ masks.double().T  # [n_v, M]: Σ_{i∈s} τ_i(q)
+        curve.append(float(spearman_rows(predicted.numpy(), actual).mean()))
+    return curve
+
+
+def choose_by_rule(candidates: dict[str, dict]) -> str:
+    """The cheapest candidate whose mean is within one std of the best mean (the larger of the two stds)."""
+    best = max(candidates, key=lambda name: candidates[name]["mean"])
+    close = [name for name, c in candidates.items()
+             if c["mean"] >= candidates[best]["mean"] - max(c["std"], candidates[best]["std"])]
+    return min(close, key=lambda name: candidates[name]["seconds"])
+
+
+def run_choose_defaults(args) -> None:
+    """Defaults from the 32 validation queries only: λ ratio, noise draws, projection size, ensembling."""
+    import numpy as np
+
+    from diffusers_attribution.evaluation.damping import DEFAULT_RATIOS
+    from diffusers_attribution.methods.registry import make_featurizer
+
+    gt = load_ground_truth()
+    masks, losses, queries = gt["masks"], gt["outputs"]["validation"], gt["queries"]["validation"]
+    del gt  # the evaluation and real queries are never read here
+    pipe = enable_attribution(full_model(Path(args.workdir)))
+    images = training_images()
+    seeds = list(range(args.choose_seeds))
+    settings = [s for s in CHOICE_SETTINGS
+                if not args.only or any(part.lower() in s[0].lower() for part in args.only.split(","))]
+    names = [s[0] for s in settings]
+    if CHOICE_ENSEMBLE in names and CHOICE_BASE not in names:
+        settings.insert(0, CHOICE_SETTINGS[0])
+    out: dict = {"projector": args.projector, "seeds": seeds, "ratios": list(DEFAULT_RATIOS),
+                 "num_validation": int(losses.shape[1]), "methods": {}}
+    started = time.time()
+    for method in args.choose_methods.split(","):
+        runs: dict[str, list[dict]] = {}
+        members: dict[int, tuple] = {}  # base featurizations kept for the ensembles
+        for name, fields, _ in settings:
+            if fields is None:
+                continue
+            wanted = range(3 * len(seeds)) if name == CHOICE_BASE and CHOICE_ENSEMBLE in names else seeds
+            runs[name] = []
+            for seed in wanted:  # replicate `seed`: noise and projection both drawn from it
+                config = AttributionConfig(**{"method": method, "num_timesteps": 10, "projection_dim": PROJECTION_DIM,
+                                              "projector": args.projector, "batch_size": 32, "noise_seed": seed,
+                                              "projection_seed": seed, **fields})
+                featurizer = make_featurizer(pipe, config)
+                t0 = time.perf_counter()
+                store = featurizer.featurize_dataset(images, progress=False)
+                features = featurizer.featurize_queries(queries)
+                seconds = time.perf_counter() - t0
+                path = KernelPath(store.features)
+                if name == CHOICE_BASE:
+                    members[seed] = (path, features, seconds)
+                if seed in seeds:
+                    runs[name].append({"seed": seed, "seconds": seconds,
+                                       "curve": validation_curve(path, features, masks, losses)})
+                print(f"{method} {name} seed {seed}: best validation LDS "
+                      f"{max(runs[name][-1]['curve']) if seed in seeds else float('nan'):.3f} ({seconds:.1f}s)",
+                      flush=True)
+        if CHOICE_ENSEMBLE in names:
+            runs[CHOICE_ENSEMBLE] = []
+            for seed in seeds:
+                group = [members[seed + j * len(seeds)] for j in range(3)]
+
+                def scores_at(ratio, group=group):
+                    return sum(p.scores(q, ratio * p.mean_eigenvalue) for p, q, _ in group) / len(group)
+
+                runs[CHOICE_ENSEMBLE].append({"seed": seed, "members": [seed + j * len(seeds) for j in range(3)],
+                                              "seconds": sum(s for _, _, s in group),
+                                              "curve": validation_curve(None, None, masks, losses, scores_at)})
+        # λ: the grid ratio with the best validation LDS averaged over seeds (base setting; ties → larger λ).
+        base_curve = np.mean([r["curve"] for r in runs[CHOICE_BASE]], axis=0)
+        best_index = max(i for i, v in enumerate(base_curve) if v == base_curve.max())
+        summary = {}
+        for name, fields, groups in settings:
+            values = [r["curve"][best_index] for r in runs[name]]
+            mean_curve = np.mean([r["curve"] for r in runs[name]], axis=0)
+            own = max(i for i, v in enumerate(mean_curve) if v == mean_curve.max())
+            summary[name] = {"mean": float(np.mean(values)), "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0,
+                             "seconds": float(np.mean([r["seconds"] for r in runs[name]])), "groups": list(groups),
+                             "best_ratio": DEFAULT_RATIOS[own], "best_mean": float(mean_curve[own]),
+                             "fields": fields, "runs": runs[name]}
+        choices = {}
+        for group in ("noise draws", "projection size", "ensembling"):
+            candidates = {name: row for name, row in summary.items() if group in row["groups"]}
+            if len(candidates) > 1:
+                choices[group] = choose_by_rule(candidates)
+        out["methods"][method] = {"damping_ratio": DEFAULT_RATIOS[best_index],
+                                  "base_curve": [float(v) for v in base_curve], "settings": summary, "choices": choices}
+    out["seconds"] = time.time() - started
+    out["torch"], out["machine"] = torch.__version__, platform.platform()
+    out["base_config"] = AttributionConfig(method="d-trak", num_timesteps=10, projection_dim=PROJECTION_DIM,
+                                           projector=args.projector).to_dict()  # what "factored" meant in this run
+    out["git"] = git_state()
+    path = Path(args.choose_results or DATA / ("choose_defaults.json" if args.projector == "factored"
+                                               else f"choose_defaults_{args.projector}.json"))
+    path.write_text(json.dumps(out, indent=2))
+    print()
+    print(choice_table(out))
+    print(f"\nwrote {path}")
+
+
+def git_state() -> str:
+    """The checkout's commit, with "+dirty" if the library has uncommitted changes (numbers depend on them)."""
+    import subprocess
+
+    def git(*argv):
+        return subprocess.run(["git", *argv], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+
+    return git("rev-parse", "--short", "HEAD") + ("+dirty" if git("status", "--porcelain", "diffusers_attribution") else "")
+
+
+def choice_table(out: dict) -> str:
+    lines = ["| method | setting | validation LDS at the chosen λ ratio | best on the λ grid (ratio) | cost / replicate (s) |",
+             "|---|---|---|---|---|"]
+    decisions = []
+    for method, result in out["methods"].items():
+        for name, row in result["settings"].items():
+            lines.append(f"| {method} | {name} | {row['mean']:.3f} ± {row['std']:.3f} | {row['best_mean']:.3f} "
+                         f"({row['best_ratio']:.2g}) | {row['seconds']:.0f} |")
+        decisions.append(f"- {method}: λ ratio {result['damping_ratio']:.2g} (validation LDS "
+                         f"{max(result['base_curve']):.3f}); "
+                         + "; ".join(f"{group}: {choice}" for group, choice in result["choices"].items()))
+    return "\n".join(lines + ["", f"Rule applied ({out['projector']} projector, seeds {out['seeds']}):"] + decisions)
+
+
 # ---------------------------------------------------------------------------------------------- counterfactual
 
 
@@ -393,7 +548,7 @@ def run_counterfactual(args) -> None:
         if shared_random is not None:
             reuse_random_removals(shared_random, output_dir, len(query_seeds))
         config = AttributionConfig(method=method, num_timesteps=10, projection_dim=PROJECTION_DIM, batch_size=32,
-                                   damping_ratio=ratios.get(label) or 0.1)
+                                   damping_ratio=ratios.get(label))  # None: the method default
         featurizer = make_featurizer(pipe, config)
         store = featurizer.featurize_dataset(images, progress=False)
         path = KernelPath(store.features)
@@ -446,12 +601,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--build-ground-truth", action="store_true", help="retrain on the subsets (long, resumable)")
     parser.add_argument("--counterfactual", action="store_true", help="the counterfactual experiment (retrains)")
+    parser.add_argument("--choose-defaults", action="store_true",
+                        help="compare λ, noise draws, k and ensembling on the validation queries only")
+    parser.add_argument("--choose-methods", default="trak,d-trak", help="--choose-defaults: methods to compare")
+    parser.add_argument("--choose-seeds", type=int, default=len(NOISE_SEEDS), help="--choose-defaults: replicates")
+    parser.add_argument("--projector", default="factored", choices=PROJECTORS, help="--choose-defaults: projector")
+    parser.add_argument("--choose-results", default=None,
+                        help="--choose-defaults output (default benchmarks/data/lds_digits/choose_defaults.json)")
     parser.add_argument("--subsets", type=int, default=NUM_SUBSETS)
     parser.add_argument("--workdir", default=str(default_workdir()), help="models and per-subset results (not committed)")
     parser.add_argument("--rank", type=int, default=None, help="this process's rank (ground truth in several processes)")
     parser.add_argument("--world-size", type=int, default=None)
     parser.add_argument("--quick", action="store_true", help="table: pixel, K=10 factored and identity rows only")
-    parser.add_argument("--only", default=None, help="table: comma-separated substrings of row names to (re)run")
+    parser.add_argument("--only", default=None, help="table / --choose-defaults: comma-separated substrings of row "
+                        "or setting names to (re)run")
     parser.add_argument("--results", default=str(DATA / "results.json"))
     parser.add_argument("--counterfactual-queries", type=int, default=8)
     parser.add_argument("--counterfactual-k", type=int, default=100)
@@ -465,6 +628,8 @@ def main() -> None:
         build_ground_truth(args)
     elif args.counterfactual:
         run_counterfactual(args)
+    elif args.choose_defaults:
+        run_choose_defaults(args)
     else:
         run_table(args)
 
