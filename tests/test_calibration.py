@@ -83,7 +83,7 @@ def test_features_equal_rotated_autograd_gradients_times_the_mix(toy):
 
 def test_config_defaults_and_errors():
     config = AttributionConfig()
-    assert (config.projector, config.calibration_examples, config.sketch_dim) == ("factored", 64, 4 * 2048)
+    assert (config.projector, config.calibration_examples, config.sketch_dim) == ("factored", 64, 2 * 2048)
     assert AttributionConfig(method="tracin").calibration_examples == 0
     assert AttributionConfig(layer_dims={"*": 4}, projection_dim=64).calibration_examples == 0
     assert AttributionConfig(projector="gaussian").calibration_examples == 0
