@@ -27,12 +27,16 @@ DEFAULT_OUTPUT = {"trak": "loss", "d-trak": "squared-norm", "journey-trak": "los
 # Per-method defaults of the fields left as None (METHODS.md): TracIn/ReTrac take each training gradient at one
 # random timestep and average the query gradient over 100 evenly spaced timesteps × 16 noises; Journey-TRAK
 # featurizes with 20 random timesteps per example and averages each sampling step over 4 fresh noises.
+# damping_ratio (TRAK, D-TRAK): the ratio with the best mean LDS on the validation queries of the digits
+# benchmark (docs/benchmarks.md, "Choosing the defaults"), never on the evaluation queries.
 METHOD_DEFAULTS = {
+    "trak": {"damping_ratio": 0.18},
+    "d-trak": {"damping_ratio": 0.0018},
     "tracin": {"num_timesteps": 1, "timestep_schedule": "random", "query_timesteps": 100, "query_noise_draws": 16},
     "retrac": {"num_timesteps": 1, "timestep_schedule": "random", "query_timesteps": 100, "query_noise_draws": 16},
     "journey-trak": {"num_timesteps": 20, "timestep_schedule": "random", "query_noise_draws": 4},
 }
-_BASE_DEFAULTS = {"num_timesteps": 10, "timestep_schedule": "uniform"}
+_BASE_DEFAULTS = {"num_timesteps": 10, "timestep_schedule": "uniform", "damping_ratio": 0.1}
 
 # Fields that only change how fast or where features are computed, never their values:
 # they are left out of the hash, so a store featurized on a GPU with batch 64 matches a CPU query.
@@ -83,7 +87,9 @@ class AttributionConfig:
         sketch_dim: calibrated `factored` only: how many eigen-coordinates are ranked in (None = 2 × projection_dim).
         damping: λ of the kernel (ΦᵀΦ + λI)⁻¹. `None` applies the rule λ = damping_ratio · tr(ΦᵀΦ) / rank,
             i.e. a fixed fraction of the kernel's mean non-zero eigenvalue; it never looks at queries.
-        damping_ratio: the fraction used by the rule above.
+        damping_ratio: the fraction used by the rule above; None = the method's default (`METHOD_DEFAULTS`:
+            0.18 for TRAK, 0.0018 for D-TRAK, chosen on validation queries, docs/benchmarks.md; else 0.1).
+            Like `damping`, it only changes scores, never features (not part of the feature hash).
         parameters: `"all"` (every trainable parameter of the denoiser), `"lora"` (only LoRA weights of the
             active peft adapter), or a list of glob patterns matched against parameter names.
         adapter_name: which peft adapter to attribute when `parameters="lora"` (default: the active one).
@@ -121,7 +127,7 @@ class AttributionConfig:
     calibration_examples: int | None = None
     sketch_dim: int | None = None
     damping: float | None = None
-    damping_ratio: float = 0.1
+    damping_ratio: float | None = None
     parameters: str | list[str] = "all"
     adapter_name: str | None = None
     batch_size: int = 16

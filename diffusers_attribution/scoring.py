@@ -2,7 +2,8 @@
 
 When N ≤ k the dual form φ(q) Φᵀ (ΦΦᵀ + λI)⁻¹ is exact and cheaper. Kernels are accumulated and solved
 in float64. The default λ never looks at queries: λ = ratio · tr(ΦᵀΦ) / min(N, k), a fixed fraction of
-the kernel's mean non-zero eigenvalue.
+the kernel's mean non-zero eigenvalue (ratio: `AttributionConfig.damping_ratio`, whose default depends on the
+method; `KernelScorer` on bare features uses 0.1 unless told).
 """
 
 from __future__ import annotations
@@ -76,10 +77,14 @@ class StreamingScorer:
 
     Memory: the kernel and its inverse (k × k, or N × N when N ≤ k), one block of rows, and the
     queries' projected features. `topk` never forms the n_queries × N matrix in the primal case.
+    `damping_ratio=None`: the store's `config.damping_ratio` (the method's default unless it was set).
     """
 
-    def __init__(self, store, damping: float | None = None, damping_ratio: float = 0.1, block_rows: int | None = None):
+    def __init__(self, store, damping: float | None = None, damping_ratio: float | None = None,
+                 block_rows: int | None = None):
         self.store, self.block_rows = store, block_rows
+        if damping_ratio is None:
+            damping_ratio = store.config.damping_ratio
         n, k = len(store), store.dim
         self.dual = n <= k
         if store.kernel is None:

@@ -16,6 +16,7 @@ from diffusers_attribution import (
     UnsupportedPipelineError,
     enable_attribution,
 )
+from diffusers_attribution.config import METHOD_DEFAULTS
 from diffusers_attribution.seeding import seeded_randn
 from diffusers_attribution.testing import tiny_ddpm_pipeline
 
@@ -169,11 +170,18 @@ def test_identity_scores_equal_closed_form(images):
     expected = Q @ np.linalg.solve(G.T @ G + 0.05 * np.eye(G.shape[1]), G.T)
     np.testing.assert_allclose(result.scores.numpy(), expected, rtol=2e-3, atol=1e-6 * np.abs(expected).max())
     assert result.scores.dtype == torch.float32 and result.scores.shape == (2, len(images))
-    # The default λ is a fixed fraction of the mean non-zero eigenvalue of the kernel, computed here independently.
+    # The default λ is a fixed fraction (the method's default ratio) of the mean non-zero eigenvalue of the kernel,
+    # computed here independently.
     default_config = exact_config(method="trak", parameters=["conv_out.*"])
+    assert default_config.damping_ratio == METHOD_DEFAULTS["trak"]["damping_ratio"]
     default = pipe.attribute(queries, pipe.featurize(images, default_config, progress=False))
     eigenvalues = np.linalg.eigvalsh(G @ G.T)
-    assert default.metadata["damping"] == pytest.approx(0.1 * eigenvalues.sum() / len(images), rel=1e-4)
+    expected_damping = default_config.damping_ratio * eigenvalues.sum() / len(images)
+    assert default.metadata["damping"] == pytest.approx(expected_damping, rel=1e-4)
+    # A query config's ratio overrides the store's (λ changes scores, never features).
+    override = pipe.attribute(queries, pipe.featurize(images, default_config, progress=False),
+                              config=exact_config(method="trak", parameters=["conv_out.*"], damping_ratio=0.5))
+    assert override.metadata["damping"] == pytest.approx(0.5 * eigenvalues.sum() / len(images), rel=1e-4)
 
 
 def test_primal_and_dual_forms_agree():

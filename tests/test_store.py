@@ -263,7 +263,7 @@ def test_streaming_topk_matches_dense_under_a_memory_cap(tmp_path):
     store = FeatureStore.from_pretrained(tmp_path / "store")
     assert len(store.shards) == 7 and store.kernel is None
 
-    dense = KernelScorer(features)
+    dense = KernelScorer(features, damping_ratio=store.config.damping_ratio)  # the method's default ratio
     expected = dense.scores(queries)
     best = expected.topk(top, dim=1)
     block_rows = 500
@@ -291,4 +291,5 @@ def test_streaming_topk_matches_dense_under_a_memory_cap(tmp_path):
     wide = FeatureStore.from_pretrained(tmp_path / "wide")
     assert wide.kernel.shape == (20, 20)
     torch.testing.assert_close(StreamingScorer(wide, block_rows=4).scores(queries.repeat(1, 2)),
-                               KernelScorer(features[:20].repeat(1, 2)).scores(queries.repeat(1, 2)), rtol=1e-4, atol=1e-5)
+                               KernelScorer(features[:20].repeat(1, 2), damping_ratio=wide.config.damping_ratio
+                                            ).scores(queries.repeat(1, 2)), rtol=1e-4, atol=1e-5)
