@@ -37,7 +37,8 @@ def run_demo(
     generated = generate_digits(pipe, num_queries, seed=seed)
 
     print(f"[3/4] featurizing the training set: {config.method}, K={config.num_timesteps}, "
-          f"{config.projector} projection to k={config.projection_dim}")
+          f"{config.projector} projection to k={config.projection_dim}"
+          + (f" (bases calibrated on {config.calibration_examples} examples)" if config.calibration_examples else ""))
     store = pipe.featurize(train_images, config)
     store_dir = store.save_pretrained(output / "store")
 
