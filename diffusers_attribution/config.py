@@ -28,10 +28,11 @@ DEFAULT_OUTPUT = {"trak": "loss", "d-trak": "squared-norm", "journey-trak": "los
 # random timestep and average the query gradient over 100 evenly spaced timesteps × 16 noises; Journey-TRAK
 # featurizes with 20 random timesteps per example and averages each sampling step over 4 fresh noises.
 # damping_ratio (TRAK, D-TRAK): the ratio with the best mean LDS on the validation queries of the digits
-# benchmark (docs/benchmarks.md, "Choosing the defaults"), never on the evaluation queries.
+# benchmark, never on the evaluation queries; D-TRAK's K = 30: more timesteps beat K = 10 there by more than the
+# noise-seed spread, while more noise draws or ensembles did not (docs/benchmarks.md, "Choosing the defaults").
 METHOD_DEFAULTS = {
     "trak": {"damping_ratio": 0.18},
-    "d-trak": {"damping_ratio": 0.0018},
+    "d-trak": {"damping_ratio": 0.0018, "num_timesteps": 30},
     "tracin": {"num_timesteps": 1, "timestep_schedule": "random", "query_timesteps": 100, "query_noise_draws": 16},
     "retrac": {"num_timesteps": 1, "timestep_schedule": "random", "query_timesteps": 100, "query_noise_draws": 16},
     "journey-trak": {"num_timesteps": 20, "timestep_schedule": "random", "query_noise_draws": 4},
@@ -98,7 +99,8 @@ class AttributionConfig:
         dtype: the dtype of the denoiser's forward pass; features and kernels are always accumulated in float32.
         device: where to featurize (None = the pipeline's device).
         image_column, caption_column: column names of a `datasets.Dataset` (None = detect).
-        num_timesteps, timestep_schedule: None = the method's default (`METHOD_DEFAULTS`; else 10, `"uniform"`);
+        num_timesteps, timestep_schedule: None = the method's default (`METHOD_DEFAULTS`: K = 30 for D-TRAK;
+            else 10, `"uniform"`);
             for TracIn/ReTrac they define the training gradient (1 random timestep per example by default).
         checkpoints: TracIn/ReTrac: the denoiser checkpoints c (paths, or dicts `{"path", "revision",
             "subfolder"}`; methods/checkpoints.py). None = the pipeline's current weights only.

@@ -135,9 +135,9 @@ def test_tracin_training_features_are_the_core_task_features(images):
 
 
 def test_method_config_defaults_and_errors():
-    for method in ("trak", "d-trak"):  # unchanged, and the new fields stay out of their hash
+    for method, K in (("trak", 10), ("d-trak", 30)):  # the new fields stay out of their hash
         config = AttributionConfig(method=method)
-        assert (config.num_timesteps, config.timestep_schedule) == (10, "uniform")
+        assert (config.num_timesteps, config.timestep_schedule) == (K, "uniform")
         assert not {"checkpoints", "learning_rates", "query_timesteps", "encoder"} & set(config.feature_dict())
     tracin = AttributionConfig(method="tracin")
     assert (tracin.num_timesteps, tracin.timestep_schedule, tracin.query_timesteps, tracin.query_noise_draws) == (
