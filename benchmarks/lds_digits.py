@@ -404,11 +404,56 @@ def validation_curve(path: KernelPath, query_features: torch.Tensor, masks: torc
 
 
 def choose_by_rule(candidates: dict[str, dict]) -> str:
-    """The cheapest candidate whose mean is within one std of the best mean (the larger of the two stds)."""
+    """The cheapest candidate whose mean is within one std of the best mean (the larger of the two stds).
+
+    Cost: `timing_seconds` (all settings timed back to back in one quiet process, `--choose-timing`) when
+    present, else the mean wall time of the replicates (noisy on shared cores)."""
     best = max(candidates, key=lambda name: candidates[name]["mean"])
     close = [name for name, c in candidates.items()
              if c["mean"] >= candidates[best]["mean"] - max(c["std"], candidates[best]["std"])]
-    return min(close, key=lambda name: candidates[name]["seconds"])
+    return min(close, key=lambda name: candidates[name].get("timing_seconds", candidates[name]["seconds"]))
+
+
+def apply_rule(result: dict) -> None:
+    """Per method: the choice within each comparison group and over all settings (`choose_by_rule`)."""
+    summary = result["settings"]
+    choices = {}
+    for group in ("noise draws", "projection size", "ensembling"):
+        candidates = {name: row for name, row in summary.items() if group in row["groups"]}
+        if len(candidates) > 1:
+            choices[group] = choose_by_rule(candidates)
+    choices["all settings"] = choose_by_rule(summary)
+    result["choices"] = choices
+
+
+def run_choose_timing(args) -> None:
+    """Time every setting of choose_defaults.json once, back to back (seed 0), and apply the rule again."""
+    from diffusers_attribution.methods.registry import make_featurizer
+
+    path = Path(args.choose_results or DATA / ("choose_defaults.json" if args.projector == "factored"
+                                               else f"choose_defaults_{args.projector}.json"))
+    out = json.loads(path.read_text())
+    queries = load_ground_truth()["queries"]["validation"]
+    pipe = enable_attribution(full_model(Path(args.workdir)))
+    images = training_images()
+    for method, result in out["methods"].items():
+        for name, row in result["settings"].items():
+            fields = row["fields"]
+            members = 3 if fields is None else 1
+            config = AttributionConfig(**{"method": method, "num_timesteps": 10, "projection_dim": PROJECTION_DIM,
+                                          "projector": out["projector"], "batch_size": 32, **(fields or {})})
+            t0 = time.perf_counter()
+            for _ in range(members):
+                featurizer = make_featurizer(pipe, config)
+                featurizer.featurize_dataset(images, progress=False)
+                featurizer.featurize_queries(queries)
+            row["timing_seconds"] = time.perf_counter() - t0
+            print(f"{method} {name}: {row['timing_seconds']:.1f}s", flush=True)
+        apply_rule(result)
+    out["timing"] = {"torch_threads": torch.get_num_threads(), "git": git_state(),
+                     "loadavg_at_end": open("/proc/loadavg").read().split()[:3]}
+    path.write_text(json.dumps(out, indent=2))
+    print(choice_table(out))
 
 
 def run_choose_defaults(args) -> None:
@@ -481,13 +526,9 @@ def run_choose_defaults(args) -> None:
                              "seconds": float(np.mean([r["seconds"] for r in runs[name]])), "groups": list(groups),
                              "best_ratio": DEFAULT_RATIOS[own], "best_mean": float(mean_curve[own]),
                              "fields": fields, "runs": runs[name]}
-        choices = {}
-        for group in ("noise draws", "projection size", "ensembling"):
-            candidates = {name: row for name, row in summary.items() if group in row["groups"]}
-            if len(candidates) > 1:
-                choices[group] = choose_by_rule(candidates)
         out["methods"][method] = {"damping_ratio": DEFAULT_RATIOS[best_index],
-                                  "base_curve": [float(v) for v in base_curve], "settings": summary, "choices": choices}
+                                  "base_curve": [float(v) for v in base_curve], "settings": summary}
+        apply_rule(out["methods"][method])
     out["seconds"] = time.time() - started
     out["torch"], out["machine"] = torch.__version__, platform.platform()
     out["base_config"] = AttributionConfig(method="d-trak", num_timesteps=10, projection_dim=PROJECTION_DIM,
@@ -512,13 +553,14 @@ def git_state() -> str:
 
 
 def choice_table(out: dict) -> str:
-    lines = ["| method | setting | validation LDS at the chosen λ ratio | best on the λ grid (ratio) | cost / replicate (s) |",
-             "|---|---|---|---|---|"]
+    lines = ["| method | setting | validation LDS at the chosen λ ratio | best on the λ grid (ratio) | "
+             "wall time / replicate (s) | timed back to back (s) |", "|---|---|---|---|---|---|"]
     decisions = []
     for method, result in out["methods"].items():
         for name, row in result["settings"].items():
+            timed = f"{row['timing_seconds']:.0f}" if "timing_seconds" in row else "–"
             lines.append(f"| {method} | {name} | {row['mean']:.3f} ± {row['std']:.3f} | {row['best_mean']:.3f} "
-                         f"({row['best_ratio']:.2g}) | {row['seconds']:.0f} |")
+                         f"({row['best_ratio']:.2g}) | {row['seconds']:.0f} | {timed} |")
         decisions.append(f"- {method}: λ ratio {result['damping_ratio']:.2g} (validation LDS "
                          f"{max(result['base_curve']):.3f}); "
                          + "; ".join(f"{group}: {choice}" for group, choice in result["choices"].items()))
@@ -603,6 +645,8 @@ def main() -> None:
     parser.add_argument("--counterfactual", action="store_true", help="the counterfactual experiment (retrains)")
     parser.add_argument("--choose-defaults", action="store_true",
                         help="compare λ, noise draws, k and ensembling on the validation queries only")
+    parser.add_argument("--choose-timing", action="store_true",
+                        help="time each --choose-defaults setting once, back to back, and apply the rule again")
     parser.add_argument("--choose-methods", default="trak,d-trak", help="--choose-defaults: methods to compare")
     parser.add_argument("--choose-seeds", type=int, default=len(NOISE_SEEDS), help="--choose-defaults: replicates")
     parser.add_argument("--projector", default="factored", choices=PROJECTORS, help="--choose-defaults: projector")
@@ -630,6 +674,8 @@ def main() -> None:
         run_counterfactual(args)
     elif args.choose_defaults:
         run_choose_defaults(args)
+    elif args.choose_timing:
+        run_choose_timing(args)
     else:
         run_table(args)
 
