@@ -198,7 +198,8 @@ def method_rows(quick: bool) -> list[dict]:
     """The rows of the table: name, config fields, whether they depend on the noise seed."""
     rows = [{"name": "pixel cosine", "config": {"method": "pixel-cosine"}, "seeded": False}]
     for method, label in (("trak", "TRAK"), ("d-trak", "D-TRAK")):
-        for K in ((10,) if quick else (10, 100)):
+        # K = 30: D-TRAK's default since the validation run ("Choosing the defaults" in docs/benchmarks.md)
+        for K in ((10,) if quick else (10, 30, 100) if method == "d-trak" else (10, 100)):
             rows.append({"name": f"{label} K={K} factored", "config": {"method": method, "num_timesteps": K,
                                                                         "projector": "factored"}, "seeded": True})
     for projector in PROJECTORS:
@@ -500,9 +501,8 @@ def run_choose_defaults(args) -> None:
                 if seed in seeds:
                     runs[name].append({"seed": seed, "seconds": seconds,
                                        "curve": validation_curve(path, features, masks, losses)})
-                print(f"{method} {name} seed {seed}: best validation LDS "
-                      f"{max(runs[name][-1]['curve']) if seed in seeds else float('nan'):.3f} ({seconds:.1f}s)",
-                      flush=True)
+                best = f"best validation LDS {max(runs[name][-1]['curve']):.3f}" if seed in seeds else "ensemble member"
+                print(f"{method} {name} seed {seed}: {best} ({seconds:.1f}s)", flush=True)
         if CHOICE_ENSEMBLE in names:
             runs[CHOICE_ENSEMBLE] = []
             for seed in seeds:
