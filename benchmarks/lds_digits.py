@@ -22,8 +22,11 @@ Two phases:
     # 2. the table, from the committed ground truth (minutes; --quick for the cheap rows only):
     python benchmarks/lds_digits.py [--quick] [--only d-trak]
     #    writes benchmarks/data/lds_digits/results.json and docs/lds_digits.png, prints a markdown table.
-    # optional counterfactual experiment (2 retrainings per query and method):
+    # optional counterfactual experiment (one top-k retraining per query and method, one random per query):
     nice -n 19 python benchmarks/lds_digits.py --counterfactual
+    # choosing the library defaults on the 32 validation queries only (λ, noise draws, k, ensembling), then timing:
+    python benchmarks/lds_digits.py --choose-defaults [--only SETTINGS] [--projector P]
+    python benchmarks/lds_digits.py --choose-timing
 
 Every LDS is reported as mean ± std over 3 attribution noise seeds (`AttributionConfig.noise_seed` = 0, 1, 2)
 with the mean of the per-seed 95 % bootstrap intervals over queries.
