@@ -217,7 +217,7 @@ class FactoredProjector(Projector):
         try:
             with attribution_hooks(self.modules, self._on_gradient) as capture:
                 for columns in task.chunks():
-                    self._rows = (batch, len(range(task.num_timesteps)[columns]))
+                    self._rows = (batch, len(range(task.num_columns)[columns]))
                     capture.backward(task.outputs(inputs, keys, columns).sum())
             return self._out
         finally:

@@ -42,7 +42,7 @@ class AttributionTask:
         return int(self.config.noise_draws or 1)
 
     @property
-    def num_timesteps(self) -> int:
+    def num_columns(self) -> int:
         """Columns (rows of the forward pass) per example: K timesteps × D noise draws; `chunks()` slices them."""
         return self.config.num_timesteps * self.noise_draws
 
@@ -65,13 +65,13 @@ class AttributionTask:
 
     def chunks(self) -> list[slice]:
         """Columns evaluated per forward pass: all K·D, or `timestep_chunk_size` (timestep, draw) pairs at a time."""
-        size = self.config.timestep_chunk_size or self.num_timesteps
-        return [slice(start, start + size) for start in range(0, self.num_timesteps, size)]
+        size = self.config.timestep_chunk_size or self.num_columns
+        return [slice(start, start + size) for start in range(0, self.num_columns, size)]
 
     def outputs(self, inputs: ModelInputs, keys: Sequence, columns: slice = slice(None)) -> torch.Tensor:
         """[B] per-example outputs summed over the columns `columns`, divided by K·D (so the chunks add up)."""
         draws = self.noise_draws
-        selected = range(self.num_timesteps)[columns]
+        selected = range(self.num_columns)[columns]
         timesteps = self.timesteps(keys).repeat_interleave(draws, dim=1)[:, columns]  # column c: timestep c // D
         batch, per_example = timesteps.shape
         shape = inputs.x0.shape[1:]
@@ -86,7 +86,7 @@ class AttributionTask:
             prediction = self.adapter.predict(x_t, t, rows.conditioning)
         target = self.adapter.target(rows.x0, noise, t)
         values = self.objective(prediction, target, self.adapter.timestep_weight(t))
-        return values.view(batch, per_example).sum(1) / self.num_timesteps
+        return values.view(batch, per_example).sum(1) / self.num_columns
 
     def _autocast(self, device: torch.device):
         if self.config.dtype == "float32":

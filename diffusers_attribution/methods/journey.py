@@ -9,7 +9,7 @@ Step s is attributed as a query with the output
     f_s(θ) = (1/R) Σ_r loss(ε_θ(add_noise(x̂0^(s), ε_r, t_s), t_s, c), ε_r)      ε_r fresh, r < R
 
 (R = `config.query_noise_draws`), projected like the training features, and scored with the kernel:
-τ_s = φ_s (ΦᵀΦ + λI)⁻¹ Φᵀ. Result: scores [S, N]. Noise ε_r of step s: `point_noise` with key
+τ_s = φ_s (ΦᵀΦ + λI)⁻¹ Φᵀ. Result: scores [S, N]. Noise ε_r of step s: `task.draw_noise` with key
 f"step:{s}" in per-example mode, i.e. `seeded_randn(shape, noise_seed, "noise", f"step:{s}", t_s[, r])`.
 The training features are ordinary TRAK features (Journey-TRAK's own: 20 random timesteps per example).
 """

@@ -28,8 +28,6 @@ import torch
 from ..adapters import ModelInputs
 from ..task import AttributionTask, draw_noise, gradients_only_for
 
-point_noise = draw_noise  # ε for (key, t, d), shared with the core task
-
 
 class PointTask(AttributionTask):
     """An `AttributionTask` whose examples are (key, t, d) rows: one timestep t and noise draw d each."""
@@ -43,7 +41,7 @@ class PointTask(AttributionTask):
         return 1  # the draw is part of each row's key
 
     @property
-    def num_timesteps(self) -> int:
+    def num_columns(self) -> int:
         return 1
 
     def chunks(self) -> list[slice]:
