@@ -25,11 +25,9 @@ to the OS with malloc_trim before); on CUDA torch.cuda.max_memory_allocated abov
 from __future__ import annotations
 
 import argparse
-import ctypes
 import platform
 import statistics
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -43,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout, i
 
 from diffusers_attribution import AttributionConfig
 from diffusers_attribution.adapters import ModelInputs, PipelineAdapter, UnconditionalAdapter
+from peak_memory import PeakMemory  # noqa: E402  (benchmarks/, beside this script)
 from diffusers_attribution.calibration import CalibratedProjector, calibrate, calibration_indices
 from diffusers_attribution.factored import FactoredProjector
 from diffusers_attribution.gradients import per_example_gradients
@@ -116,7 +115,7 @@ def train_step(task, parameters, inputs, keys, optimizer):
 
 def vmap_features(task, parameters, inputs, keys, projector, fallback):
     """Σ_k per-sample gradients (torch.func, one vmap over examples per timestep), then dense projection."""
-    adapter, K = task.adapter, task.num_timesteps
+    adapter, K = task.adapter, task.config.num_timesteps
     if fallback:  # ordinary autograd, one example at a time
         return projector.project(per_example_gradients(task, parameters, inputs, keys))
     params = {name: p.detach() for name, p in parameters.items()}
@@ -142,47 +141,6 @@ def vmap_features(task, parameters, inputs, keys, projector, fallback):
 
 
 # ----------------------------------------------------------------------------- measurement
-
-
-class PeakMemory:
-    """Peak memory growth (MB) inside the block: CUDA allocator, or sampled process RSS on CPU."""
-
-    def __init__(self, device):
-        self.device, self.peak = torch.device(device), 0.0
-
-    def __enter__(self):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            self.start = torch.cuda.memory_allocated()
-            return self
-        _malloc_trim()
-        self.process, self.start, self.running = psutil.Process(), psutil.Process().memory_info().rss, True
-        self.max_rss = self.start
-        self.thread = threading.Thread(target=self._sample, daemon=True)
-        self.thread.start()
-        return self
-
-    def _sample(self):
-        while self.running:
-            self.max_rss = max(self.max_rss, self.process.memory_info().rss)
-            time.sleep(0.002)
-
-    def __exit__(self, *exc):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-            self.peak = (torch.cuda.max_memory_allocated() - self.start) / 2**20
-        else:
-            self.running = False
-            self.thread.join()
-            self.peak = (self.max_rss - self.start) / 2**20
-
-
-def _malloc_trim():
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
-        pass
 
 
 def throughput(name, adapter, inputs, config, steps, device, budget_s=120.0):
@@ -223,7 +181,7 @@ def throughput(name, adapter, inputs, config, steps, device, budget_s=120.0):
                 methods[label] = lambda: vmap_features(task, parameters, inputs, keys, dense, True)
                 with PeakMemory(device) as peak:
                     methods[label]()
-            memory[label] = peak.peak
+            memory[label] = peak.mib
         times = {label: [] for label in methods}
         start = time.perf_counter()
         while len(times["train step"]) < steps and (not times["train step"] or time.perf_counter() - start < budget_s):

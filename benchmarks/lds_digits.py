@@ -35,12 +35,10 @@ with the mean of the per-seed 95 % bootstrap intervals over queries.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import os
 import platform
 import sys
-import threading
 import time
 import warnings
 from dataclasses import asdict, replace
@@ -53,6 +51,7 @@ if not (ROOT / "diffusers_attribution").is_dir():
     raise SystemExit("run from a checkout of diffusers-attribution")
 sys.path.insert(0, str(ROOT))
 
+from peak_memory import PeakMemory  # noqa: E402  (benchmarks/, beside this script)
 from diffusers_attribution import AttributionConfig, enable_attribution  # noqa: E402
 from diffusers_attribution.config import PROJECTORS  # noqa: E402
 from diffusers_attribution.digits import (  # noqa: E402
@@ -168,35 +167,6 @@ def build_ground_truth(args) -> None:
 # ---------------------------------------------------------------------------------------------- phase 2
 
 
-class PeakMemory:
-    """Peak growth of the process RSS above its value on entry (MiB), sampled every 5 ms."""
-
-    def __enter__(self):
-        import psutil
-
-        try:
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except OSError:
-            pass
-        self.process = psutil.Process()
-        self.start = self.peak = self.process.memory_info().rss
-        self.running = True
-        self.thread = threading.Thread(target=self._sample, daemon=True)
-        self.thread.start()
-        return self
-
-    def _sample(self):
-        while self.running:
-            self.peak = max(self.peak, self.process.memory_info().rss)
-            time.sleep(0.005)
-
-    def __exit__(self, *exc):
-        self.running = False
-        self.thread.join()
-        self.peak = max(self.peak, self.process.memory_info().rss)
-        self.mib = (self.peak - self.start) / 2**20
-
-
 def method_rows(quick: bool) -> list[dict]:
     """The rows of the table: name, config fields, whether they depend on the noise seed."""
     rows = [{"name": "pixel cosine", "config": {"method": "pixel-cosine"}, "seeded": False}]
@@ -235,7 +205,7 @@ def evaluate_row(pipe, row: dict, seed: int, gt: dict, images: torch.Tensor) -> 
     masks, outputs, queries = gt["masks"], gt["outputs"], gt["queries"]
     names = ("validation", "generated", "real")
     featurizer = make_featurizer(pipe, config)
-    with PeakMemory() as memory:
+    with PeakMemory(interval=0.005) as memory:
         t0 = time.perf_counter()
         store = featurizer.featurize_dataset(images, progress=False)
         t1 = time.perf_counter()
