@@ -42,19 +42,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout, i
 from diffusers_attribution import AttributionConfig
 from diffusers_attribution.adapters import ModelInputs, PipelineAdapter, UnconditionalAdapter
 from peak_memory import PeakMemory  # noqa: E402  (benchmarks/, beside this script)
-from diffusers_attribution.calibration import CalibratedProjector, calibrate, calibration_indices
-from diffusers_attribution.factored import FactoredProjector
-from diffusers_attribution.gradients import per_example_gradients
-from diffusers_attribution.projection import DenseProjector
+from diffusers_attribution.projection.calibrated import CalibratedProjector, calibrate, calibration_indices
+from diffusers_attribution.projection.factored import FactoredProjector
+from diffusers_attribution.gradients.reference import per_example_gradients
+from diffusers_attribution.projection.dense import DenseProjector
 from diffusers_attribution.scoring import KernelScorer
-from diffusers_attribution.task import AttributionTask, gradients_only_for, select_parameters
+from diffusers_attribution.gradients.task import AttributionTask, gradients_only_for, select_parameters
 
 # ----------------------------------------------------------------------------- models
 
 
 def digits_model(device, n_train=500):
     """The digits DDPM trained on `load_digits_images(n_train)`, its training images, and held-out digits."""
-    from diffusers_attribution.digits import load_digits_images, load_or_train_digits_ddpm
+    from diffusers_attribution.demo.digits import load_digits_images, load_or_train_digits_ddpm
 
     pipe = load_or_train_digits_ddpm(n_train=n_train, progress=False)  # cached after the first run
     train, everything = load_digits_images(n_train), load_digits_images()

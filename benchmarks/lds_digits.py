@@ -53,8 +53,8 @@ sys.path.insert(0, str(ROOT))
 
 from peak_memory import PeakMemory  # noqa: E402  (benchmarks/, beside this script)
 from diffusers_attribution import AttributionConfig, enable_attribution  # noqa: E402
-from diffusers_attribution.config import PROJECTORS  # noqa: E402
-from diffusers_attribution.digits import (  # noqa: E402
+from diffusers_attribution.projection.registry import projector_names  # noqa: E402
+from diffusers_attribution.demo.digits import (  # noqa: E402
     DigitsRecipe,
     generate_digits,
     load_digits_images,
@@ -102,7 +102,7 @@ def full_model(workdir: Path, progress: bool = True):
 
 
 def fingerprint(pipe) -> str:
-    from diffusers_attribution.featurize import model_fingerprint
+    from diffusers_attribution.fingerprint import model_fingerprint
 
     return model_fingerprint(pipe.unet, dict(pipe.unet.named_parameters()))["denoiser"]
 
@@ -175,7 +175,7 @@ def method_rows(quick: bool) -> list[dict]:
         for K in ((10,) if quick else (10, 30, 100) if method == "d-trak" else (10, 100)):
             rows.append({"name": f"{label} K={K} factored", "config": {"method": method, "num_timesteps": K,
                                                                         "projector": "factored"}, "seeded": True})
-    for projector in PROJECTORS:
+    for projector in projector_names():
         if projector == "factored":
             continue
         if quick and projector != "identity":
@@ -198,7 +198,8 @@ def method_rows(quick: bool) -> list[dict]:
 
 
 def evaluate_row(pipe, row: dict, seed: int, gt: dict, images: torch.Tensor) -> dict:
-    from diffusers_attribution.methods.registry import KERNEL_METHODS, make_featurizer, make_scorer
+    from diffusers_attribution.api import make_featurizer, make_scorer
+    from diffusers_attribution.methods.base import get_method
 
     fields = {"batch_size": 32, "projection_dim": PROJECTION_DIM, "noise_seed": seed, **row["config"]}
     config = AttributionConfig(**fields)
@@ -209,7 +210,7 @@ def evaluate_row(pipe, row: dict, seed: int, gt: dict, images: torch.Tensor) -> 
         t0 = time.perf_counter()
         store = featurizer.featurize_dataset(images, progress=False)
         t1 = time.perf_counter()
-        kernel = config.method in KERNEL_METHODS  # only kernel methods have a λ to choose on validation queries
+        kernel = get_method(config.method).kernel  # only kernel methods have a λ to choose on validation queries
         features = {name: featurizer.featurize_queries(queries[name]) for name in names
                     if kernel or name != "validation"}
         t2 = time.perf_counter()
@@ -402,7 +403,7 @@ def apply_rule(result: dict) -> None:
 
 def run_choose_timing(args) -> None:
     """Time every setting of choose_defaults.json once, back to back (seed 0), and apply the rule again."""
-    from diffusers_attribution.methods.registry import make_featurizer
+    from diffusers_attribution.api import make_featurizer
 
     path = Path(args.choose_results or DATA / ("choose_defaults.json" if args.projector == "factored"
                                                else f"choose_defaults_{args.projector}.json"))
@@ -435,7 +436,7 @@ def run_choose_defaults(args) -> None:
     import numpy as np
 
     from diffusers_attribution.evaluation.damping import DEFAULT_RATIOS
-    from diffusers_attribution.methods.registry import make_featurizer
+    from diffusers_attribution.api import make_featurizer
 
     gt = load_ground_truth()
     masks, losses, queries = gt["masks"], gt["outputs"]["validation"], gt["queries"]["validation"]
@@ -545,7 +546,7 @@ def choice_table(out: dict) -> str:
 
 def run_counterfactual(args) -> None:
     from diffusers_attribution.evaluation.counterfactual import counterfactual
-    from diffusers_attribution.methods.registry import make_featurizer
+    from diffusers_attribution.api import make_featurizer
 
     workdir = Path(args.workdir)
     pipe = enable_attribution(full_model(workdir))
@@ -622,7 +623,7 @@ def main() -> None:
                         help="time each --choose-defaults setting once, back to back, and apply the rule again")
     parser.add_argument("--choose-methods", default="trak,d-trak", help="--choose-defaults: methods to compare")
     parser.add_argument("--choose-seeds", type=int, default=len(NOISE_SEEDS), help="--choose-defaults: replicates")
-    parser.add_argument("--projector", default="factored", choices=PROJECTORS, help="--choose-defaults: projector")
+    parser.add_argument("--projector", default="factored", choices=projector_names(), help="--choose-defaults: projector")
     parser.add_argument("--choose-results", default=None,
                         help="--choose-defaults output (default benchmarks/data/lds_digits/choose_defaults.json)")
     parser.add_argument("--subsets", type=int, default=NUM_SUBSETS)

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from diffusers_attribution import AttributionConfig, enable_attribution
-from diffusers_attribution.digits import generate_digits, load_digits_images, load_or_train_digits_ddpm
+from diffusers_attribution.demo.digits import generate_digits, load_digits_images, load_or_train_digits_ddpm
 from diffusers_attribution.evaluation.bias import (
     generally_influential,
     plot_influence_frequency,

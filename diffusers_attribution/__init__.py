@@ -1,13 +1,13 @@
 """diffusers-attribution: which training images made a diffusion model generate this image?"""
 
-__version__ = "0.1.0"
-
+from .version import __version__
 from .adapters import PipelineAdapter, UnsupportedPipelineError, get_adapter, register_adapter
 from .config import AttributionConfig
 from .data import InvalidImageError
 from .mixin import AttributionMixin, enable_attribution
 from .result import AttributionResult, TopK
-from .store import CorruptStoreError, FeatureStore, StoreMismatchError
+from .store.errors import CorruptStoreError, StoreMismatchError
+from .store.format import FeatureStore
 
 __all__ = [
     "AttributionConfig",

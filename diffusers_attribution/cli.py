@@ -7,7 +7,9 @@ import argparse
 import sys
 
 from .cli_featurize import add_featurize_parser
-from .config import METHODS, PROJECTORS, AttributionConfig
+from .config import AttributionConfig
+from .methods.base import method_names
+from .projection.registry import projector_names
 
 
 def _add_demo_parser(subparsers) -> None:
@@ -15,9 +17,9 @@ def _add_demo_parser(subparsers) -> None:
     demo.add_argument("--output-dir", default="demo-output", help="where the PNG grid and the store go")
     demo.add_argument("--num-queries", type=int, default=8, help="how many images to generate and attribute")
     demo.add_argument("--topk", type=int, default=5)
-    demo.add_argument("--method", default="d-trak", choices=METHODS)
+    demo.add_argument("--method", default="d-trak", choices=method_names())
     demo.add_argument("--num-timesteps", type=int, default=None, help="K (default: the method's own)")
-    demo.add_argument("--projector", default=None, choices=PROJECTORS)
+    demo.add_argument("--projector", default=None, choices=projector_names())
     demo.add_argument("--projection-dim", type=int, default=2048)
     demo.add_argument("--cache-dir", default=None, help="where the trained digits DDPM is cached")
     demo.add_argument("--seed", type=int, default=0)

@@ -1,4 +1,18 @@
-"""`AttributionConfig`: every choice that changes a feature or a score, serialized to JSON with a stable hash."""
+"""`AttributionConfig`: every choice that changes a feature or a score, serialized to JSON with a stable hash.
+
+Each field declares its role (`field(metadata={"role": ...})`), and the feature hash derives from the roles:
+
+    feature      changes feature values                            hashed
+    projection   changes the projection (and so the features)      hashed
+    score        changes only scores (damping)                     not hashed
+    execution    changes only where and how fast                    not hashed
+    data         names dataset columns                             not hashed (the example hashes pin the data)
+
+A hashed field with `omit` in its metadata is left out of the hash while its value is one of `omit` (a later
+field whose unset value gives the old features, so that earlier hashes stay valid). Method names, their
+defaults and the fields each reads come from the method registry (methods/base.py), projector names from
+the projector registry (projection/registry.py).
+"""
 
 from __future__ import annotations
 
@@ -9,44 +23,23 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-METHODS = (
-    "trak", "d-trak", "journey-trak",  # kernel scores φ(q)(ΦᵀΦ + λI)⁻¹Φᵀ (scoring.py, methods/journey.py)
-    "tracin", "retrac",  # Σ_c η_c ⟨g_c(z), g_c(q)⟩, ReTrac with normalized gradients (methods/tracin.py)
-    "pixel-dot", "pixel-cosine", "embedding-cosine",  # similarity baselines (methods/similarity.py)
-)
+from .methods.base import METHOD_FIELDS, get_method
+from .projection.registry import projector_names
+
 OUTPUTS = ("loss", "squared-norm", "mean", "l1-norm", "l2-norm", "linf-norm", "weighted-mse")
 TIMESTEP_SCHEDULES = ("uniform", "random")
 NOISE_MODES = ("shared", "per-example")
-PROJECTORS = ("factored", "gaussian", "rademacher", "identity")
 PARAMETER_SETS = ("all", "lora")
 DTYPES = ("float32", "float16", "bfloat16")
+ROLES = ("feature", "projection", "score", "execution", "data")
+HASHED_ROLES = ("feature", "projection")
 
-# The output each method differentiates when `output` is left unset (METHODS.md).
-DEFAULT_OUTPUT = {"trak": "loss", "d-trak": "squared-norm", "journey-trak": "loss", "tracin": "loss", "retrac": "loss",
-                  "pixel-dot": "loss", "pixel-cosine": "loss", "embedding-cosine": "loss"}  # unused by the baselines
-# Per-method defaults of the fields left as None (METHODS.md): TracIn/ReTrac take each training gradient at one
-# random timestep and average the query gradient over 100 evenly spaced timesteps × 16 noises; Journey-TRAK
-# featurizes with 20 random timesteps per example and averages each sampling step over 4 fresh noises.
-# damping_ratio (TRAK, D-TRAK): the ratio with the best mean LDS on the validation queries of the digits
-# benchmark, never on the evaluation queries; D-TRAK's K = 30: more timesteps beat K = 10 there by more than the
-# noise-seed spread, while more noise draws or ensembles did not (docs/benchmarks.md, "Choosing the defaults").
-METHOD_DEFAULTS = {
-    "trak": {"damping_ratio": 0.18},
-    "d-trak": {"damping_ratio": 0.0018, "num_timesteps": 30},
-    "tracin": {"num_timesteps": 1, "timestep_schedule": "random", "query_timesteps": 100, "query_noise_draws": 16},
-    "retrac": {"num_timesteps": 1, "timestep_schedule": "random", "query_timesteps": 100, "query_noise_draws": 16},
-    "journey-trak": {"num_timesteps": 20, "timestep_schedule": "random", "query_noise_draws": 4},
-}
-_BASE_DEFAULTS = {"num_timesteps": 10, "timestep_schedule": "uniform", "damping_ratio": 0.1}
 
-# Fields that only change how fast or where features are computed, never their values:
-# they are left out of the hash, so a store featurized on a GPU with batch 64 matches a CPU query.
-_EXECUTION_FIELDS = ("batch_size", "device", "timestep_chunk_size", "damping", "damping_ratio")
-# Later fields, left out of the hash while unset so that earlier hashes stay valid.
-_OPTIONAL_FIELDS = ("layer_dims", "checkpoints", "learning_rates", "query_timesteps", "query_noise_draws", "encoder",
-                    "noise_draws")
-# Optional fields whose explicit value equals the unset behaviour: left out of the hash too (same features).
-_OPTIONAL_NEUTRAL = {"noise_draws": 1}
+def _field(role: str, default: Any = None, *, omit: tuple = (), factory=None):
+    metadata = {"role": role, "omit": omit}
+    if factory is not None:
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 @dataclass
@@ -88,7 +81,7 @@ class AttributionConfig:
         sketch_dim: calibrated `factored` only: how many eigen-coordinates are ranked in (None = 2 × projection_dim).
         damping: λ of the kernel (ΦᵀΦ + λI)⁻¹. `None` applies the rule λ = damping_ratio · tr(ΦᵀΦ) / rank,
             i.e. a fixed fraction of the kernel's mean non-zero eigenvalue; it never looks at queries.
-        damping_ratio: the fraction used by the rule above; None = the method's default (`METHOD_DEFAULTS`:
+        damping_ratio: the fraction used by the rule above; None = the method's default (its `Method.defaults`, methods/:
             0.18 for TRAK, 0.0018 for D-TRAK, chosen on validation queries, docs/benchmarks.md; else 0.1).
             Like `damping`, it only changes scores, never features (not part of the feature hash).
         parameters: `"all"` (every trainable parameter of the denoiser), `"lora"` (only LoRA weights of the
@@ -99,11 +92,11 @@ class AttributionConfig:
         dtype: the dtype of the denoiser's forward pass; features and kernels are always accumulated in float32.
         device: where to featurize (None = the pipeline's device).
         image_column, caption_column: column names of a `datasets.Dataset` (None = detect).
-        num_timesteps, timestep_schedule: None = the method's default (`METHOD_DEFAULTS`: K = 30 for D-TRAK;
+        num_timesteps, timestep_schedule: None = the method's default (its `Method.defaults`, methods/: K = 30 for D-TRAK;
             else 10, `"uniform"`);
             for TracIn/ReTrac they define the training gradient (1 random timestep per example by default).
         checkpoints: TracIn/ReTrac: the denoiser checkpoints c (paths, or dicts `{"path", "revision",
-            "subfolder"}`; methods/checkpoints.py). None = the pipeline's current weights only.
+            "subfolder"}`; checkpoints.py). None = the pipeline's current weights only.
         learning_rates: TracIn/ReTrac: η_c per checkpoint in τ = Σ_c η_c ⟨g_c(z), g_c(q)⟩ (None = all 1). Kept in
             the store's config (a query with other rates is refused, not silently rescored); to rescore a
             store with other rates: `methods.tracin.TracInScorer(store.features, rates, C)`.
@@ -115,49 +108,50 @@ class AttributionConfig:
             (docs/families.md).
     """
 
-    method: str = "d-trak"
-    output: str | None = None
-    num_timesteps: int | None = None
-    timestep_schedule: str | None = None
-    noise_seed: int = 0
-    noise_draws: int | None = None
-    noise_mode: str = "shared"
-    projector: str = "factored"
-    projection_dim: int = 2048
-    projection_seed: int = 0
-    layer_dims: dict[str, int | list[int]] | None = None
-    calibration_examples: int | None = None
-    sketch_dim: int | None = None
-    damping: float | None = None
-    damping_ratio: float | None = None
-    parameters: str | list[str] = "all"
-    adapter_name: str | None = None
-    batch_size: int = 16
-    timestep_chunk_size: int | None = None
-    dtype: str = "float32"
-    device: str | None = None
-    image_column: str | None = None
-    caption_column: str | None = None
-    checkpoints: list[str | dict[str, Any]] | None = None
-    learning_rates: list[float] | None = None
-    query_timesteps: int | None = None
-    query_noise_draws: int | None = None
-    encoder: str | None = None
-    adapter_options: dict[str, Any] = field(default_factory=dict)
+    method: str = _field("feature", "d-trak")
+    output: str | None = _field("feature")
+    num_timesteps: int | None = _field("feature")
+    timestep_schedule: str | None = _field("feature")
+    noise_seed: int = _field("feature", 0)
+    noise_draws: int | None = _field("feature", omit=(None, 1))
+    noise_mode: str = _field("feature", "shared")
+    projector: str = _field("projection", "factored")
+    projection_dim: int = _field("projection", 2048)
+    projection_seed: int = _field("projection", 0)
+    layer_dims: dict[str, int | list[int]] | None = _field("projection", omit=(None,))
+    calibration_examples: int | None = _field("projection")
+    sketch_dim: int | None = _field("projection")
+    damping: float | None = _field("score")
+    damping_ratio: float | None = _field("score")
+    parameters: str | list[str] = _field("feature", "all")
+    adapter_name: str | None = _field("feature")
+    batch_size: int = _field("execution", 16)
+    timestep_chunk_size: int | None = _field("execution")
+    dtype: str = _field("feature", "float32")
+    device: str | None = _field("execution")
+    image_column: str | None = _field("data")
+    caption_column: str | None = _field("data")
+    checkpoints: list[str | dict[str, Any]] | None = _field("feature", omit=(None,))
+    # η_c only weighs scores, but a TracIn store pins them: a query with other rates is refused, not rescored.
+    learning_rates: list[float] | None = _field("feature", omit=(None,))
+    query_timesteps: int | None = _field("feature", omit=(None,))
+    query_noise_draws: int | None = _field("feature", omit=(None,))
+    encoder: str | None = _field("feature", omit=(None,))
+    adapter_options: dict[str, Any] = _field("feature", factory=dict)
 
     def __post_init__(self):
-        self.method = self.method.lower()
-        _check_choice("method", self.method, METHODS)
+        method = get_method(self.method)
+        self.method = method.name
         if self.output is None:
-            self.output = DEFAULT_OUTPUT[self.method]
-        for name, value in {**_BASE_DEFAULTS, **METHOD_DEFAULTS.get(self.method, {})}.items():
+            self.output = method.default_output
+        for name, value in method.resolved_defaults().items():
             if getattr(self, name) is None:
                 setattr(self, name, value)
-        _check_method_fields(self)
+        _check_method_fields(self, method)
         _check_choice("output", self.output, OUTPUTS)
         _check_choice("timestep_schedule", self.timestep_schedule, TIMESTEP_SCHEDULES)
         _check_choice("noise_mode", self.noise_mode, NOISE_MODES)
-        _check_choice("projector", self.projector, PROJECTORS)
+        _check_choice("projector", self.projector, projector_names())
         _check_choice("dtype", self.dtype, DTYPES)
         if isinstance(self.parameters, str):
             _check_choice("parameters", self.parameters, PARAMETER_SETS)
@@ -166,7 +160,7 @@ class AttributionConfig:
         for name in ("num_timesteps", "projection_dim", "batch_size"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"AttributionConfig.{name} must be >= 1, got {getattr(self, name)}")
-        _resolve_calibration(self)
+        _resolve_calibration(self, method)
         if self.layer_dims is not None:
             self.layer_dims = _check_layer_dims(self.layer_dims, self.projector)
             if self.calibration_examples:
@@ -174,6 +168,12 @@ class AttributionConfig:
                                  "their own dims: set calibration_examples=0 to use layer_dims")
         if self.damping is not None and self.damping < 0:
             raise ValueError(f"AttributionConfig.damping must be >= 0, got {self.damping}")
+        method.check_config(self)
+
+    @classmethod
+    def fields_with_role(cls, *roles: str) -> tuple[str, ...]:
+        """The names of the fields whose role is one of `roles` (module docstring)."""
+        return tuple(f.name for f in dataclasses.fields(cls) if f.metadata["role"] in roles)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -194,34 +194,36 @@ class AttributionConfig:
         return cls.from_dict(json.loads(text))
 
     def feature_dict(self) -> dict[str, Any]:
-        """The fields that determine feature values (execution-only fields removed)."""
+        """The fields that determine feature values: the hashed roles, without fields at an `omit` value."""
         data = self.to_dict()
-        for name in _EXECUTION_FIELDS:
-            data.pop(name)
-        for name in _OPTIONAL_FIELDS:
-            if data[name] is None or name in _OPTIONAL_NEUTRAL and data[name] == _OPTIONAL_NEUTRAL[name]:
-                data.pop(name)
-        return data
+        return {f.name: data[f.name] for f in dataclasses.fields(self)
+                if f.metadata["role"] in HASHED_ROLES and not _omitted(data[f.name], f.metadata["omit"])}
 
     def feature_hash(self) -> str:
         """A stable hash of the fields that determine feature values."""
         blob = json.dumps(self.feature_dict(), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
+    def with_scoring(self, damping: float | None, damping_ratio: float | None) -> "AttributionConfig":
+        """This config with the score-role fields of another (they never change features)."""
+        return dataclasses.replace(self, damping=self.damping if damping is None else damping,
+                                   damping_ratio=self.damping_ratio if damping_ratio is None else damping_ratio)
 
-def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+
+def _omitted(value: Any, omit: tuple) -> bool:
+    return any(value is o if o is None else value == o for o in omit)
+
+
+def _check_choice(name: str, value: str, choices) -> None:
     if value not in choices:
         raise ValueError(f"AttributionConfig.{name}={value!r} is not one of {list(choices)}")
 
 
-def _check_method_fields(config: "AttributionConfig") -> None:
-    """The fields that only some methods read: set for another method, they are an error, not a silent no-op."""
-    tracin = config.method in ("tracin", "retrac")
-    for name, allowed in {"checkpoints": tracin, "learning_rates": tracin, "query_timesteps": tracin,
-                          "query_noise_draws": tracin or config.method == "journey-trak",
-                          "encoder": config.method == "embedding-cosine",
-                          "noise_draws": config.method not in ("pixel-dot", "pixel-cosine", "embedding-cosine")}.items():
-        if getattr(config, name) is not None and not allowed:
+def _check_method_fields(config: "AttributionConfig", method) -> None:
+    """The fields only some methods read (`METHOD_FIELDS`): set for another method, they are an error, not a
+    silent no-op."""
+    for name in METHOD_FIELDS:
+        if getattr(config, name) is not None and name not in method.reads:
             raise ValueError(f"AttributionConfig.{name} does not apply to method={config.method!r}")
     for name in ("query_timesteps", "query_noise_draws", "noise_draws"):
         if getattr(config, name) is not None and int(getattr(config, name)) < 1:
@@ -239,18 +241,18 @@ def _check_method_fields(config: "AttributionConfig") -> None:
                              f"{expected} checkpoint(s)")
 
 
-def _resolve_calibration(config: "AttributionConfig") -> None:
-    """calibration_examples: 64 for the kernel methods with the factored projector (0 with `layer_dims`, which
-    sets the random split), else 0; sketch_dim: 2k."""
-    calibrated_kind = config.projector == "factored" and config.method in ("trak", "d-trak", "journey-trak")
+def _resolve_calibration(config: "AttributionConfig", method) -> None:
+    """calibration_examples: 64 for the methods whose features may be calibrated (`Method.calibrated`) with the
+    factored projector (0 with `layer_dims`, which sets the random split), else 0; sketch_dim: 2k."""
+    calibrated_kind = config.projector == "factored" and method.calibrated
     if config.calibration_examples is None:
         config.calibration_examples = 64 if calibrated_kind and config.layer_dims is None else 0
     if config.calibration_examples < 0:
         raise ValueError(f"AttributionConfig.calibration_examples must be >= 0, got {config.calibration_examples}")
     if config.calibration_examples and not calibrated_kind:
-        raise ValueError("AttributionConfig.calibration_examples applies to projector='factored' with the kernel "
-                         f"methods (trak, d-trak, journey-trak), not projector={config.projector!r}, "
-                         f"method={config.method!r}")
+        raise ValueError("AttributionConfig.calibration_examples applies to projector='factored' with the methods "
+                         "that calibrate it (trak, d-trak, journey-trak), not projector="
+                         f"{config.projector!r}, method={config.method!r}")
     if config.sketch_dim is None and config.calibration_examples:
         config.sketch_dim = 2 * config.projection_dim
     if config.sketch_dim is not None and (not config.calibration_examples or config.sketch_dim < config.projection_dim):

@@ -128,6 +128,41 @@ class TrainingData:
         return content_hash(*self[index])
 
 
+def as_training_data(dataset: Any, image_column: str | None = None, caption_column: str | None = None) -> TrainingData:
+    """`dataset` itself if it is a `TrainingData`, else a `TrainingData` view of it with those columns."""
+    if isinstance(dataset, TrainingData):
+        return dataset
+    return TrainingData(dataset, image_column, caption_column)
+
+
+def training_batches(data: TrainingData, start: int, stop: int, batch_size: int, validate=None):
+    """Batches of examples [start, stop), counted from `start`: (indices, images [B, C, H, W], captions, hashes).
+
+    The one loop every featurizer reads training data with: `validate(images, what)` (an adapter's
+    `validate_images`) checks each batch before anything is computed; `hashes` are the examples' content hashes.
+    """
+    for first in range(start, stop, batch_size):
+        indices = list(range(first, min(first + batch_size, stop)))
+        images, captions = data.batch(indices)
+        if validate is not None:
+            validate(images, f"training examples {indices[0]}..{indices[-1]}")
+        yield indices, images, captions, [content_hash(image, caption) for image, caption in zip(images, captions)]
+
+
+def query_batch(images: Any, prompts: Sequence[str | None] | str | None, validate=None) -> tuple[torch.Tensor, list]:
+    """Query images [n, C, H, W] in [-1, 1], checked by `validate(images, what)`, and one prompt per image
+    (a single prompt, or None, is repeated)."""
+    batch = to_image_batch(images)
+    if validate is not None:
+        validate(batch, "query images")
+    if isinstance(prompts, str) or prompts is None:
+        prompts = [prompts] * len(batch)
+    prompts = list(prompts)
+    if len(prompts) != len(batch):
+        raise ValueError(f"got {len(prompts)} prompts for {len(batch)} query images")
+    return batch, prompts
+
+
 def content_hash(image: torch.Tensor, caption: str | None = None) -> str:
     """sha256 of an example's image tensor [C, H, W] and caption: identifies its content, not its position."""
     digest = hashlib.sha256(image.contiguous().numpy().tobytes())

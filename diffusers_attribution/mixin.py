@@ -5,8 +5,8 @@
     result = pipe.attribute(images, store)         # or pipe.attribute(images, train_dataset, config=...)
     journey = pipe.attribute_trajectory(seed, store, num_inference_steps=50)   # Journey-TRAK, per sampling step
 
-Every `AttributionConfig.method` has its featurizer and scorer (methods/registry.py); a list of stores is an
-ensemble (methods/ensemble.py).
+Delegation only: the work is in api.py (`featurize`, `attribute`), each method's featurizer and scorer in
+methods/; a list of stores is an ensemble (methods/ensemble.py).
 """
 
 from __future__ import annotations
@@ -14,16 +14,16 @@ from __future__ import annotations
 import os
 from typing import Any, Sequence
 
+from . import api
 from .adapters import get_adapter
 from .config import AttributionConfig
-from .methods.registry import make_featurizer, make_scorer
 from .result import AttributionResult
-from .store import FeatureStore
+from .store.format import FeatureStore
 
 
 class AttributionMixin:
     """Attribution methods for a pipeline; list it as a base of your own pipeline class, or call
-    `enable_attribution(pipe)` on an existing pipeline."""
+    `enable_attribution(pipe)` on an existing pipeline. Every method delegates to `api.py`."""
 
     attribution_config: AttributionConfig | None = None
 
@@ -38,9 +38,8 @@ class AttributionMixin:
         under `accelerate launch` or with an `accelerator`, every process takes its share of the shards.
         `store_kwargs`: `shard_rows`, `max_shard_size`, `compute_kernel`, `dataset_name` (docs/stores.md).
         """
-        return make_featurizer(self, self._attribution_config(config)).featurize_dataset(
-            train_dataset, progress=progress, output_dir=output_dir, accelerator=accelerator, **store_kwargs
-        )
+        return api.featurize(self, train_dataset, self._attribution_config(config), progress=progress,
+                             output_dir=output_dir, accelerator=accelerator, **store_kwargs)
 
     def attribute(
         self,
@@ -67,32 +66,10 @@ class AttributionMixin:
             from .methods.ensemble import ensemble_attribute
 
             return ensemble_attribute([(self, store) for store in train_data], images, prompts=prompts, progress=progress)
-        if isinstance(train_data, (str, os.PathLike)):
-            train_data = FeatureStore.from_pretrained(train_data)
-        damping = {}
-        if isinstance(train_data, FeatureStore):
-            store = train_data
-            if config is not None:
-                if check_compatibility:
-                    store.check_compatible(config, {})
-                damping = {"damping": config.damping, "damping_ratio": config.damping_ratio}
-            config = store.config
-        else:
-            store = self.featurize(train_data, config, progress=progress)
-            config = store.config
-        featurizer = make_featurizer(self, config, store=store)
-        if check_compatibility:
-            store.check_compatible(config, featurizer.metadata())
-        query_features = featurizer.featurize_queries(images, prompts)
-        scorer = make_scorer(store, **damping)
-        from .data import to_image_batch
-
-        return AttributionResult(
-            scores=scorer.scores(query_features),
-            config=config,
-            query_images=to_image_batch(images),
-            metadata=scorer.metadata,
-        )
+        if not isinstance(train_data, (FeatureStore, str, os.PathLike)):
+            config = self._attribution_config(config)
+        return api.attribute(self, images, train_data, config, prompts=prompts, progress=progress,
+                             check_compatibility=check_compatibility)
 
     def attribute_trajectory(self, prompt_or_seed: str | int, train_data: Any, config: AttributionConfig | None = None,
                              num_inference_steps: int = 50, **kwargs):

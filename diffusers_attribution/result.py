@@ -11,7 +11,7 @@ import torch
 from diffusers.image_processor import VaeImageProcessor
 
 from .config import AttributionConfig
-from .data import TrainingData, to_image_tensor
+from .data import as_training_data, to_image_tensor
 
 
 class TopK(NamedTuple):
@@ -37,9 +37,7 @@ class AttributionResult:
         """Each query (left, boxed) beside its top-k training images, with their indices and scores."""
         if self.query_images is None:
             raise ValueError("this result holds no query images to draw")
-        data = train_dataset if isinstance(train_dataset, TrainingData) else TrainingData(
-            train_dataset, self.config.image_column, self.config.caption_column
-        )
+        data = as_training_data(train_dataset, self.config.image_column, self.config.caption_column)
         if len(data) != self.scores.shape[1]:
             raise ValueError(f"the result scores {self.scores.shape[1]} training examples, the dataset has {len(data)}")
         best = self.topk(k)

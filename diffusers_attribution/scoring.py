@@ -8,13 +8,21 @@ method; `KernelScorer` on bare features uses 0.1 unless told).
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 
+def damping_from_trace(trace, num_examples: int, dim: int, ratio: float) -> float:
+    """The one default-damping rule: λ = ratio · tr(ΦᵀΦ) / min(N, k), a fixed fraction of the kernel's mean
+    non-zero eigenvalue (tr(ΦᵀΦ) = tr(ΦΦᵀ) = ‖Φ‖²_F). It never looks at queries."""
+    return float(ratio * trace / min(num_examples, dim))
+
+
 def default_damping(features: torch.Tensor, ratio: float) -> float:
-    """λ = ratio · ‖Φ‖²_F / min(N, k)."""
+    """`damping_from_trace` of features Φ [N, k]."""
     n, k = features.shape
-    return float(ratio * features.double().pow(2).sum() / min(n, k))
+    return damping_from_trace(features.double().pow(2).sum(), n, k, ratio)
 
 
 class KernelScorer:
@@ -87,15 +95,19 @@ class StreamingScorer:
             damping_ratio = store.config.damping_ratio
         n, k = len(store), store.dim
         self.dual = n <= k
-        if store.kernel is None:
-            store.kernel = kernel_matrix(store, block_rows=block_rows)
-        gram = store.kernel.to(torch.float64)
+        gram = store.kernel if store.kernel is not None else kernel_matrix(store, block_rows=block_rows)
+        gram = gram.to(torch.float64)  # the store is read, never written: a computed kernel stays here
         expected = n if self.dual else k
         if gram.shape != (expected, expected):
             raise ValueError(f"the store's kernel is {tuple(gram.shape)}, expected {expected} × {expected}")
-        self.damping = float(damping_ratio * gram.trace() / min(n, k)) if damping is None else float(damping)
+        self.damping = damping_from_trace(gram.trace(), n, k, damping_ratio) if damping is None else float(damping)
         eye = torch.eye(expected, dtype=torch.float64)
         self.inverse = torch.linalg.solve(gram + self.damping * eye, eye)
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        """What every scorer reports: here its damping λ."""
+        return {"damping": self.damping}
 
     def scores(self, query_features: torch.Tensor) -> torch.Tensor:
         """τ [n, N] float32, as `KernelScorer.scores`."""

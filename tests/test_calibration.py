@@ -8,12 +8,13 @@ from test_factored import Toy, ToyAdapter, assert_close_rel
 
 from diffusers_attribution import AttributionConfig, FeatureStore, enable_attribution
 from diffusers_attribution.adapters import ModelInputs
-from diffusers_attribution.calibration import CalibratedProjector, calibrate, calibration_indices
+from diffusers_attribution.projection.calibrated import CalibratedProjector, calibrate, calibration_indices
 from diffusers_attribution.featurize import Featurizer
-from diffusers_attribution.gradients import per_example_gradients
-from diffusers_attribution.store import PROJECTION_NAME, CorruptStoreError, StoreMismatchError
-from diffusers_attribution.task import AttributionTask, gradients_only_for, select_parameters
-from diffusers_attribution.testing import tiny_ddpm_pipeline
+from diffusers_attribution.gradients.reference import per_example_gradients
+from diffusers_attribution.store import CorruptStoreError, StoreMismatchError
+from diffusers_attribution.store.files import PROJECTION_NAME
+from diffusers_attribution.gradients.task import AttributionTask, gradients_only_for, select_parameters
+from tiny_pipelines import tiny_ddpm_pipeline
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +118,7 @@ def test_store_round_trip_resume_and_errors(tmp_path, monkeypatch):
     torch.testing.assert_close(sharded.features, store.features)
     (directory / "config.json").unlink()
     (directory / "features-00001-of-00003.safetensors").unlink()
-    monkeypatch.setattr(Featurizer, "calibrate", lambda *a: pytest.fail("calibrated again instead of resuming"))
+    monkeypatch.setattr(Featurizer, "fit_projection", lambda *a: pytest.fail("calibrated again instead of resuming"))
     resumed = pipe.featurize(images, config, progress=False, output_dir=directory, shard_rows=3)
     torch.testing.assert_close(resumed.features, store.features)
     monkeypatch.undo()
@@ -137,7 +138,7 @@ def test_bfloat16_forward_with_calibrated_bases_stays_close():
     pipe = tiny_ddpm_pipeline()
     images = torch.rand(4, 1, 8, 8, generator=torch.Generator().manual_seed(3)) * 2 - 1
     full = Featurizer(pipe, AttributionConfig(num_timesteps=2, projection_dim=64, calibration_examples=4))
-    full.calibrate(full.training_data(images))
+    full.fit_projection(full.training_data(images))
     half = Featurizer(pipe, AttributionConfig(num_timesteps=2, projection_dim=64, calibration_examples=4,
                                               dtype="bfloat16"), projection_state=full.projector.state_dict())
     phi32, phi16 = full.features(images, [None] * 4, [0, 1, 2, 3]), half.features(images, [None] * 4, [0, 1, 2, 3])

@@ -16,9 +16,9 @@ from diffusers_attribution import (
     UnsupportedPipelineError,
     enable_attribution,
 )
-from diffusers_attribution.config import METHOD_DEFAULTS
+from diffusers_attribution.methods.base import get_method
 from diffusers_attribution.seeding import seeded_randn
-from diffusers_attribution.testing import tiny_ddpm_pipeline
+from tiny_pipelines import tiny_ddpm_pipeline
 
 K = 3
 
@@ -126,7 +126,7 @@ def test_noise_draws_average_hand_written_gradients(images, noise_mode):
 def test_noise_draws_factored_and_tracin(images):
     """The factored hooks see K·D rows per example; TracIn averages its training gradient over the draws."""
     from diffusers_attribution.featurize import Featurizer
-    from diffusers_attribution.methods.timesteps import timestep_features
+    from diffusers_attribution.gradients.timesteps import timestep_features
 
     pipe = enable_attribution(tiny_ddpm_pipeline())
     config = AttributionConfig(method="d-trak", num_timesteps=2, noise_draws=3, projection_dim=256, batch_size=4)
@@ -173,7 +173,7 @@ def test_identity_scores_equal_closed_form(images):
     # The default λ is a fixed fraction (the method's default ratio) of the mean non-zero eigenvalue of the kernel,
     # computed here independently.
     default_config = exact_config(method="trak", parameters=["conv_out.*"])
-    assert default_config.damping_ratio == METHOD_DEFAULTS["trak"]["damping_ratio"]
+    assert default_config.damping_ratio == get_method("trak").defaults["damping_ratio"]
     default = pipe.attribute(queries, pipe.featurize(images, default_config, progress=False))
     eigenvalues = np.linalg.eigvalsh(G @ G.T)
     expected_damping = default_config.damping_ratio * eigenvalues.sum() / len(images)

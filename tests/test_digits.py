@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from diffusers_attribution.digits import (
+from diffusers_attribution.demo.digits import (
     DigitsRecipe,
     generate_digits,
     load_digits_dataset,

@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
-import diffusers_attribution.featurize as featurize_module
+import diffusers_attribution.store.writer as featurize_module
 from diffusers_attribution import AttributionConfig, FeatureStore, enable_attribution
-from diffusers_attribution.store import read_shard_run
-from diffusers_attribution.testing import tiny_ddpm_pipeline
+from diffusers_attribution.store.format import read_shard_run
+from tiny_pipelines import tiny_ddpm_pipeline
 
 datasets = pytest.importorskip("datasets")
 

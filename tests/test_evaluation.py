@@ -11,7 +11,7 @@ import pytest
 import torch
 from scipy.stats import spearmanr
 
-from diffusers_attribution.digits import DigitsRecipe
+from diffusers_attribution.demo.digits import DigitsRecipe
 from diffusers_attribution.evaluation.counterfactual import counterfactual
 from diffusers_attribution.evaluation.damping import (
     KernelPath,
@@ -30,7 +30,7 @@ from diffusers_attribution.evaluation.retrain import (
 )
 from diffusers_attribution.scoring import KernelScorer
 from diffusers_attribution.seeding import seeded_randn
-from diffusers_attribution.testing import tiny_ddpm_pipeline
+from tiny_pipelines import tiny_ddpm_pipeline
 
 TINY = DigitsRecipe(block_out_channels=(8, 16), norm_num_groups=4, num_steps=3, batch_size=4, lr_warmup_steps=1)
 
@@ -210,7 +210,7 @@ def test_counterfactual_removes_top_k_and_compares_with_random(tmp_path):
     full = recipe.train(images, 0)
 
     def generate(pipe, seed):
-        from diffusers_attribution.digits import generate_digits
+        from diffusers_attribution.demo.digits import generate_digits
 
         return generate_digits(pipe, 1, seed=seed, num_inference_steps=4)
 

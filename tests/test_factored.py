@@ -11,13 +11,13 @@ from torch import nn
 
 from diffusers_attribution import AttributionConfig, FeatureStore, enable_attribution
 from diffusers_attribution.adapters import ModelInputs, PipelineAdapter
-from diffusers_attribution.factored import FactoredProjector, split_dims, weight_dims
+from diffusers_attribution.projection.factored import FactoredProjector, split_dims, weight_dims
 from diffusers_attribution.featurize import Featurizer
-from diffusers_attribution.gradients import per_example_gradients
-from diffusers_attribution.hooks import attribution_hooks
+from diffusers_attribution.gradients.reference import per_example_gradients
+from diffusers_attribution.gradients.hooks import attribution_hooks
 from diffusers_attribution.seeding import seed_from
-from diffusers_attribution.task import AttributionTask, gradients_only_for, select_parameters
-from diffusers_attribution.testing import save_tiny_lora, tiny_ddpm_pipeline, tiny_stable_diffusion_pipeline
+from diffusers_attribution.gradients.task import AttributionTask, gradients_only_for, select_parameters
+from tiny_pipelines import save_tiny_lora, tiny_ddpm_pipeline, tiny_stable_diffusion_pipeline
 
 
 class Toy(nn.Module):

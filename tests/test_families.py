@@ -27,7 +27,7 @@ from diffusers_attribution import (
 )
 from diffusers_attribution.data import to_image_tensor
 from diffusers_attribution.seeding import seeded_randn
-from diffusers_attribution.testing import (
+from tiny_pipelines import (
     save_tiny_lora,
     tiny_dit_pipeline,
     tiny_flux_pipeline,
@@ -353,7 +353,7 @@ def test_family_errors_are_clear(images):
 
 def test_adapter_options_a_family_does_not_take_are_refused():
     from diffusers_attribution.featurize import Featurizer
-    from diffusers_attribution.testing import tiny_ddpm_pipeline
+    from tiny_pipelines import tiny_ddpm_pipeline
 
     with pytest.raises(ValueError, match=r"adapter_options \['max_sequence_length'\] do not apply to DDPMPipeline"):
         Featurizer(tiny_ddpm_pipeline(), AttributionConfig(adapter_options={"max_sequence_length": 16}))

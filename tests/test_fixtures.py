@@ -5,7 +5,7 @@ import socket
 import pytest
 import torch
 
-from diffusers_attribution import testing as T
+import tiny_pipelines as T
 
 PROMPT = dict(prompt="a cat", max_sequence_length=16)
 

@@ -20,7 +20,7 @@ from diffusers_attribution.methods import (
     tracin_scores,
 )
 from diffusers_attribution.seeding import seed_from, seeded_randn
-from diffusers_attribution.testing import tiny_ddpm_pipeline
+from tiny_pipelines import tiny_ddpm_pipeline
 
 T = 1000
 
@@ -329,7 +329,7 @@ def test_gradient_norm_profile_equals_autograd_norms(images, tmp_path):
 def test_journey_on_a_flow_matching_pipeline_derives_x0_from_the_velocity():
     """SD3 (rectified flow): x̂0 = x_σ - σ v̂. Euler's last step lands on σ = 0, x = x - σ v̂: the final latents
     equal the last step's x̂0, so the decoded final image equals the last query image."""
-    from diffusers_attribution.testing import tiny_sd3_pipeline
+    from tiny_pipelines import tiny_sd3_pipeline
 
     pipe = enable_attribution(tiny_sd3_pipeline())
     images = torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1

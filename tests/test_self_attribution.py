@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from diffusers_attribution import AttributionConfig, enable_attribution
-from diffusers_attribution.digits import load_digits_images, load_or_train_digits_ddpm
+from diffusers_attribution.demo.digits import load_digits_images, load_or_train_digits_ddpm
 
 
 @pytest.mark.slow

@@ -9,7 +9,7 @@ from diffusers import DDPMScheduler
 
 from diffusers_attribution import AttributionConfig, enable_attribution
 from diffusers_attribution.seeding import seeded_randn
-from diffusers_attribution.testing import save_tiny_lora, tiny_stable_diffusion_pipeline
+from tiny_pipelines import save_tiny_lora, tiny_stable_diffusion_pipeline
 
 K = 2
 CAPTIONS = ["a red cat", "a blue dog", None]

@@ -17,11 +17,12 @@ from safetensors.torch import load_file, save_file
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-import diffusers_attribution.featurize as featurize_module
+import diffusers_attribution.store.writer as featurize_module
+from diffusers_attribution.featurize import Featurizer
 from diffusers_attribution import AttributionConfig, FeatureStore, StoreMismatchError, enable_attribution
 from diffusers_attribution.scoring import KernelScorer, StreamingScorer, merge_topk
 from diffusers_attribution.store import CorruptStoreError
-from diffusers_attribution.testing import tiny_ddpm_pipeline
+from tiny_pipelines import tiny_ddpm_pipeline
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from hub_server import LocalHub  # noqa: E402
@@ -142,13 +143,13 @@ def test_killed_run_resumes_without_recomputing(reference, pipe, images, tmp_pat
         FeatureStore.from_pretrained(directory)
 
     computed = []
-    featurize_rows = featurize_module.Featurizer.featurize_rows
+    featurize_rows = Featurizer.featurize_rows
 
     def spy(self, data, start, stop, bar=None):
         computed.append((start, stop))
         return featurize_rows(self, data, start, stop, bar)
 
-    monkeypatch.setattr(featurize_module.Featurizer, "featurize_rows", spy)
+    monkeypatch.setattr(Featurizer, "featurize_rows", spy)
     # Another config or another dataset in the same directory is refused, naming the difference.
     with pytest.raises(StoreMismatchError, match="feature_hash"):
         pipe.featurize(images, config(noise_seed=1), progress=False, output_dir=directory, shard_rows=SHARD_ROWS)

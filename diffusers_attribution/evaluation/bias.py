@@ -20,9 +20,9 @@ import torch
 from tqdm.auto import tqdm
 
 from ..config import AttributionConfig
-from ..data import TrainingData
+from ..data import as_training_data, training_batches
 from ..featurize import Featurizer
-from ..methods.timesteps import timestep_features, uniform_timesteps
+from ..gradients.timesteps import timestep_features, uniform_timesteps
 
 
 @dataclass
@@ -119,17 +119,14 @@ def timestep_gradient_norms(
     adapter = featurizer.adapter
     grid = (uniform_timesteps(timesteps, adapter.num_train_timesteps) if isinstance(timesteps, int)
             else torch.as_tensor(list(timesteps), dtype=torch.long))
-    data = train_data if isinstance(train_data, TrainingData) else TrainingData(
-        train_data, config.image_column, config.caption_column
-    )
-    if featurizer.needs_calibration:  # a calibrated factored projection is measured on the training set
-        featurizer.calibrate(data)
+    data = as_training_data(train_data, config.image_column, config.caption_column)
+    if not featurizer.projector.fitted:  # a calibrated factored projection is measured on the training set
+        featurizer.fit_projection(data)
     per_pass = max(1, config.batch_size // (len(grid) * draws))
     norms = []
-    for start in tqdm(range(0, len(data), per_pass), desc="gradient norms", unit="batch", disable=not progress):
-        indices = list(range(start, min(start + per_pass, len(data))))
-        images, captions = data.batch(indices)
-        adapter.validate_images(images, f"training examples {indices[0]}..{indices[-1]}")
+    batches = training_batches(data, 0, len(data), per_pass, adapter.validate_images)
+    for indices, images, captions, _ in tqdm(batches, total=-(-len(data) // per_pass), desc="gradient norms",
+                                             unit="batch", disable=not progress):
         inputs = adapter.encode(images, captions, indices, config.noise_seed)
         norms.append(timestep_features(featurizer, inputs, indices, grid, draws).norms)
     return GradientNormProfile(grid, torch.cat(norms))

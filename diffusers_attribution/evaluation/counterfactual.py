@@ -31,7 +31,7 @@ def default_generate(pipe, seed: int, num_inference_steps: int = 50) -> torch.Te
     unet = getattr(pipe, "unet", None)
     if unet is None or getattr(unet.config, "cross_attention_dim", None) is not None:
         raise ValueError(f"no default sampler for {type(pipe).__name__}: pass generate=(pipe, seed) -> [1, C, H, W]")
-    from ..digits import generate_digits
+    from ..demo.digits import generate_digits
 
     return generate_digits(pipe, 1, seed=int(seed), num_inference_steps=num_inference_steps)
 

@@ -23,6 +23,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from ..scoring import damping_from_trace
 from .lds import LDSResult, lds, spearman_rows
 
 __all__ = [
@@ -55,7 +56,7 @@ class KernelPath:
         eigenvalues, vectors = torch.linalg.eigh(gram)
         self.eigenvalues = eigenvalues.clamp_min(0)
         self.vectors = vectors
-        self.mean_eigenvalue = float(phi.pow(2).sum() / min(n, k))  # tr(ΦᵀΦ) / min(N, k)
+        self.mean_eigenvalue = damping_from_trace(phi.pow(2).sum(), n, k, 1.0)  # tr(ΦᵀΦ) / min(N, k)
 
     def _left(self, query_features: torch.Tensor) -> torch.Tensor:
         q = torch.as_tensor(query_features, dtype=torch.float64)

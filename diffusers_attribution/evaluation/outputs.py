@@ -20,7 +20,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from ..data import to_image_batch
+from ..data import query_batch, to_image_batch
 from ..seeding import seeded_randn
 
 __all__ = ["LossSpec", "diffusion_losses", "QueryLosses"]
@@ -82,14 +82,8 @@ def diffusion_losses(
     from ..adapters import get_adapter
 
     adapter = get_adapter(pipe)
-    batch = to_image_batch(images)
-    adapter.validate_images(batch, "query images")
+    batch, prompts = query_batch(images, prompts, adapter.validate_images)
     n = len(batch)
-    if isinstance(prompts, str) or prompts is None:
-        prompts = [prompts] * n
-    prompts = list(prompts)
-    if len(prompts) != n:
-        raise ValueError(f"got {len(prompts)} prompts for {n} query images")
     keys = list(range(n)) if keys is None else list(keys)
     if len(keys) != n:
         raise ValueError(f"got {len(keys)} keys for {n} query images")

@@ -31,7 +31,6 @@ On CPU: `ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 sc
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
 import os
 import resource
@@ -39,13 +38,15 @@ import shutil
 import tempfile
 import time
 import warnings
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
+from ..store.files import atomic_write, identity_difference
 from .masks import mask_indices, masks_digest
+from .recipes import DigitsTrainingRecipe, FunctionRecipe, as_recipe, describe_recipe
 
 __all__ = [
     "DigitsTrainingRecipe",
@@ -64,74 +65,6 @@ FORMAT_VERSION = 1
 
 class RetrainMismatchError(ValueError):
     """The output directory holds results of another experiment (recipe, measure, data or seeds differ)."""
-
-
-# ---------------------------------------------------------------------------------------------- recipes
-
-
-@dataclass(frozen=True)
-class DigitsTrainingRecipe:
-    """`digits.DigitsRecipe` as a harness recipe: `train(images, seed)` = `train_digits_ddpm` with that seed."""
-
-    recipe: Any = None  # digits.DigitsRecipe; None = the default recipe
-    progress: bool = False
-
-    def _recipe(self):
-        from ..digits import DigitsRecipe
-
-        return self.recipe if self.recipe is not None else DigitsRecipe()
-
-    def train(self, data: torch.Tensor, seed: int):
-        from ..digits import train_digits_ddpm
-
-        return train_digits_ddpm(torch.as_tensor(data), replace(self._recipe(), seed=int(seed)), progress=self.progress)
-
-    def describe(self) -> dict[str, Any]:
-        recipe = asdict(self._recipe())
-        recipe.pop("seed")  # the harness's seeds replace it
-        return {"kind": "digits-ddpm", **recipe}
-
-
-class FunctionRecipe:
-    """A user training function as a recipe: `fn(data, seed) -> pipeline` (or `fn(data)`: then `seed` is ignored
-    and all training seeds give the same model — pass one seed). `description` is recorded in harness.json."""
-
-    def __init__(self, fn: Callable, description: Mapping[str, Any] | None = None):
-        self.fn = fn
-        self.description = dict(description or {})
-        try:
-            parameters = inspect.signature(fn).parameters
-            self._takes_seed = len(parameters) >= 2 or "seed" in parameters or any(
-                p.kind is inspect.Parameter.VAR_POSITIONAL for p in parameters.values())
-        except (TypeError, ValueError):
-            self._takes_seed = True
-
-    def train(self, data: Any, seed: int):
-        return self.fn(data, seed) if self._takes_seed else self.fn(data)
-
-    def describe(self) -> dict[str, Any]:
-        name = f"{getattr(self.fn, '__module__', '?')}.{getattr(self.fn, '__qualname__', type(self.fn).__name__)}"
-        return {"kind": "function", "function": name, **self.description}
-
-
-def as_recipe(recipe: Any):
-    """A harness recipe from a recipe object (`.train`), a `digits.DigitsRecipe`, or a training function."""
-    from ..digits import DigitsRecipe
-
-    if isinstance(recipe, DigitsRecipe):
-        return DigitsTrainingRecipe(recipe)
-    if hasattr(recipe, "train") and callable(recipe.train):
-        return recipe
-    if callable(recipe):
-        return FunctionRecipe(recipe)
-    raise TypeError(f"a recipe needs a train(data, seed) method or must be callable, got {type(recipe).__name__}")
-
-
-def describe_recipe(recipe: Any) -> dict[str, Any]:
-    describe = getattr(recipe, "describe", None)
-    if callable(describe):
-        return dict(describe())
-    return {"kind": type(recipe).__qualname__}
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -164,7 +97,7 @@ def data_digest(data: Any) -> str:
         return fingerprint[:16]
     try:
         from ..data import TrainingData
-        from ..store import dataset_fingerprint
+        from ..store.files import dataset_fingerprint
 
         training = TrainingData(data)
         return dataset_fingerprint([training.example_hash(i) for i in range(len(training))])
@@ -325,12 +258,11 @@ class RetrainHarness:
         path = self.output_dir / "harness.json"
         if path.is_file():
             recorded = json.loads(path.read_text())
-            differ = [k for k in ("num_train", "recipe", "measure", "data", "format") if recorded.get(k) != identity[k]]
+            differ = identity_difference(recorded, identity, ("num_train", "recipe", "measure", "data", "format"))
             if differ:
                 raise RetrainMismatchError(
-                    f"{self.output_dir} holds retraining results of another experiment ({', '.join(differ)} differ: "
-                    f"{ {k: recorded.get(k) for k in differ} } there, { {k: identity[k] for k in differ} } now). "
-                    "Use another output_dir, or delete it to start over")
+                    f"{self.output_dir} holds retraining results of another experiment ({', '.join(differ[0])} differ: "
+                    f"{differ[1]}). Use another output_dir, or delete it to start over")
         if self.rank == 0:
             seeds = sorted(set(json.loads(path.read_text()).get("seeds", [])) | set(self.seeds)) if path.is_file() else self.seeds
             record = {**identity, "seeds": seeds, "run_key": key, "metadata": self.extra}
@@ -465,8 +397,6 @@ def load_results(output_dir: str | os.PathLike, masks: torch.Tensor | None = Non
 
 
 def _atomic(path: Path, write: Callable[[str], Any]) -> None:
-    from ..store import atomic_write
-
     atomic_write(Path(path), write)
 
 

@@ -1,33 +1,33 @@
-"""Attribution methods beyond the TRAK kernel, one module per method (docs/methods.md):
+"""Attribution methods, one file each; every file registers its `Method`s (base.py) when the registry first
+looks (docs/methods.md):
 
-    tracin.py      Diffusion-TracIn and Diffusion-ReTrac         tracin_scores, retrac_scores
-    journey.py     Journey-TRAK per-step attribution             attribute_trajectory → JourneyResult
-    ensemble.py    scores averaged over models or checkpoints    ensemble_attribute, featurize_ensemble
-    similarity.py  pixel dot / cosine, image-embedding cosine    similarity_scores
-    registry.py    featurizer and scorer of each config.method  make_featurizer, make_scorer
-    timesteps.py   per-(timestep, noise) features, shared       timestep_features
-    checkpoints.py denoiser checkpoints loaded in place         load_checkpoint
+    base.py        Method (name, defaults, fields it reads, featurizer, scorer) and the registry: get_method
+    trak.py        TRAK, D-TRAK: kernel scores over time-averaged projected gradients
+    journey.py     Journey-TRAK per-step attribution               attribute_trajectory → JourneyResult
+    tracin.py      Diffusion-TracIn and Diffusion-ReTrac            tracin_scores, retrac_scores
+    similarity.py  pixel dot / cosine, image-embedding cosine       similarity_scores
+    ensemble.py    scores averaged over models or checkpoints       ensemble_attribute, featurize_ensemble
+
+Names below are imported on first use (nothing is imported with the package).
 """
 
-from .checkpoints import CheckpointSet, load_checkpoint
-from .ensemble import ensemble_attribute, featurize_ensemble
-from .journey import JourneyResult, attribute_trajectory
-from .registry import make_featurizer, make_scorer
-from .similarity import similarity_scores
-from .tracin import TracInFeaturizer, TracInScorer, retrac_scores, tracin_scores
+from __future__ import annotations
 
-__all__ = [
-    "CheckpointSet",
-    "JourneyResult",
-    "TracInFeaturizer",
-    "TracInScorer",
-    "attribute_trajectory",
-    "ensemble_attribute",
-    "featurize_ensemble",
-    "load_checkpoint",
-    "make_featurizer",
-    "make_scorer",
-    "retrac_scores",
-    "similarity_scores",
-    "tracin_scores",
-]
+import importlib
+
+_PUBLIC = {
+    "CheckpointSet": "..checkpoints", "load_checkpoint": "..checkpoints",
+    "ensemble_attribute": ".ensemble", "featurize_ensemble": ".ensemble",
+    "JourneyResult": ".journey", "attribute_trajectory": ".journey",
+    "get_method": ".base", "method_names": ".base", "register_method": ".base", "Method": ".base",
+    "similarity_scores": ".similarity",
+    "TracInFeaturizer": ".tracin", "TracInScorer": ".tracin", "retrac_scores": ".tracin", "tracin_scores": ".tracin",
+}
+
+__all__ = sorted(_PUBLIC)
+
+
+def __getattr__(name: str):
+    if name not in _PUBLIC:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(_PUBLIC[name], __name__), name)

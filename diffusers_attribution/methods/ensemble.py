@@ -14,10 +14,11 @@ from typing import Any, Sequence
 
 import torch
 
+from .. import api
+from ..checkpoints import describe, load_checkpoint
 from ..config import AttributionConfig
 from ..result import AttributionResult
-from ..store import FeatureStore
-from .checkpoints import describe, load_checkpoint
+from ..store.format import FeatureStore
 
 
 def featurize_ensemble(
@@ -30,7 +31,7 @@ def featurize_ensemble(
     stores = []
     for pipe, checkpoint in members:
         with _maybe_loaded(pipe, checkpoint):
-            store = _enabled(pipe).featurize(train_dataset, config, progress=progress)
+            store = api.featurize(pipe, train_dataset, config, progress=progress)
         if checkpoint is not None:
             store.metadata["checkpoint"] = describe(checkpoint)
         stores.append(store)
@@ -56,7 +57,7 @@ def ensemble_attribute(
     results = []
     for m, ((pipe, _), store) in enumerate(zip(members, stores)):
         with _maybe_loaded(pipe, None if checkpoints is None else checkpoints[m]):
-            results.append(_enabled(pipe).attribute(images, store, prompts=prompts, progress=progress))
+            results.append(api.attribute(pipe, images, store, prompts=prompts, progress=progress))
     member_scores = torch.stack([r.scores for r in results])
     return AttributionResult(
         scores=member_scores.double().mean(0).float(),
@@ -82,12 +83,6 @@ def _maybe_loaded(pipe, checkpoint):
     import contextlib
 
     return contextlib.nullcontext() if checkpoint is None else load_checkpoint(pipe, checkpoint)
-
-
-def _enabled(pipe):
-    from ..mixin import enable_attribution
-
-    return enable_attribution(pipe)
 
 
 def _check_same_training_set(stores: list[FeatureStore]) -> None:

@@ -26,10 +26,23 @@ import torch
 from ..adapters import ModelInputs
 from ..config import AttributionConfig
 from ..featurize import Featurizer
+from ..gradients.timesteps import timestep_features
 from ..result import AttributionResult
-from ..store import FeatureStore
-from .registry import KERNEL_METHODS, TrakScorer
-from .timesteps import timestep_features
+from ..scoring import StreamingScorer
+from ..store.format import FeatureStore
+from .base import get_method, register_method
+from .trak import KernelMethod
+
+
+@register_method
+class JourneyTRAK(KernelMethod):
+    """Training features: TRAK's, with 20 random timesteps per example; queries: `attribute_trajectory`."""
+
+    name = "journey-trak"
+    title = "Journey-TRAK (Georgiev et al., 2023)"
+    default_output = "loss"
+    defaults = {"num_timesteps": 20, "timestep_schedule": "random", "query_noise_draws": 4}
+    reads = ("noise_draws", "query_noise_draws")
 
 
 @dataclass
@@ -59,7 +72,7 @@ class JourneyResult(AttributionResult):
         the top-k training examples (`top_examples`) against the step, with their images if `train_dataset`."""
         from matplotlib.figure import Figure
 
-        from .plotting import image_array
+        from ..plotting import image_array
 
         indices = self.top_examples(k, standardize).tolist()
         curves = self._curves(standardize)
@@ -85,9 +98,9 @@ class JourneyResult(AttributionResult):
         ax.legend(fontsize=7, loc="upper left")
         ax.set_title(title or "Journey-TRAK: per-step attribution of the top training examples", fontsize=9)
         if train_dataset is not None:
-            from ..data import TrainingData
+            from ..data import as_training_data
 
-            data = train_dataset if isinstance(train_dataset, TrainingData) else TrainingData(train_dataset)
+            data = as_training_data(train_dataset)
             for column, (color, index) in enumerate(zip(colors, indices)):
                 thumb = figure.add_subplot(grid[2, column])
                 thumb.imshow(image_array(data[index][0]), cmap="gray", vmin=0, vmax=1)
@@ -174,22 +187,13 @@ def attribute_trajectory(
         config: default `AttributionConfig(method="journey-trak")`; with a store, the store's config is used.
         pipeline_kwargs: passed to `pipe(...)` (e.g. `guidance_scale`, `height`, `width`).
     """
-    from ..mixin import enable_attribution
+    from ..api import featurize_and_store
 
-    pipe = enable_attribution(pipe)
-    if isinstance(train_data, (str, os.PathLike)):
-        train_data = FeatureStore.from_pretrained(train_data)
-    if isinstance(train_data, FeatureStore):
-        store = train_data
-        if config is not None:
-            store.check_compatible(config, {})
-    else:
-        store = pipe.featurize(train_data, config or AttributionConfig(method="journey-trak"), progress=progress)
+    featurizer, store = featurize_and_store(pipe, train_data, config or AttributionConfig(method="journey-trak"),
+                                            given_config=config is not None, progress=progress)
     config = store.config
-    if config.method not in KERNEL_METHODS:
+    if not get_method(config.method).kernel:
         raise ValueError(f"per-step attribution scores with the TRAK kernel; the store's method is {config.method!r}")
-    featurizer = Featurizer(pipe, config, projection_state=store.projection_state)
-    store.check_compatible(config, featurizer.metadata())
 
     prompt = prompt_or_seed if isinstance(prompt_or_seed, str) else None
     seed = seed if prompt is not None else int(prompt_or_seed)
@@ -203,7 +207,7 @@ def attribute_trajectory(
     draws = config.query_noise_draws or 1
     keys = [f"step:{s}" for s in range(len(records))]
     phi = timestep_features(featurizer, inputs, keys, timesteps[:, None], draws, noise_mode="per-example").features
-    scorer = TrakScorer(store, config.damping, config.damping_ratio)
+    scorer = StreamingScorer(store, config.damping, config.damping_ratio)
     return JourneyResult(
         scores=scorer.scores(phi),
         config=config,

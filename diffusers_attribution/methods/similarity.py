@@ -19,10 +19,12 @@ import torch
 import torch.nn.functional as F
 
 from ..config import AttributionConfig
-from ..data import TrainingData, content_hash, to_image_batch
+from ..data import as_training_data, to_image_batch, training_batches
+from ..fingerprint import state_fingerprint
 from ..result import AttributionResult
-from ..store import FeatureStore
-from .checkpoints import state_fingerprint
+from ..store.format import FeatureStore
+from ..store.writer import finish_store
+from .base import Method, get_method, register_method
 
 SIMILARITY_METHODS = ("pixel-dot", "pixel-cosine", "embedding-cosine")
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
@@ -54,17 +56,10 @@ class _ImageFeaturizer:
 
     def featurize_dataset(self, dataset: Any, progress: bool = True, **store_options) -> FeatureStore:
         """Φ [N, d]; `store_options` as `TracInFeaturizer.featurize_dataset`."""
-        from .registry import finish_store
-
-        data = dataset if isinstance(dataset, TrainingData) else TrainingData(
-            dataset, self.config.image_column, self.config.caption_column
-        )
+        data = as_training_data(dataset, self.config.image_column, self.config.caption_column)
         features, hashes = [], []
-        for start in range(0, len(data), self.config.batch_size):
-            indices = list(range(start, min(start + self.config.batch_size, len(data))))
-            images, captions = data.batch(indices)
-            self._validate(images, f"training examples {indices[0]}..{indices[-1]}")
-            hashes.extend(content_hash(image, caption) for image, caption in zip(images, captions))
+        for _, images, _, batch_hashes in training_batches(data, 0, len(data), self.config.batch_size, self._validate):
+            hashes.extend(batch_hashes)
             features.append(self.embed(images).float().cpu())
         metadata = {**self.metadata(), "num_examples": len(data), "example_hashes": hashes}
         return finish_store(FeatureStore(torch.cat(features), self.config, metadata), **store_options)
@@ -183,16 +178,39 @@ def _unit_rows(x: torch.Tensor) -> torch.Tensor:
     return x / x.norm(dim=1, keepdim=True).clamp_min(torch.finfo(x.dtype).tiny)
 
 
-def make_similarity_featurizer(pipe, config: AttributionConfig, encoder=None, processor=None):
-    if config.method == "embedding-cosine":
-        return EmbeddingFeaturizer(pipe, config, encoder, processor)
-    if config.method in ("pixel-dot", "pixel-cosine"):
-        return PixelFeaturizer(pipe, config)
-    raise ValueError(f"{config.method!r} is not a similarity method {SIMILARITY_METHODS}")
+class _SimilarityMethod(Method):
+    """A baseline from the images alone: no gradients, no timesteps, no noise."""
+
+    reads = ()
+    featurizer_class: type = PixelFeaturizer
+    scorer_class: type = CosineScorer
+
+    def featurizer(self, pipe, config, store=None, **options):
+        return self.featurizer_class(pipe, config, **options)
+
+    def scorer(self, store, damping=None, damping_ratio=None):
+        return self.scorer_class(store.features)
 
 
-def make_similarity_scorer(store: FeatureStore):
-    return DotScorer(store.features) if store.config.method == "pixel-dot" else CosineScorer(store.features)
+@register_method
+class PixelDot(_SimilarityMethod):
+    name = "pixel-dot"
+    title = "pixel inner product (baseline)"
+    scorer_class = DotScorer
+
+
+@register_method
+class PixelCosine(_SimilarityMethod):
+    name = "pixel-cosine"
+    title = "pixel cosine similarity (baseline)"
+
+
+@register_method
+class EmbeddingCosine(_SimilarityMethod):
+    name = "embedding-cosine"
+    title = "image-embedding cosine similarity (baseline)"
+    reads = ("encoder",)
+    featurizer_class = EmbeddingFeaturizer
 
 
 def similarity_scores(
@@ -207,7 +225,11 @@ def similarity_scores(
 ) -> AttributionResult:
     """Scores [n_queries, N] of a similarity baseline, without a pipeline (pass `pipe` to check image shapes)."""
     config = config or AttributionConfig(method=method)
-    featurizer = make_similarity_featurizer(pipe, config, encoder, processor)
+    if config.method not in SIMILARITY_METHODS:
+        raise ValueError(f"{config.method!r} is not a similarity method {SIMILARITY_METHODS}")
+    method_ = get_method(config.method)
+    options = {"encoder": encoder, "processor": processor} if config.method == "embedding-cosine" else {}
+    featurizer = method_.featurizer(pipe, config, **options)
     store = train_dataset if isinstance(train_dataset, FeatureStore) else featurizer.featurize_dataset(train_dataset)
-    scores = make_similarity_scorer(store).scores(featurizer.featurize_queries(images))
+    scores = method_.scorer(store).scores(featurizer.featurize_queries(images))
     return AttributionResult(scores=scores, config=config, query_images=to_image_batch(images))

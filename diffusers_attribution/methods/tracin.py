@@ -26,16 +26,45 @@ from typing import Any, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from ..checkpoints import CheckpointSet, describe
 from ..config import AttributionConfig
-from ..data import TrainingData, content_hash, to_image_batch
-from ..featurize import Featurizer, model_fingerprint, query_batch
+from ..data import as_training_data, query_batch, to_image_batch, training_batches
+from ..featurize import Featurizer
+from ..fingerprint import model_fingerprint
+from ..gradients.timesteps import timestep_features, uniform_timesteps
 from ..result import AttributionResult
-from ..store import FeatureStore
-from .checkpoints import CheckpointSet, describe
-from .registry import finish_store
-from .timesteps import timestep_features, uniform_timesteps
+from ..store.format import FeatureStore
+from ..store.writer import finish_store
+from .base import Method, register_method
 
 TRACIN_METHODS = ("tracin", "retrac")
+
+
+class _TracInMethod(Method):
+    """TracIn's defaults (METHODS.md): each training gradient at one random timestep; the query gradient over
+    100 evenly spaced timesteps × 16 noises."""
+
+    default_output = "loss"
+    defaults = {"num_timesteps": 1, "timestep_schedule": "random", "query_timesteps": 100, "query_noise_draws": 16}
+    reads = ("checkpoints", "learning_rates", "query_timesteps", "query_noise_draws", "noise_draws")
+
+    def featurizer(self, pipe, config, store=None, **options):
+        return TracInFeaturizer(pipe, config, **options)
+
+    def scorer(self, store, damping=None, damping_ratio=None):
+        return TracInScorer.from_store(store)
+
+
+@register_method
+class TracIn(_TracInMethod):
+    name = "tracin"
+    title = "Diffusion-TracIn (Xie et al., 2024)"
+
+
+@register_method
+class ReTrac(_TracInMethod):
+    name = "retrac"
+    title = "Diffusion-ReTrac (Xie et al., 2024)"
 
 
 class TracInFeaturizer:
@@ -94,21 +123,16 @@ class TracInFeaturizer:
         `store_options`: `output_dir` (the store is written there once computed), `shard_rows`, `max_shard_size`.
         """
         config = self.config
-        data = dataset if isinstance(dataset, TrainingData) else TrainingData(
-            dataset, config.image_column, config.caption_column
-        )
+        data = as_training_data(dataset, config.image_column, config.caption_column)
         n, size, k = len(data), config.batch_size, self.block_dim
         starts = list(range(0, n, size))
         features = torch.empty(n, self.dim, dtype=torch.float32)
         hashes: list[str] = []
 
         def groups():  # the training batches, read again for every checkpoint
-            for start in starts:
-                indices = list(range(start, min(start + size, n)))
-                images, captions = data.batch(indices)
+            for indices, images, captions, batch_hashes in training_batches(data, 0, n, size, self.adapter.validate_images):
                 if len(hashes) < n:
-                    self.adapter.validate_images(images, f"training examples {indices[0]}..{indices[-1]}")
-                    hashes.extend(content_hash(image, caption) for image, caption in zip(images, captions))
+                    hashes.extend(batch_hashes)
                 inputs = self.adapter.encode(images, list(captions), indices, config.noise_seed)
                 yield inputs, indices, self.base.task.timesteps(indices)  # [B, K], seeded per example
 
@@ -124,7 +148,7 @@ class TracInFeaturizer:
 
     def featurize_queries(self, images: Any, prompts: Sequence[str] | str | None = None) -> torch.Tensor:
         """φ [n, C·k]: each query's gradient averaged over `query_timesteps` evenly spaced t × `query_noise_draws`."""
-        batch, prompts = query_batch(self.adapter, images, prompts)
+        batch, prompts = query_batch(images, prompts, self.adapter.validate_images)
         grid = uniform_timesteps(self.config.query_timesteps, self.adapter.num_train_timesteps)
         draws, k = self.config.query_noise_draws, self.block_dim
         per_group = max(1, self.config.batch_size // (len(grid) * draws))
@@ -184,7 +208,7 @@ def tracin_scores(
     """Diffusion-TracIn (or ReTrac with `config.method="retrac"`) scores [n_queries, N] of `images`.
 
     `train_dataset`: a training set, or a `FeatureStore` featurized by the same method and checkpoints.
-    `checkpoints`: state dicts, modules, paths or dicts (methods/checkpoints.py); None = `config.checkpoints`,
+    `checkpoints`: state dicts, modules, paths or dicts (checkpoints.py); None = `config.checkpoints`,
     else the pipeline's current weights. `learning_rates`: η_c (None = `config.learning_rates`, else all 1).
     """
     config = config or AttributionConfig(method="tracin")

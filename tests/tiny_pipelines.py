@@ -1,8 +1,8 @@
 """Tiny, randomly initialised diffusers pipelines built fully offline.
 
 Every builder constructs its models from Python configs (no hub access, safe under
-``HF_HUB_OFFLINE=1``), re-seeds with ``torch.manual_seed(seed)`` before each model so the
-same seed gives the same weights, puts all modules in eval mode and disables progress
+``HF_HUB_OFFLINE=1``), seeds each model with ``torch.manual_seed(seed)`` on a fork of torch's RNG
+(the caller's global RNG state is left as it was) so the same seed gives the same weights, puts all modules in eval mode and disables progress
 bars. Tokenizers are byte-level and built from files written to a temporary directory.
 
 Default image sizes (all VAEs here have ``vae_scale_factor == 2``):
@@ -23,6 +23,7 @@ tiny_flux_pipeline     ``transformer``     16x16 RGB    pass ``height=16, width=
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import os
 import string
@@ -53,6 +54,16 @@ _SD_EXTRA = {
     "euler": {},
 }
 TEXT_DIM = 32  # hidden size of every tiny text encoder
+
+
+def _own_rng(builder):
+    """Run `builder` on a fork of torch's CPU RNG: its per-model `torch.manual_seed(seed)` calls fix the weights
+    without changing the global RNG state the caller sees."""
+    @functools.wraps(builder)
+    def wrapped(*args, **kwargs):
+        with torch.random.fork_rng(devices=[]):
+            return builder(*args, **kwargs)
+    return wrapped
 
 
 # --------------------------------------------------------------------------- tokenizers
@@ -210,6 +221,7 @@ def _finish(pipe):
 # --------------------------------------------------------------------------- pipelines
 
 
+@_own_rng
 def tiny_ddpm_pipeline(
     prediction_type: str = "epsilon",
     sample_size: int = 8,
@@ -245,6 +257,7 @@ def tiny_ddpm_pipeline(
     return _finish(cls(unet=unet, scheduler=sched))
 
 
+@_own_rng
 def tiny_stable_diffusion_pipeline(seed: int = 0, scheduler: str = "ddim"):
     """StableDiffusionPipeline: 8x8x4 latents, 16x16 RGB images, cross_attention_dim 32.
 
@@ -279,6 +292,7 @@ def tiny_stable_diffusion_pipeline(seed: int = 0, scheduler: str = "ddim"):
     return _finish(pipe)
 
 
+@_own_rng
 def tiny_sdxl_pipeline(seed: int = 0, scheduler: str = "ddim"):
     """StableDiffusionXLPipeline: two CLIP encoders (32 + 32 dims), 16x16 RGB images.
 
@@ -319,6 +333,7 @@ def tiny_sdxl_pipeline(seed: int = 0, scheduler: str = "ddim"):
     return _finish(pipe)
 
 
+@_own_rng
 def tiny_dit_pipeline(seed: int = 0, scheduler: str = "ddim"):
     """Class-conditional DiTPipeline with learned variance (out_channels = 2 * 4).
 
@@ -347,6 +362,7 @@ def tiny_dit_pipeline(seed: int = 0, scheduler: str = "ddim"):
     return _finish(pipe)
 
 
+@_own_rng
 def tiny_pixart_pipeline(seed: int = 0):
     """PixArtAlphaPipeline with a tiny T5 encoder; 16x16 RGB images.
 
@@ -384,6 +400,7 @@ def tiny_pixart_pipeline(seed: int = 0):
     return _finish(pipe)
 
 
+@_own_rng
 def tiny_sd3_pipeline(seed: int = 0):
     """StableDiffusion3Pipeline (two CLIP-with-projection + T5); 16x16 RGB images."""
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
@@ -416,6 +433,7 @@ def tiny_sd3_pipeline(seed: int = 0):
     return _finish(pipe)
 
 
+@_own_rng
 def tiny_flux_pipeline(seed: int = 0):
     """FluxPipeline (CLIP + T5); 4-channel latents packed 2x2 into 16-channel tokens.
 

@@ -9,7 +9,7 @@ On disk (format 2), a directory:
     ...                                      (the content hash of each example, data.content_hash)
     kernel.safetensors                       "gram" float64: ΦᵀΦ [k, k] (N > k) or ΦΦᵀ [N, N] (N ≤ k)
     projection.safetensors                   calibrated factored projection only: its per-layer bases
-                                             ("<parameter>::out" / "::in" / "::dense", calibration.py)
+                                             ("<parameter>::out" / "::in" / "::dense", projection/calibrated.py)
     README.md                                a dataset card (hub.store_card)
 
 Every file is written to a temporary name, fsynced and renamed, and `config.json` is written last: a
@@ -19,99 +19,35 @@ Loading is lazy: shards are memory-mapped with `safe_open` and read block by blo
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import json
 import os
-import re
-import tempfile
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .config import AttributionConfig
-
-FORMAT_VERSION = 2
-CONFIG_NAME = "config.json"
-KERNEL_NAME = "kernel.safetensors"
-PROJECTION_NAME = "projection.safetensors"
-CARD_NAME = "README.md"
-DEFAULT_MAX_SHARD_SIZE = "2GB"
-HASH_BYTES = 8  # data.content_hash: 16 hex digits
-KERNEL_METHODS = ("trak", "d-trak", "journey-trak")  # the methods scored through (ΦᵀΦ + λI)⁻¹
-_SHARD_RE = re.compile(r"^features-(\d{5})-of-(\d{5})\.safetensors$")
-
-
-class StoreMismatchError(ValueError):
-    """A store is used with a model, adapter, projection or dataset other than the one it was built from."""
-
-
-class CorruptStoreError(ValueError):
-    """A store file is missing, truncated, or does not match the size and sha256 recorded in config.json."""
-
-
-# ---------------------------------------------------------------------------------------------- layout
-
-
-def shard_name(index: int, count: int) -> str:
-    return f"features-{index:05d}-of-{count:05d}.safetensors"
-
-
-def shard_plan(num_examples: int, shard_rows: int) -> list[dict[str, Any]]:
-    """Shards covering rows [0, N): shard i holds rows [i·shard_rows, min((i+1)·shard_rows, N))."""
-    count = -(-num_examples // shard_rows)
-    return [
-        {"file": shard_name(i, count), "start": i * shard_rows, "stop": min((i + 1) * shard_rows, num_examples)}
-        for i in range(count)
-    ]
-
-
-def parse_size(size: int | str) -> int:
-    """Bytes from an int or a string such as "2GB" (10⁹) or "512MiB" (2²⁰), as in `save_pretrained`."""
-    if isinstance(size, int):
-        return size
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*", size, flags=re.IGNORECASE)
-    if not match:
-        raise ValueError(f"cannot read a size from {size!r}; use e.g. 2GB, 500MB or a number of bytes")
-    unit = (match.group(2) or "B").upper()
-    scale = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-             "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}[unit]
-    return int(float(match.group(1)) * scale)
-
-
-def rows_per_shard(dim: int, max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE) -> int:
-    """The number of float32 rows of width `dim` that fit in `max_shard_size`."""
-    return max(1, parse_size(max_shard_size) // (4 * dim))
-
-
-def run_identity(config: AttributionConfig, metadata: dict[str, Any], num_examples: int, shard_rows: int,
-                 dim: int) -> dict[str, Any]:
-    """What makes two featurizations write the same shards; stored in every shard to make resuming safe."""
-    return {
-        "feature_hash": config.feature_hash(),
-        "projection": _digest(metadata.get("projection")),
-        "model_fingerprint": metadata.get("model_fingerprint"),
-        "num_examples": num_examples,
-        "shard_rows": shard_rows,
-        "dim": dim,
-    }
-
-
-def write_shard(directory: Path, entry: dict[str, Any], features: torch.Tensor, hashes: Sequence[str],
-                run: dict[str, Any], process: str = "0/1") -> None:
-    """Write one shard atomically: `features` [stop - start, k] float32 and the rows' example hashes.
-
-    `process` ("rank/world") is recorded in the header, to tell which process wrote which shard."""
-    rows = entry["stop"] - entry["start"]
-    if features.shape[0] != rows or len(hashes) != rows:
-        raise ValueError(f"{entry['file']}: expected {rows} rows, got {features.shape[0]} features, {len(hashes)} hashes")
-    tensors = {"features": features.detach().to("cpu", torch.float32).contiguous(), "example_hashes": hashes_to_tensor(hashes)}
-    metadata = {"start": str(entry["start"]), "stop": str(entry["stop"]), "run": json.dumps(run, sort_keys=True),
-                "process": process}
-    atomic_write(directory / entry["file"], lambda path: save_file(tensors, path, metadata=metadata))
+from ..config import AttributionConfig
+from .errors import CorruptStoreError, StoreMismatchError
+from .files import (
+    CARD_NAME,
+    CONFIG_NAME,
+    DEFAULT_MAX_SHARD_SIZE,
+    FORMAT_VERSION,
+    KERNEL_NAME,
+    PROJECTION_NAME,
+    SHARD_RE,
+    atomic_write,
+    dataset_fingerprint,
+    file_digest,
+    open_shard,
+    rows_per_shard,
+    run_identity,
+    shard_plan,
+    tensor_to_hashes,
+    write_projection,
+    write_shard,
+)
 
 
 def read_shard_run(path: Path) -> dict[str, Any]:
@@ -123,38 +59,6 @@ def read_shard_run(path: Path) -> dict[str, Any]:
                 "process": meta.get("process")}
     except (KeyError, ValueError) as error:
         raise CorruptStoreError(f"{path}: not a feature-store shard (header metadata {meta})") from error
-
-
-def hashes_to_tensor(hashes: Sequence[str]) -> torch.Tensor:
-    data = bytearray(b"".join(bytes.fromhex(h) for h in hashes))
-    if len(data) != HASH_BYTES * len(hashes):
-        raise ValueError(f"example hashes must be {2 * HASH_BYTES} hex digits")
-    return torch.frombuffer(data, dtype=torch.uint8).view(len(hashes), HASH_BYTES).clone()
-
-
-def tensor_to_hashes(tensor: torch.Tensor) -> list[str]:
-    return [bytes(row).hex() for row in tensor.numpy()]
-
-
-def dataset_fingerprint(hashes: Sequence[str]) -> str:
-    return hashlib.sha256("".join(hashes).encode()).hexdigest()[:16]
-
-
-@contextlib.contextmanager
-def open_shard(path: Path) -> Iterator[Any]:
-    """`safe_open` a shard (memory-mapped, no pickle); read errors become a `CorruptStoreError` naming the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise CorruptStoreError(f"missing store file {path}")
-    try:
-        handle = safe_open(str(path), framework="pt")
-    except Exception as error:
-        raise CorruptStoreError(f"{path} is corrupt or truncated: {error}") from error
-    try:
-        with handle:
-            yield handle
-    except SafetensorError as error:
-        raise CorruptStoreError(f"{path} is corrupt or truncated: {error}") from error
 
 
 # ---------------------------------------------------------------------------------------------- store
@@ -273,11 +177,10 @@ class FeatureStore:
 
     def check_dataset(self, dataset: Any, image_column: str | None = None, caption_column: str | None = None) -> None:
         """Raise `StoreMismatchError` unless `dataset` holds the examples this store was featurized from, in order."""
-        from .data import TrainingData
+        from ..data import as_training_data
 
-        data = dataset if isinstance(dataset, TrainingData) else TrainingData(
-            dataset, image_column or self.config.image_column, caption_column or self.config.caption_column
-        )
+        data = as_training_data(dataset, image_column or self.config.image_column,
+                                caption_column or self.config.caption_column)
         if len(data) != len(self):
             raise StoreMismatchError(f"the store has {len(self)} examples, the dataset {len(data)}")
         for index, expected in enumerate(self.example_hashes):
@@ -294,7 +197,9 @@ class FeatureStore:
         (TRAK, D-TRAK, Journey-TRAK), whose scores need it.
         """
         if kernel is None:
-            kernel = self.config.method in KERNEL_METHODS
+            from ..methods.base import get_method
+
+            kernel = get_method(self.config.method).kernel
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         if self.directory is not None and directory.resolve() == self.directory.resolve():
@@ -313,7 +218,7 @@ class FeatureStore:
         staged = FeatureStore(None, self.config, {**self.metadata, "dim": self.dim, "num_examples": len(self)},
                               directory=directory, shards=plan, kernel=self.kernel)
         if kernel and staged.kernel is None:
-            from .scoring import kernel_matrix
+            from ..scoring import kernel_matrix
 
             staged.kernel = kernel_matrix(staged)
         staged.finalize(rows, {entry["file"]: file_digest(directory / entry["file"]) for entry in plan})
@@ -367,7 +272,7 @@ class FeatureStore:
         atomic_write(directory / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(header, indent=2)))
         listed = {entry["file"] for entry in shards}
         for stale in directory.iterdir():  # temporaries of a killed run; shards of an earlier, other layout
-            if stale.name.endswith(".tmp") and stale.name.startswith(".") or _SHARD_RE.match(stale.name) and stale.name not in listed:
+            if stale.name.endswith(".tmp") and stale.name.startswith(".") or SHARD_RE.match(stale.name) and stale.name not in listed:
                 stale.unlink(missing_ok=True)
         self.shards = shards
 
@@ -377,18 +282,16 @@ class FeatureStore:
                         cache_dir: str | os.PathLike | None = None, verify: bool = False) -> "FeatureStore":
         """Open a store from a local directory, or download a Hub dataset repository (`user/name`) first.
 
-        Features stay on disk until read. Shard sizes and headers are always checked; `verify=True` also
+        Where a location is looked for: a local folder, else each store backend in turn (store/backends.py; the
+        Hub's is hub.py). Features stay on disk until read. Shard sizes and headers are always checked; `verify=True` also
         checks every file's sha256 against config.json.
         """
-        directory = Path(repo_id_or_dir)
-        if not directory.is_dir():
-            from .hub import download_store
+        from .backends import locate
 
-            directory = download_store(str(repo_id_or_dir), revision=revision, endpoint=endpoint, token=token,
-                                       cache_dir=cache_dir)
+        directory = locate(repo_id_or_dir, revision=revision, endpoint=endpoint, token=token, cache_dir=cache_dir)
         config_path = directory / CONFIG_NAME
         if not config_path.is_file():
-            unfinished = any(_SHARD_RE.match(p.name) for p in directory.iterdir())
+            unfinished = any(SHARD_RE.match(p.name) for p in directory.iterdir())
             raise FileNotFoundError(
                 f"{directory} is not a feature store: it has no {CONFIG_NAME}"
                 + (" (it holds shards of an unfinished featurization: rerun featurize with this output_dir)" if unfinished else "")
@@ -446,49 +349,6 @@ class FeatureStore:
 # ---------------------------------------------------------------------------------------------- files
 
 
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)
-
-
-def atomic_write(path: Path, write: Callable[[str], Any]) -> None:
-    """`write(temporary)` in the same directory, fsync, then rename over `path`: readers never see half a file."""
-    path = Path(path)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
-    try:
-        os.chmod(temporary, 0o666 & ~_UMASK)  # mkstemp's 0600 would hide a shared store from other users
-        write(temporary)
-        with open(temporary, "rb+") as written:
-            os.fsync(written.fileno())
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-
-
-def write_projection(directory: Path, state: dict[str, torch.Tensor], identity: dict[str, Any] | None = None) -> None:
-    """projection.safetensors: the calibrated bases, with what they were calibrated on (`identity`) as metadata."""
-    tensors = {key: value.detach().cpu().float().contiguous() for key, value in state.items()}
-    metadata = {"identity": json.dumps(identity or {}, sort_keys=True)}
-    atomic_write(directory / PROJECTION_NAME, lambda p: save_file(tensors, p, metadata=metadata))
-
-
-def read_projection(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """(bases state, identity) of a projection.safetensors; a truncated or foreign file is a `CorruptStoreError`."""
-    with open_shard(path) as handle:
-        identity = json.loads((handle.metadata() or {}).get("identity", "{}"))
-        return {key: handle.get_tensor(key) for key in handle.keys()}, identity
-
-
-def file_digest(path: Path) -> tuple[int, str]:
-    """(size in bytes, sha256 hex) of a file, read in 8 MiB chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(8 << 20), b""):
-            digest.update(chunk)
-    return os.path.getsize(path), digest.hexdigest()
-
-
 def _check_file(path: Path, entry: dict[str, Any], full: bool) -> None:
     if not path.is_file():
         raise CorruptStoreError(f"missing store file {path}")
@@ -497,10 +357,6 @@ def _check_file(path: Path, entry: dict[str, Any], full: bool) -> None:
         raise CorruptStoreError(f"{path} is truncated or corrupt: {size} bytes, config.json records {entry['bytes']}")
     if full and entry.get("sha256") and file_digest(path)[1] != entry["sha256"]:
         raise CorruptStoreError(f"{path} is corrupt: its sha256 differs from the one config.json records")
-
-
-def _digest(value: Any) -> str:
-    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _short(value: Any) -> str:

@@ -18,12 +18,14 @@ Keys the denoiser does not have are an error; a checkpoint may leave out paramet
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import torch
+
+from .fingerprint import state_fingerprint
+
 
 class CheckpointSet:
     """The checkpoints c = 1..C of one method run, loadable one at a time into `denoiser`."""
@@ -130,20 +132,10 @@ def describe(spec) -> Any:
     raise TypeError(f"cannot describe a checkpoint given as a {type(spec).__name__}")
 
 
-def state_fingerprint(state: dict[str, torch.Tensor]) -> str:
-    """sha256 over names, shapes and a strided sample of each tensor (as `featurize.model_fingerprint`)."""
-    h = hashlib.sha256()
-    for name in sorted(state):
-        flat = state[name].detach().flatten()
-        h.update(f"{name}:{tuple(state[name].shape)}".encode())
-        h.update(flat[:: max(1, flat.numel() // 4096)].float().cpu().numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
 @contextlib.contextmanager
 def load_checkpoint(pipe, checkpoint) -> Iterator[None]:
     """Inside: `pipe`'s denoiser holds `checkpoint`'s values (any form above); restored on exit."""
-    from ..adapters import get_adapter
+    from .adapters import get_adapter
 
     with CheckpointSet([checkpoint], pipe, get_adapter(pipe).denoiser, []).loaded(0):
         yield

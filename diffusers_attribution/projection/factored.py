@@ -32,7 +32,7 @@ P ~ N(0, 1/k_p). Hence E⟨φ(z), φ(z')⟩ = ⟨g(z), g(z')⟩ over the project
 
 Every matrix is drawn in float32 on the CPU from `seed_from(seed, "factored", name, shape, role, rows,
 cols)`, then cast and moved: the same on any device, in any dtype, for any batch size. Or the matrices are
-given (`bases=`): calibration.py measures eigenbases on training examples, the default for TRAK/D-TRAK.
+given (`bases=`): calibrated.py measures eigenbases on training examples, the default for TRAK/D-TRAK.
 """
 
 from __future__ import annotations
@@ -47,11 +47,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .adapters import ModelInputs
-from .hooks import attribution_hooks
-from .projection import Projector
-from .seeding import seed_from
-from .task import AttributionTask
+from ..adapters import ModelInputs
+from ..gradients.hooks import attribution_hooks
+from ..gradients.task import AttributionTask
+from ..seeding import seed_from
+from .base import Projector
 
 VERSION = 1  # bump if the definition of the projection changes
 

@@ -1,48 +1,18 @@
-"""Projectors: per-sample gradients → k-dimensional features φ(z) = g(z) P.
+"""Dense projectors: `identity` (the exact gradient) and `gaussian` / `rademacher` (P generated blockwise).
 
-A projector's matrix is a pure function of (seed, parameter name, shape, k): it is generated on the CPU in
-fixed-size row blocks, each block from its own counter-based seed, so features agree on any device, in
-any dtype, for any batch size. `features(task, parameters, inputs, keys)` is the one call the
-featurization loop makes; the factored projector overrides it to work from hooks instead of gradients.
+φ(z) = Σ_params vec(g_param) P_param / sqrt(k), each block of BLOCK_ROWS rows of P from its own seed
+`seed_from(seed, kind, name, shape, k, block)`: a pure function of seeds on any device and dtype.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Sequence
 
 import torch
 
-from .adapters import ModelInputs
-from .gradients import per_example_gradients
-from .seeding import seed_from
-from .task import AttributionTask
-
-BLOCK_ROWS = 4096  # rows of P generated from one seed; part of the projection's definition, never change it
-
-
-class Projector:
-    """Base class: the dimension k, and features from per-example autograd gradients."""
-
-    kind: str = "base"
-
-    def __init__(self, shapes: dict[str, torch.Size], dim: int, seed: int = 0):
-        self.shapes = {name: torch.Size(shape) for name, shape in shapes.items()}
-        self.dim = dim
-        self.seed = seed
-
-    def spec(self) -> dict:
-        """What defines this projection, for the store's metadata."""
-        return {"kind": self.kind, "dim": self.dim, "seed": self.seed, "block_rows": BLOCK_ROWS,
-                "parameters": {name: list(shape) for name, shape in self.shapes.items()}}
-
-    def features(
-        self, task: AttributionTask, parameters: dict, inputs: ModelInputs, keys: Sequence
-    ) -> torch.Tensor:
-        return self.project(per_example_gradients(task, parameters, inputs, keys))
-
-    def project(self, gradients: dict[str, torch.Tensor]) -> torch.Tensor:
-        raise NotImplementedError
+from ..seeding import seed_from
+from .base import BLOCK_ROWS, Projector
+from .registry import register_projector
 
 
 class IdentityProjector(Projector):
@@ -104,16 +74,18 @@ class DenseProjector(Projector):
         return out
 
 
-def make_projector(config, denoiser: torch.nn.Module, parameters: dict[str, torch.nn.Parameter]) -> Projector:
-    """The projector named by `config.projector` for the selected `parameters` of `denoiser`."""
-    kind, dim, seed = config.projector, config.projection_dim, config.projection_seed
-    shapes = {name: p.shape for name, p in parameters.items()}
-    if kind == "identity":
-        return IdentityProjector(shapes, dim, seed)
-    if kind in ("gaussian", "rademacher"):
-        return DenseProjector(shapes, dim, seed, kind=kind)
-    if kind == "factored":
-        from .factored import FactoredProjector  # the fast path (hooks), its own module
+@register_projector("identity")
+def make_identity(config, denoiser, parameters) -> IdentityProjector:
+    return IdentityProjector({name: p.shape for name, p in parameters.items()}, None, config.projection_seed)
 
-        return FactoredProjector(denoiser, parameters, dim, seed, layer_dims=config.layer_dims)
-    raise ValueError(f"unknown projector {kind!r}")
+
+@register_projector("gaussian")
+def make_gaussian(config, denoiser, parameters) -> DenseProjector:
+    return DenseProjector({name: p.shape for name, p in parameters.items()}, config.projection_dim,
+                          config.projection_seed, kind="gaussian")
+
+
+@register_projector("rademacher")
+def make_rademacher(config, denoiser, parameters) -> DenseProjector:
+    return DenseProjector({name: p.shape for name, p in parameters.items()}, config.projection_dim,
+                          config.projection_seed, kind="rademacher")

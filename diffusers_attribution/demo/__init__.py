@@ -11,9 +11,9 @@ import json
 from pathlib import Path
 
 
-from .config import AttributionConfig
+from ..config import AttributionConfig
+from ..mixin import enable_attribution
 from .digits import generate_digits, load_digits_images, load_or_train_digits_ddpm
-from .mixin import enable_attribution
 
 
 def run_demo(

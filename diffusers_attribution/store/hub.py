@@ -14,6 +14,9 @@ from huggingface_hub import DatasetCard, DatasetCardData, HfApi, snapshot_downlo
 from huggingface_hub.errors import RepositoryNotFoundError
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
+from ..methods.base import get_method
+from .backends import register_backend
+
 CITATIONS = """```bibtex
 @inproceedings{park2023trak,
   title     = {TRAK: Attributing Model Behavior at Scale},
@@ -30,11 +33,6 @@ CITATIONS = """```bibtex
 }
 ```"""
 
-METHOD_NAMES = {"trak": "TRAK (Park et al., 2023)", "d-trak": "D-TRAK (Zheng et al., ICLR 2024)",
-                "journey-trak": "Journey-TRAK (Georgiev et al., 2023)", "tracin": "Diffusion-TracIn (Xie et al., 2024)",
-                "retrac": "Diffusion-ReTrac (Xie et al., 2024)"}
-
-
 def store_card(header: dict[str, Any], repo_id: str | None = None) -> DatasetCard:
     """The README.md of a store: what was featurized, how, how to load it, and what to cite."""
     config = header["config"]
@@ -49,10 +47,11 @@ def store_card(header: dict[str, Any], repo_id: str | None = None) -> DatasetCar
         **({"base_model": base_model} if is_repo_id(base_model) and not Path(base_model).exists() else {}),
     )
     timesteps = f"{config['num_timesteps']} ({config['timestep_schedule']})"
+    title = get_method(config["method"]).title
     kernel = header.get("kernel")
     rows = [
         ("method", f"`{config['method']}`, output `{config['output']}`"
-                   + (f" — {METHOD_NAMES[config['method']]}" if config["method"] in METHOD_NAMES else "")),
+                   + (f" — {title}" if title else "")),
         ("base model", f"`{base_model}` ({header.get('pipeline', '?')}, family `{header.get('family', '?')}`)"),
         ("LoRA adapter", ", ".join(f"`{a}`" for a in lora) if lora else "none"),
         ("parameters", f"`{config['parameters']}`"),
@@ -165,3 +164,6 @@ def push_store(store, repo_id: str, *, private: bool | None = None, token: str |
         (staging / "README.md").write_text(str(store_card(header, repo_id)), encoding="utf-8")
         return api.upload_folder(repo_id=repo_id, repo_type="dataset", folder_path=staging, revision=revision,
                                  commit_message=commit_message)
+
+
+register_backend("hub", claims=is_repo_id, fetch=download_store)

@@ -22,10 +22,10 @@ from typing import Sequence
 
 import torch
 
-from .adapters import ModelInputs, PipelineAdapter
-from .config import AttributionConfig
-from .objectives import OBJECTIVES
-from .seeding import seed_from, seeded_randn
+from ..adapters import ModelInputs, PipelineAdapter
+from ..config import AttributionConfig
+from ..objectives import OBJECTIVES
+from ..seeding import seed_from, seeded_randn
 
 
 class AttributionTask:

@@ -10,7 +10,7 @@ from typing import Sequence
 
 import torch
 
-from .adapters import ModelInputs
+from ..adapters import ModelInputs
 from .task import AttributionTask
 
 

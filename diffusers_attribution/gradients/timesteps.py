@@ -26,7 +26,7 @@ from typing import Sequence
 import torch
 
 from ..adapters import ModelInputs
-from ..task import AttributionTask, draw_noise, gradients_only_for
+from .task import AttributionTask, draw_noise, gradients_only_for
 
 
 class PointTask(AttributionTask):

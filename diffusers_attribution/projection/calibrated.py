@@ -34,11 +34,12 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import nn
 
-from .adapters import ModelInputs
+from ..adapters import ModelInputs
+from ..gradients.task import AttributionTask
+from ..seeding import seed_from
+from .base import BLOCK_ROWS, Projector
 from .factored import FactoredProjector, handled_parameters
-from .projection import BLOCK_ROWS, Projector
-from .seeding import seed_from
-from .task import AttributionTask
+from .registry import register_projector
 
 VERSION = 1  # bump if the definition of the calibration changes
 MAX_SIDE = 1024  # sides wider than this are reduced to MAX_SIDE random orthonormal directions first
@@ -52,19 +53,45 @@ def calibration_indices(num_examples: int, count: int, seed: int) -> list[int]:
 
 
 class CalibratedProjector(Projector):
-    """φ = (factored features in the calibrated bases) @ M; `bases` from `calibrate` or a saved store."""
+    """φ = (factored features in the calibrated bases) @ M; the bases are measured by `fit` (`calibrate` on the
+    `fit_examples`) or restored from a store (`load_state_dict`, or `bases=`)."""
 
     kind = "factored"
+    fits_on_data = True
+    fit_batch_size = CALIBRATION_BATCH
 
     def __init__(self, denoiser: nn.Module, parameters: dict[str, nn.Parameter], dim: int, seed: int,
-                 bases: dict[str, dict[str, torch.Tensor]]):
+                 bases: dict[str, dict[str, torch.Tensor]] | None = None, *, sketch_dim: int | None = None,
+                 examples: int = 64):
+        self.denoiser, self.parameters = denoiser, parameters
+        self.sketch_dim, self.examples = sketch_dim or 2 * dim, examples
+        super().__init__({name: p.shape for name, p in parameters.items()}, dim, seed)
+        self._mix: dict[str, torch.Tensor] = {}
+        self.bases = None
+        if bases is not None:
+            self._use(bases)
+
+    def _use(self, bases: dict[str, dict[str, torch.Tensor]]) -> None:
         with warnings.catch_warnings():  # parameters left out were reported when the bases were calibrated
             warnings.simplefilter("ignore")
-            self.sketch = FactoredProjector(denoiser, parameters, None, seed, bases=bases)
-        super().__init__(self.sketch.shapes, dim, seed)
+            self.sketch = FactoredProjector(self.denoiser, self.parameters, None, self.seed, bases=bases)
+        self.shapes = self.sketch.shapes
         self.bases = bases
         self.digest = bases_digest(bases)
-        self._mix: dict[str, torch.Tensor] = {}
+        self._mix = {}
+
+    @property
+    def fitted(self) -> bool:
+        return self.bases is not None
+
+    def fit_examples(self, num_examples: int) -> list[int]:
+        return calibration_indices(num_examples, self.examples, self.seed)
+
+    def fit(self, task: AttributionTask, parameters: dict, batches) -> None:
+        self._use(calibrate(task, self.denoiser, parameters, batches, self.sketch_dim, self.seed))
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self._use(bases_from_state_dict(state))
 
     def mix(self, device) -> torch.Tensor:
         """M [k_mid, k] ~ N(0, 1/k), generated on the CPU in row blocks from (seed, k_mid, k, block), cached."""
@@ -78,6 +105,11 @@ class CalibratedProjector(Projector):
         return self._mix[key]
 
     def features(self, task: AttributionTask, parameters: dict, inputs: ModelInputs, keys: Sequence) -> torch.Tensor:
+        if not self.fitted:
+            raise RuntimeError(
+                f"this factored projection is calibrated on training examples (calibration_examples={self.examples}): "
+                "featurize the training set first, or build the featurizer from the store "
+                "(get_method(store.config.method).featurizer(pipe, store.config, store=store))")
         sketch = self.sketch.features(task, parameters, inputs, keys)
         return sketch @ self.mix(sketch.device)
 
@@ -213,3 +245,14 @@ def bases_digest(bases: dict) -> str:
         h.update(f"{key}:{tuple(matrix.shape)}".encode())
         h.update(matrix.detach().float().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+@register_projector("factored")
+def make_factored(config, denoiser: nn.Module, parameters: dict[str, nn.Parameter]) -> Projector:
+    """`factored`: calibrated bases when `config.calibration_examples > 0` (fitted on data), else the seeded
+    random per-layer projection of factored.py (with `layer_dims`)."""
+    if config.calibration_examples:
+        return CalibratedProjector(denoiser, parameters, config.projection_dim, config.projection_seed,
+                                   sketch_dim=config.sketch_dim, examples=config.calibration_examples)
+    return FactoredProjector(denoiser, parameters, config.projection_dim, config.projection_seed,
+                             layer_dims=config.layer_dims)

@@ -1,0 +1,59 @@
+"""TRAK and D-TRAK (Park et al., ICML 2023; Zheng et al., "Intriguing Properties of Data Attribution on
+Diffusion Models", ICLR 2024): kernel scores over time-averaged projected gradients.
+
+    φ(z) = P g(z),  g(z) = (1/(K·D)) Σ_t Σ_d ∇θ f(z, t, ε_{t,d})       (featurize.Featurizer)
+    τ(q) = φ(q) (ΦᵀΦ + λI)⁻¹ Φᵀ                                        (scoring.StreamingScorer)
+
+f is the training loss for TRAK and the squared norm of the denoiser output for D-TRAK. The default
+damping ratios and D-TRAK's K = 30 were chosen on the digits benchmark's validation queries, never on
+evaluation queries (docs/benchmarks.md, "Choosing the defaults").
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .base import Method, register_method
+
+
+class KernelMethod(Method):
+    """A method scored through the kernel of its stored features; featurized by the shared `Featurizer`."""
+
+    calibrated = True
+    kernel = True
+
+    def featurizer(self, pipe, config, store=None, **options):
+        from ..featurize import Featurizer
+
+        if options:
+            raise TypeError(f"method {config.method!r} takes no featurizer options, got {sorted(options)}")
+        return Featurizer(pipe, config, projection_state=store.projection_state if store is not None else None)
+
+    def scorer(self, store, damping=None, damping_ratio=None):
+        config = store.config
+        return TrakScorer(store, config.damping if damping is None else damping,
+                          config.damping_ratio if damping_ratio is None else damping_ratio)
+
+
+@register_method
+class TRAK(KernelMethod):
+    name = "trak"
+    title = "TRAK (Park et al., 2023)"
+    default_output = "loss"
+    defaults = {"damping_ratio": 0.18}
+
+
+@register_method
+class DTRAK(KernelMethod):
+    name = "d-trak"
+    aliases = ("dtrak",)
+    title = "D-TRAK (Zheng et al., ICLR 2024)"
+    default_output = "squared-norm"
+    defaults = {"damping_ratio": 0.0018, "num_timesteps": 30}
+
+
+def TrakScorer(store, damping: float | None = None, damping_ratio: float | None = None) -> Any:
+    """`scoring.StreamingScorer` over a store (kept under its historical name)."""
+    from ..scoring import StreamingScorer
+
+    return StreamingScorer(store, damping, damping_ratio)

@@ -1,0 +1,72 @@
+"""`Projector`: per-sample gradients → k-dimensional features φ(z) = g(z) P; the protocol every projector follows.
+
+A projector's matrix is a pure function of (seed, parameter name, shape, k): it is generated on the CPU in
+fixed-size row blocks, each block from its own counter-based seed, so features agree on any device, in
+any dtype, for any batch size. `features(task, parameters, inputs, keys)` is the one call the
+featurization loop makes; the factored projector overrides it to work from hooks instead of gradients.
+
+Projectors fitted on data (`fits_on_data = True`, e.g. the calibrated bases) are `fit` on the training examples
+`fit_examples(N)` picks, before any `features` call; their `state_dict()` is saved with the features and
+`load_state_dict` restores it for queries, so a fitted projection is never recomputed.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from ..adapters import ModelInputs
+from ..gradients.reference import per_example_gradients
+from ..gradients.task import AttributionTask
+
+BLOCK_ROWS = 4096  # rows of P generated from one seed; part of the projection's definition, never change it
+
+
+class Projector:
+    """Base class: the dimension k, and features from per-example autograd gradients."""
+
+    kind: str = "base"
+
+    def __init__(self, shapes: dict[str, torch.Size], dim: int, seed: int = 0):
+        self.shapes = {name: torch.Size(shape) for name, shape in shapes.items()}
+        self.dim = dim
+        self.seed = seed
+
+    def spec(self) -> dict:
+        """What defines this projection, for the store's metadata."""
+        return {"kind": self.kind, "dim": self.dim, "seed": self.seed, "block_rows": BLOCK_ROWS,
+                "parameters": {name: list(shape) for name, shape in self.shapes.items()}}
+
+    def features(
+        self, task: AttributionTask, parameters: dict, inputs: ModelInputs, keys: Sequence
+    ) -> torch.Tensor:
+        return self.project(per_example_gradients(task, parameters, inputs, keys))
+
+    def project(self, gradients: dict[str, torch.Tensor]) -> torch.Tensor:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ projectors fitted on data
+
+    fits_on_data: bool = False
+    fit_batch_size: int = 4  # examples per fitting step (fixed, so sums run in one order)
+
+    @property
+    def fitted(self) -> bool:
+        """Ready for `features`: always for seeded projectors; after `fit` / `load_state_dict` for fitted ones."""
+        return True
+
+    def fit_examples(self, num_examples: int) -> list[int]:
+        """The training examples `fit` must see (sorted indices)."""
+        return []
+
+    def fit(self, task: AttributionTask, parameters: dict, batches) -> None:
+        """Fit on `batches` [(ModelInputs, keys), ...] of the `fit_examples` (a list: read more than once)."""
+        raise TypeError(f"the {self.kind} projector is a function of seeds; it is not fitted on data")
+
+    def state_dict(self) -> dict[str, torch.Tensor] | None:
+        """What `fit` measured (saved in the store as projection.safetensors); None for seeded projectors."""
+        return None
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        raise TypeError(f"the {self.kind} projector is a function of seeds; it has no saved state")

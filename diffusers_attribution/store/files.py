@@ -1,0 +1,185 @@
+"""The files of a feature store: their names, atomic writes, shards, the fitted projection, digests.
+
+    config.json                              written last: a folder without it is an unfinished featurization
+    features-00000-of-00004.safetensors      "features" float32 [rows, k], "example_hashes" uint8 [rows, 8];
+                                             header: rows [start, stop) and the run identity (`run_identity`)
+    kernel.safetensors                       "gram" float64
+    projection.safetensors                   a fitted projection's state, with what it was fitted on
+    README.md                                the dataset card (hub.store_card)
+
+Every file is written to a temporary name in the same folder, fsynced and renamed (`atomic_write`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from .errors import CorruptStoreError
+
+FORMAT_VERSION = 2
+CONFIG_NAME = "config.json"
+KERNEL_NAME = "kernel.safetensors"
+PROJECTION_NAME = "projection.safetensors"
+CARD_NAME = "README.md"
+DEFAULT_MAX_SHARD_SIZE = "2GB"
+HASH_BYTES = 8  # data.content_hash: 16 hex digits
+SHARD_RE = re.compile(r"^features-(\d{5})-of-(\d{5})\.safetensors$")
+
+
+def shard_name(index: int, count: int) -> str:
+    return f"features-{index:05d}-of-{count:05d}.safetensors"
+
+
+def shard_plan(num_examples: int, shard_rows: int) -> list[dict[str, Any]]:
+    """Shards covering rows [0, N): shard i holds rows [i·shard_rows, min((i+1)·shard_rows, N))."""
+    count = -(-num_examples // shard_rows)
+    return [
+        {"file": shard_name(i, count), "start": i * shard_rows, "stop": min((i + 1) * shard_rows, num_examples)}
+        for i in range(count)
+    ]
+
+
+def parse_size(size: int | str) -> int:
+    """Bytes from an int or a string such as "2GB" (10⁹) or "512MiB" (2²⁰), as in `save_pretrained`."""
+    if isinstance(size, int):
+        return size
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*", size, flags=re.IGNORECASE)
+    if not match:
+        raise ValueError(f"cannot read a size from {size!r}; use e.g. 2GB, 500MB or a number of bytes")
+    unit = (match.group(2) or "B").upper()
+    scale = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+             "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}[unit]
+    return int(float(match.group(1)) * scale)
+
+
+def rows_per_shard(dim: int, max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE) -> int:
+    """The number of float32 rows of width `dim` that fit in `max_shard_size`."""
+    return max(1, parse_size(max_shard_size) // (4 * dim))
+
+
+def hashes_to_tensor(hashes: Sequence[str]) -> torch.Tensor:
+    data = bytearray(b"".join(bytes.fromhex(h) for h in hashes))
+    if len(data) != HASH_BYTES * len(hashes):
+        raise ValueError(f"example hashes must be {2 * HASH_BYTES} hex digits")
+    return torch.frombuffer(data, dtype=torch.uint8).view(len(hashes), HASH_BYTES).clone()
+
+
+def tensor_to_hashes(tensor: torch.Tensor) -> list[str]:
+    return [bytes(row).hex() for row in tensor.numpy()]
+
+
+def dataset_fingerprint(hashes: Sequence[str]) -> str:
+    return hashlib.sha256("".join(hashes).encode()).hexdigest()[:16]
+
+
+@contextlib.contextmanager
+def open_shard(path: Path) -> Iterator[Any]:
+    """`safe_open` a shard (memory-mapped, no pickle); read errors become a `CorruptStoreError` naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise CorruptStoreError(f"missing store file {path}")
+    try:
+        handle = safe_open(str(path), framework="pt")
+    except Exception as error:
+        raise CorruptStoreError(f"{path} is corrupt or truncated: {error}") from error
+    try:
+        with handle:
+            yield handle
+    except SafetensorError as error:
+        raise CorruptStoreError(f"{path} is corrupt or truncated: {error}") from error
+
+
+def run_identity(config, metadata: dict[str, Any], num_examples: int, shard_rows: int,
+                 dim: int) -> dict[str, Any]:
+    """What makes two featurizations write the same shards; stored in every shard to make resuming safe."""
+    return {
+        "feature_hash": config.feature_hash(),
+        "projection": _digest(metadata.get("projection")),
+        "model_fingerprint": metadata.get("model_fingerprint"),
+        "num_examples": num_examples,
+        "shard_rows": shard_rows,
+        "dim": dim,
+    }
+
+
+def write_shard(directory: Path, entry: dict[str, Any], features: torch.Tensor, hashes: Sequence[str],
+                run: dict[str, Any], process: str = "0/1") -> None:
+    """Write one shard atomically: `features` [stop - start, k] float32 and the rows' example hashes.
+
+    `process` ("rank/world") is recorded in the header, to tell which process wrote which shard."""
+    rows = entry["stop"] - entry["start"]
+    if features.shape[0] != rows or len(hashes) != rows:
+        raise ValueError(f"{entry['file']}: expected {rows} rows, got {features.shape[0]} features, {len(hashes)} hashes")
+    tensors = {"features": features.detach().to("cpu", torch.float32).contiguous(), "example_hashes": hashes_to_tensor(hashes)}
+    metadata = {"start": str(entry["start"]), "stop": str(entry["stop"]), "run": json.dumps(run, sort_keys=True),
+                "process": process}
+    atomic_write(directory / entry["file"], lambda path: save_file(tensors, path, metadata=metadata))
+
+
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
+
+def atomic_write(path: Path, write: Callable[[str], Any]) -> None:
+    """`write(temporary)` in the same directory, fsync, then rename over `path`: readers never see half a file."""
+    path = Path(path)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(handle)
+    try:
+        os.chmod(temporary, 0o666 & ~_UMASK)  # mkstemp's 0600 would hide a shared store from other users
+        write(temporary)
+        with open(temporary, "rb+") as written:
+            os.fsync(written.fileno())
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+
+
+def write_projection(directory: Path, state: dict[str, torch.Tensor], identity: dict[str, Any] | None = None) -> None:
+    """projection.safetensors: the calibrated bases, with what they were calibrated on (`identity`) as metadata."""
+    tensors = {key: value.detach().cpu().float().contiguous() for key, value in state.items()}
+    metadata = {"identity": json.dumps(identity or {}, sort_keys=True)}
+    atomic_write(directory / PROJECTION_NAME, lambda p: save_file(tensors, p, metadata=metadata))
+
+
+def read_projection(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(bases state, identity) of a projection.safetensors; a truncated or foreign file is a `CorruptStoreError`."""
+    with open_shard(path) as handle:
+        identity = json.loads((handle.metadata() or {}).get("identity", "{}"))
+        return {key: handle.get_tensor(key) for key in handle.keys()}, identity
+
+
+def file_digest(path: Path) -> tuple[int, str]:
+    """(size in bytes, sha256 hex) of a file, read in 8 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(8 << 20), b""):
+            digest.update(chunk)
+    return os.path.getsize(path), digest.hexdigest()
+
+
+
+
+def _digest(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def identity_difference(recorded: Mapping[str, Any], current: Mapping[str, Any], keys=None) -> tuple[list, str] | None:
+    """None if `recorded` and `current` agree on `keys` (default: all of `current`'s), else (the keys that differ,
+    "{...} there, {...} now"): the one check that tells whether a resumable folder holds this very run."""
+    differ = [key for key in (keys or current) if recorded.get(key) != current.get(key)]
+    if not differ:
+        return None
+    return differ, f"{ {key: recorded.get(key) for key in differ} } there, { {key: current.get(key) for key in differ} } now"
