@@ -1,27 +1,51 @@
-"""diffusers-attribution: which training images made a diffusion model generate this image?"""
+"""diffusers-attribution: which training images made a diffusion model generate this image?
+
+The public names below are imported on first use (PEP 562), as diffusers does: `import diffusers_attribution`
+and the CLI's `--help` stay fast and never import torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
 
 from .version import __version__
-from .adapters import PipelineAdapter, UnsupportedPipelineError, get_adapter, register_adapter
-from .config import AttributionConfig
-from .data import InvalidImageError
-from .mixin import AttributionMixin, enable_attribution
-from .result import AttributionResult, TopK
-from .store.errors import CorruptStoreError, StoreMismatchError
-from .store.format import FeatureStore
 
-__all__ = [
-    "AttributionConfig",
-    "AttributionMixin",
-    "AttributionResult",
-    "CorruptStoreError",
-    "FeatureStore",
-    "InvalidImageError",
-    "PipelineAdapter",
-    "StoreMismatchError",
-    "TopK",
-    "UnsupportedPipelineError",
-    "__version__",
-    "enable_attribution",
-    "get_adapter",
-    "register_adapter",
-]
+_PUBLIC = {
+    "AttributionConfig": ".config",
+    "AttributionMixin": ".mixin",
+    "AttributionResult": ".result",
+    "CorruptStoreError": ".store.errors",
+    "FeatureStore": ".store.format",
+    "InvalidImageError": ".data",
+    "PipelineAdapter": ".adapters",
+    "StoreMismatchError": ".store.errors",
+    "TopK": ".result",
+    "UnsupportedPipelineError": ".adapters",
+    "enable_attribution": ".mixin",
+    "get_adapter": ".adapters",
+    "register_adapter": ".adapters",
+}
+
+__all__ = sorted([*_PUBLIC, "__version__"])
+
+if TYPE_CHECKING:
+    from .adapters import PipelineAdapter, UnsupportedPipelineError, get_adapter, register_adapter
+    from .config import AttributionConfig
+    from .data import InvalidImageError
+    from .mixin import AttributionMixin, enable_attribution
+    from .result import AttributionResult, TopK
+    from .store.errors import CorruptStoreError, StoreMismatchError
+    from .store.format import FeatureStore
+
+
+def __getattr__(name: str):
+    if name not in _PUBLIC:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_PUBLIC[name], __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return __all__

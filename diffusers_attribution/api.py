@@ -75,9 +75,10 @@ def attribute(pipe, images: Any, train_data: Any, config: AttributionConfig | No
     """
     featurizer, store = featurize_and_store(pipe, train_data, config, check_compatibility=check_compatibility,
                                             progress=progress)
-    damping = (config.damping, config.damping_ratio) if config is not None and isinstance(train_data, (
-        FeatureStore, str, os.PathLike)) else (None, None)
+    score_fields = {}  # the query config's score-role fields override the store's: they never change features
+    if config is not None and isinstance(train_data, (FeatureStore, str, os.PathLike)):
+        score_fields = {name: getattr(config, name) for name in config.fields_with_role("score")}
     query_features = featurizer.featurize_queries(images, prompts)
-    scorer = make_scorer(store, *damping)
+    scorer = make_scorer(store, **score_fields)
     return AttributionResult(scores=scorer.scores(query_features), config=store.config,
                              query_images=to_image_batch(images), metadata=scorer.metadata)

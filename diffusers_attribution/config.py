@@ -204,11 +204,6 @@ class AttributionConfig:
         blob = json.dumps(self.feature_dict(), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
-    def with_scoring(self, damping: float | None, damping_ratio: float | None) -> "AttributionConfig":
-        """This config with the score-role fields of another (they never change features)."""
-        return dataclasses.replace(self, damping=self.damping if damping is None else damping,
-                                   damping_ratio=self.damping_ratio if damping_ratio is None else damping_ratio)
-
 
 def _omitted(value: Any, omit: tuple) -> bool:
     return any(value is o if o is None else value == o for o in omit)
