@@ -1,0 +1,233 @@
+"""`Explorer`: what the browser app shows, without the browser: stores, training data, a pipeline, and the
+results of the queries made so far. Every score comes from `pipe.attribute` / `pipe.attribute_trajectory`
+against the loaded `FeatureStore`s; the training features are never recomputed."""
+
+from __future__ import annotations
+
+import csv
+import inspect
+import io
+import json
+import os
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import PIL.Image
+import torch
+
+from ..adapters import get_adapter
+from ..data import InvalidImageError, TrainingData, to_image_tensor
+from ..evaluation.bias import GeneralInfluence, generally_influential
+from ..mixin import enable_attribution
+from ..result import AttributionResult, _to_pil
+from ..store import FeatureStore
+
+StoreSpec = FeatureStore | str | os.PathLike
+
+
+def open_store(spec: StoreSpec) -> FeatureStore:
+    """A `FeatureStore`, its directory, or a Hub dataset repo id → the store."""
+    return spec if isinstance(spec, FeatureStore) else FeatureStore.from_pretrained(spec)
+
+
+def store_name(spec: StoreSpec, store: FeatureStore) -> str:
+    if not isinstance(spec, FeatureStore):
+        return str(spec)
+    return str(store.directory) if store.directory is not None else f"{store.config.method} store"
+
+
+def load_pipeline(pipe: Any, store: FeatureStore) -> Any:
+    """The pipeline to score with: `pipe` itself, a directory or Hub model id, or (None) the store's base model."""
+    if pipe is None:
+        pipe = store.metadata.get("base_model")
+        if not pipe:
+            raise ValueError("the store does not record the model it was featurized from (its base_model is empty): "
+                             "pass the pipeline (--pipeline)")
+    if isinstance(pipe, (str, os.PathLike)):
+        from diffusers import DiffusionPipeline
+
+        pipe = DiffusionPipeline.from_pretrained(str(pipe))
+    pipe.set_progress_bar_config(leave=False)
+    return enable_attribution(pipe)
+
+
+def load_dataset(spec: Any, split: str = "train") -> Any:
+    """A training set from a folder of images, a `save_to_disk` directory or a Hub dataset id (the `featurize`
+    command's loader); anything else (a `datasets.Dataset`, a list, a tensor) is returned as it is."""
+    if not isinstance(spec, (str, os.PathLike)):
+        return spec
+    from ..cli_featurize import load_training_dataset
+
+    return load_training_dataset(str(spec), split)
+
+
+class Explorer:
+    """Attribution of uploaded or generated images against one or more stores of the same training set.
+
+    `stores`: one store (a `FeatureStore`, a directory or a Hub repo id), a list of them, or a {name: store}
+    mapping; `dataset`: the training set the stores were featurized from (checked example by example
+    against the stores' content hashes when `check_dataset`); `pipe`: a pipeline, its directory or Hub id,
+    or None for the first store's recorded base model.
+    """
+
+    def __init__(self, stores: StoreSpec | Sequence[StoreSpec] | Mapping[str, StoreSpec], dataset: Any,
+                 pipe: Any = None, *, image_column: str | None = None, caption_column: str | None = None,
+                 check_dataset: bool = True):
+        if isinstance(stores, Mapping):
+            named = list(stores.items())
+        else:
+            specs = list(stores) if isinstance(stores, (list, tuple)) else [stores]
+            named = [(None, spec) for spec in specs]
+        if not named:
+            raise ValueError("the explorer needs at least one feature store")
+        self.check_dataset = check_dataset
+        self.stores: dict[str, FeatureStore] = {}
+        first = open_store(named[0][1])
+        config = first.config
+        self.data = dataset if isinstance(dataset, TrainingData) else TrainingData(
+            dataset, image_column or config.image_column, caption_column or config.caption_column
+        )
+        for name, spec in named:
+            self.add_store(spec, name, store=first if spec is named[0][1] else None)
+        self.pipe = load_pipeline(pipe, first)
+        self.adapter = get_adapter(self.pipe)
+        self.history: dict[str, list[torch.Tensor]] = {name: [] for name in self.stores}
+
+    # ------------------------------------------------------------------------------------ stores
+
+    def add_store(self, spec: StoreSpec, name: str | None = None, *, store: FeatureStore | None = None) -> str:
+        """Load a store, check it was featurized from this training set, and return its name."""
+        store = store or open_store(spec)
+        if self.check_dataset:
+            store.check_dataset(self.data)
+        name = name or store_name(spec, store)
+        self.stores[name] = store
+        if hasattr(self, "history"):
+            self.history.setdefault(name, [])
+        return name
+
+    def describe(self, name: str) -> str:
+        """One Markdown line about a store."""
+        store = self.stores[name]
+        meta = store.metadata
+        return (f"**{name}**: `{store.config.method}`, N = {len(store)}, k = {store.dim}, model "
+                f"`{meta.get('base_model') or meta.get('pipeline', '?')}`, dataset `{meta.get('dataset_name') or '?'}`")
+
+    # ------------------------------------------------------------------------------------ queries
+
+    @property
+    def image_mode(self) -> str:
+        """The PIL mode of the images the pipeline is trained on: "L" for one channel, else "RGB"."""
+        return "L" if self.adapter.expected_image_shape()[0] == 1 else "RGB"
+
+    @property
+    def takes_prompt(self) -> bool:
+        return "prompt" in inspect.signature(self.pipe.__call__).parameters
+
+    @property
+    def class_conditional(self) -> bool:
+        return "class_labels" in inspect.signature(self.pipe.__call__).parameters
+
+    def query_image(self, image: Any) -> PIL.Image.Image | torch.Tensor:
+        """An uploaded file path, PIL image or tensor → what `pipe.attribute` takes; None is an error."""
+        if image is None or isinstance(image, str) and not image:
+            raise InvalidImageError("no query image: upload an image first")
+        if isinstance(image, (str, os.PathLike)):
+            with PIL.Image.open(image) as opened:
+                opened.load()
+                return opened.copy()
+        return image
+
+    def query_tensor(self, image: Any) -> torch.Tensor:
+        """The query as the pipeline reads it: [C, H, W] in [-1, 1]."""
+        return to_image_tensor(self.query_image(image))
+
+    def attribute(self, image: Any, name: str, prompts: str | None = None) -> AttributionResult:
+        """`pipe.attribute(image, store)` with the named store; the scores join that store's query history."""
+        result = self.pipe.attribute(self.query_image(image), self.stores[name], prompts=prompts, progress=False)
+        self.history[name].append(result.scores[0])
+        return result
+
+    def trajectory(self, prompt_or_seed: str | int, name: str, num_inference_steps: int, *, seed: int = 0,
+                   progress: bool = True):
+        """Journey-TRAK: `pipe.attribute_trajectory` against the named store → `JourneyResult` ([steps, N])."""
+        return self.pipe.attribute_trajectory(prompt_or_seed, self.stores[name], num_inference_steps=num_inference_steps,
+                                              seed=seed, progress=progress)
+
+    def general_influence(self, name: str, k: int = 5, share: float = 0.5) -> GeneralInfluence:
+        """`generally_influential` over every query attributed against the named store so far."""
+        if not self.history[name]:
+            raise ValueError(f"no queries have been attributed against {name} yet: attribute some images first")
+        return generally_influential(torch.stack(self.history[name]), k=k, share=share)
+
+    # ------------------------------------------------------------------------------------ views
+
+    def caption(self, index: int) -> str:
+        caption = self.data[index][1]
+        return "" if caption is None else str(caption)
+
+    def tile(self, image: torch.Tensor, size: int = 96) -> PIL.Image.Image:
+        return _to_pil(image, size)
+
+    def table(self, scores: torch.Tensor, k: int) -> list[list[Any]]:
+        """[rank, training index, score, caption] of the k highest scores of one query's [N] row."""
+        values, indices = scores.topk(min(k, len(scores)))
+        return [[rank + 1, int(i), float(v), self.caption(int(i))]
+                for rank, (i, v) in enumerate(zip(indices.tolist(), values.tolist()))]
+
+    def gallery(self, scores: torch.Tensor, k: int) -> list[tuple[PIL.Image.Image, str]]:
+        """The top-k training images of one query's [N] score row, labelled with index and score."""
+        return [(self.tile(self.data[index][0]), f"#{index}  {score:.4g}" + (f"  {caption}" if caption else ""))
+                for _, index, score, caption in self.table(scores, k)]
+
+    def score_plot(self, scores: torch.Tensor, k: int, title: str):
+        """Histogram of one query's scores over the whole training set, the top-k marked (a matplotlib Figure)."""
+        from matplotlib.figure import Figure
+
+        figure = Figure(figsize=(5, 2.6))
+        ax = figure.add_subplot()
+        ax.hist(scores.double().numpy(), bins=min(50, max(10, len(scores) // 4)), color="C0")
+        for _, index, score, _ in self.table(scores, k):
+            ax.axvline(score, color="C3", linewidth=0.8)
+        ax.set_xlabel("score")
+        ax.set_ylabel("training examples")
+        ax.set_title(f"{title}: {len(scores)} scores, top-{k} in red", fontsize=8)
+        figure.tight_layout()
+        return figure
+
+    def influence_plot(self, influence: GeneralInfluence, name: str):
+        from ..evaluation.bias import plot_influence_frequency
+
+        return plot_influence_frequency({name: influence}, title=f"{len(self.history[name])} queries against {name}")
+
+    # ------------------------------------------------------------------------------------ downloads
+
+    def export(self, result: AttributionResult, name: str, k: int, directory: str | os.PathLike) -> list[Path]:
+        """Write result.json (top-k and all N scores), scores.csv (every example, best first) and the grid PNG."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        scores = result.scores[0]
+        payload = {
+            "store": name,
+            "method": result.config.method,
+            "metadata": {key: value for key, value in result.metadata.items() if _is_json(value)},
+            "topk": [dict(zip(("rank", "index", "score", "caption"), row)) for row in self.table(scores, k)],
+            "scores": scores.tolist(),
+        }
+        paths = [directory / "result.json", directory / "scores.csv", directory / "grid.png"]
+        paths[0].write_text(json.dumps(payload, indent=1), encoding="utf-8")
+        buffer = io.StringIO()
+        writer = csv.writer(buffer)
+        writer.writerow(["rank", "index", "score", "caption"])
+        writer.writerows(self.table(scores, len(scores)))
+        paths[1].write_text(buffer.getvalue(), encoding="utf-8")
+        result.to_image_grid(self.data, k=k).save(paths[2])
+        return paths
+
+
+def _is_json(value: Any) -> bool:
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError):
+        return False
+    return True
