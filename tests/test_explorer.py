@@ -243,12 +243,17 @@ def test_explorer_checks_the_dataset_and_needs_a_model(pipe, store_dir, dataset_
         Explorer(str(store_dir), load_dataset(dataset_dir), None)
 
 
-def test_explore_parser():
+def test_explore_command(tmp_path, capsys):
     parser = argparse.ArgumentParser()
     add_explore_parser(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["explore", "--store", "a", "--store", "b", "--dataset", "d"])
     assert args.store == ["a", "b"] and args.host == "127.0.0.1" and args.share is False and args.port is None
-    assert args.func.__name__ == "run_explore"
+    args = parser.parse_args(["explore", "--store", "me/store", "--dataset", "me/data", "--export-space", str(tmp_path)])
+    assert args.func(args) == 0 and "wrote" in capsys.readouterr().out
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["README.md", "app.py", "requirements.txt"]
+    constants = {node.targets[0].id: ast.literal_eval(node.value) for node in ast.parse((tmp_path / "app.py").read_text()).body
+                 if isinstance(node, ast.Assign) and node.targets[0].id.isupper()}
+    assert (constants["STORES"], constants["DATASET"], constants["PIPELINE"]) == (["me/store"], "me/data", None)
 
 
 def test_export_space_runs_against_the_hub(pipe, store_dir, dataset_dir, workdir):

@@ -9,6 +9,7 @@ import inspect
 import io
 import json
 import os
+import threading
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -92,6 +93,7 @@ class Explorer:
         self.pipe = load_pipeline(pipe, first)
         self.adapter = get_adapter(self.pipe)
         self.history: dict[str, list[torch.Tensor]] = {name: [] for name in self.stores}
+        self.lock = threading.Lock()  # gradio serves events on threads; featurizing hooks the one denoiser
 
     # ------------------------------------------------------------------------------------ stores
 
@@ -144,18 +146,21 @@ class Explorer:
 
     def attribute(self, image: Any, name: str, prompts: str | None = None) -> AttributionResult:
         """`pipe.attribute(image, store)` with the named store; the scores join that store's query history."""
-        result = self.pipe.attribute(self.query_image(image), self.stores[name], prompts=prompts, progress=False)
-        self.history[name].append(result.scores[0])
+        image = self.query_image(image)
+        with self.lock:
+            result = self.pipe.attribute(image, self.stores[name], prompts=prompts, progress=False)
+            self.history[name].append(result.scores[0])
         return result
 
     def trajectory(self, prompt_or_seed: str | int, name: str, num_inference_steps: int, *, seed: int = 0,
                    progress: bool = True):
         """Journey-TRAK: `pipe.attribute_trajectory` against the named store → `JourneyResult` ([steps, N])."""
-        return self.pipe.attribute_trajectory(prompt_or_seed, self.stores[name], num_inference_steps=num_inference_steps,
-                                              seed=seed, progress=progress)
+        with self.lock:
+            return self.pipe.attribute_trajectory(prompt_or_seed, self.stores[name],
+                                                  num_inference_steps=num_inference_steps, seed=seed, progress=progress)
 
     def general_influence(self, name: str, k: int = 5, share: float = 0.5) -> GeneralInfluence:
-        """`generally_influential` over every query attributed against the named store so far."""
+        """`generally_influential` over every query attributed against the named store so far (by any visitor)."""
         if not self.history[name]:
             raise ValueError(f"no queries have been attributed against {name} yet: attribute some images first")
         return generally_influential(torch.stack(self.history[name]), k=k, share=share)
