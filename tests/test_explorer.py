@@ -26,7 +26,7 @@ gradio_client = pytest.importorskip("gradio_client")
 pytest.importorskip("gradio")
 
 from diffusers_attribution import AttributionConfig, InvalidImageError, StoreMismatchError, enable_attribution  # noqa: E402
-from diffusers_attribution.digits import load_digits_dataset  # noqa: E402
+from diffusers_attribution.demo.digits import load_digits_dataset  # noqa: E402
 from diffusers_attribution.evaluation.bias import generally_influential  # noqa: E402
 from diffusers_attribution.explorer import (  # noqa: E402
     Explorer,
@@ -35,11 +35,11 @@ from diffusers_attribution.explorer import (  # noqa: E402
     launch_explorer,
     load_dataset,
 )
-from diffusers_attribution.hub import store_card  # noqa: E402
-from diffusers_attribution.testing import tiny_ddpm_pipeline  # noqa: E402
+from diffusers_attribution.store.hub import store_card  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 from hub_server import LocalHub  # noqa: E402
+from tiny_pipelines import tiny_ddpm_pipeline  # noqa: E402
 
 K = 5
 N = 24
@@ -122,7 +122,7 @@ def client(app):
 
 @pytest.fixture(scope="module")
 def queries(workdir):
-    """Three query PNGs: two held-out digits and one training digit."""
+    """Three query PNGs: digits drawn with another seed than the training set's."""
     images = load_digits_dataset(60, seed=1)
     paths = []
     for i in range(3):

@@ -19,9 +19,9 @@ from typing import Sequence
 
 from huggingface_hub import SpaceCard, SpaceCardData
 
-from .. import __version__
-from ..hub import is_repo_id, store_card
-from ..store import atomic_write
+from ..store.files import atomic_write
+from ..store.hub import is_repo_id, store_card
+from ..version import __version__
 
 APP_TEMPLATE = '''"""Attribution explorer Space, written by `diffusers-attribution explore --export-space`."""
 
