@@ -6,9 +6,9 @@ and the CLI's `--help` stay fast and never import torch.
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
 
+from .lazy import lazy_getattr
 from .version import __version__
 
 _PUBLIC = {
@@ -39,12 +39,7 @@ if TYPE_CHECKING:
     from .store.format import FeatureStore
 
 
-def __getattr__(name: str):
-    if name not in _PUBLIC:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(_PUBLIC[name], __name__), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_getattr(__name__, _PUBLIC)
 
 
 def __dir__():

@@ -291,8 +291,11 @@ def test_export_space_runs_against_the_hub(pipe, store_dir, dataset_dir, workdir
         assert "gradio==" in (space / "requirements.txt").read_text()
         assert "https://huggingface.co/spaces/tester/explorer" in (space / "store-README.md").read_text()
         ast.parse((space / "app.py").read_text())
-        # A fresh process: importing the explorer does not import gradio; running app.py builds the app.
-        script = ("import runpy, sys, diffusers_attribution.explorer; assert 'gradio' not in sys.modules; "
+        # A fresh process: the explore command's parser imports neither torch nor gradio, the explorer's core no
+        # gradio; running app.py builds the app.
+        script = ("import runpy, sys; from diffusers_attribution.explorer import add_explore_parser; "
+                  "assert 'torch' not in sys.modules and 'gradio' not in sys.modules; "
+                  "from diffusers_attribution.explorer import Explorer; assert 'gradio' not in sys.modules; "
                   "ns = runpy.run_path(sys.argv[1]); e = ns['demo'].explorer; "
                   "print(type(ns['demo']).__name__, list(e.stores), len(e.data))")
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "HF_ENDPOINT": hub.endpoint, "HF_TOKEN": "test",
