@@ -45,8 +45,9 @@ class Featurizer:
         if projection_state is not None:
             self.projector.load_state_dict(projection_state)
 
-    def fit_projection(self, data: TrainingData) -> None:
-        """Fit a projector fitted on data (the calibrated bases) on the training examples it picks."""
+    def fit_projection(self, data: TrainingData, progress: bool = False) -> None:
+        """Fit a projector fitted on data (the calibrated bases) on the training examples it picks; `progress`:
+        a progress bar per pass (calibration is most of a small training set's featurization time)."""
         config = self.config
         indices, size = self.projector.fit_examples(len(data)), self.projector.fit_batch_size
         batches = []
@@ -56,7 +57,7 @@ class Featurizer:
             self.adapter.validate_images(images, f"training examples {chunk[0]}..{chunk[-1]}")
             batches.append((self.adapter.encode(images, list(captions), chunk, config.noise_seed), chunk))
         with gradients_only_for(self.adapter.denoiser, self.parameters):
-            self.projector.fit(self.task, self.parameters, batches)
+            self.projector.fit(self.task, self.parameters, batches, progress=progress)
 
     def fit_identity(self, data: TrainingData) -> dict[str, Any]:
         """What a fitted projection depends on: the feature config, the attributed weights, the examples it saw."""
@@ -110,7 +111,7 @@ class Featurizer:
                 warnings.warn("several processes are running but no output_dir= was given: each computes every "
                               "feature; pass output_dir= to share the work", stacklevel=3)
             if not self.projector.fitted:
-                self.fit_projection(data)
+                self.fit_projection(data, progress)
             bar = tqdm(total=len(data), desc="featurize", unit="example", disable=not progress)
             features, hashes = self.featurize_rows(data, 0, len(data), bar)
             bar.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -33,31 +34,37 @@ class AttributionResult:
         values, indices = self.scores.topk(k, dim=1)
         return TopK(indices, values)
 
-    def to_image_grid(self, train_dataset: Any, k: int = 5, tile: int = 64) -> PIL.Image.Image:
-        """Each query (left, boxed) beside its top-k training images, with their indices and scores."""
+    def to_image_grid(self, train_dataset: Any, k: int = 5, tile: int = 64, query_label: str = "generated") -> PIL.Image.Image:
+        """Each query (left, boxed, under a `query_label` header) beside its top-k training images, with their
+        indices and scores, and a caption saying what the score means."""
         if self.query_images is None:
             raise ValueError("this result holds no query images to draw")
         data = as_training_data(train_dataset, self.config.image_column, self.config.caption_column)
         if len(data) != self.scores.shape[1]:
             raise ValueError(f"the result scores {self.scores.shape[1]} training examples, the dataset has {len(data)}")
         best = self.topk(k)
-        gap, label = 6, 26
+        gap, label, header = 6, 26, 18
         columns = best.indices.shape[1] + 1
         width = columns * tile + (columns + 1) * gap + gap
-        height = len(self.query_images) * (tile + label + gap) + gap
+        caption = textwrap.wrap(f"score ({self.config.method}): higher = that training image made the {query_label} image "
+                        "more likely", max(width - 2 * gap, 60) // 6)
+        footer = 12 * len(caption) + gap
+        height = header + len(self.query_images) * (tile + label + gap) + gap + footer
         canvas = PIL.Image.new("RGB", (width, height), "white")
         draw = PIL.ImageDraw.Draw(canvas)
+        draw.text((gap, gap // 2), query_label, fill="red")
+        draw.text((2 * gap + tile + gap, gap // 2), f"top-{best.indices.shape[1]} training images", fill="black")
         for row, query in enumerate(self.query_images):
-            y = gap + row * (tile + label + gap)
+            y = header + gap + row * (tile + label + gap)
             canvas.paste(_to_pil(query, tile), (gap, y + label))
             draw.rectangle([gap - 2, y + label - 2, gap + tile + 1, y + label + tile + 1], outline="red")
-            draw.text((gap, y), f"query {row}", fill="black")
+            draw.text((gap, y), f"{query_label} {row}", fill="black")
             for col, (index, score) in enumerate(zip(best.indices[row].tolist(), best.scores[row].tolist())):
                 x = 2 * gap + (col + 1) * (tile + gap)
                 canvas.paste(_to_pil(data[index][0], tile), (x, y + label))
                 draw.text((x, y), f"#{index}\n{score:.3g}", fill="black", spacing=1)
+        draw.multiline_text((gap, height - footer), "\n".join(caption), fill="gray", spacing=2)
         return canvas
-
 
 def _to_pil(image: torch.Tensor, tile: int) -> PIL.Image.Image:
     """A [C, H, W] tensor in [-1, 1] → an RGB tile, upscaled with nearest-neighbour so pixels stay crisp."""

@@ -72,7 +72,7 @@ def test_accelerate_launch_two_processes_equals_one(setup):
            "HF_DATASETS_CACHE": str(root / "cache")}
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "--main_process_port", str(free_port()), "-m", "diffusers_attribution.cli_featurize", "featurize",
+               "--main_process_port", str(free_port()), "-m", "diffusers_attribution", "featurize",
                "--pipeline", str(root / "pipe"), "--dataset", str(root / "data"), "--out", str(root / "two"),
                "--config", str(root / "config.json"), "--shard-rows", str(SHARD_ROWS), "--no-progress"]
     proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)

@@ -5,12 +5,12 @@ import pytest
 import torch
 
 from diffusers_attribution import AttributionConfig, enable_attribution
-from diffusers_attribution.demo.digits import load_digits_images, load_or_train_digits_ddpm
+from diffusers_attribution.demo.digits import load_digits_ddpm, load_digits_images
 
 
 @pytest.mark.slow
 def test_training_images_rank_themselves_first():
-    pipe = enable_attribution(load_or_train_digits_ddpm(progress=False))
+    pipe = enable_attribution(load_digits_ddpm())  # the shipped weights: the recipe's run (test_shipped_weights.py)
     train = load_digits_images()
     queries = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:50]
     store = pipe.featurize(train, AttributionConfig(method="d-trak", num_timesteps=10, projection_dim=2048), progress=False)

@@ -32,6 +32,8 @@ __all__ = [
     "load_digits_dataset",
     "train_digits_ddpm",
     "load_or_train_digits_ddpm",
+    "load_digits_ddpm",
+    "shipped_digits_ddpm_path",
     "generate_digits",
     "save_digit_grid",
     "default_cache_root",
@@ -253,6 +255,28 @@ def load_or_train_digits_ddpm(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return DDPMPipeline.from_pretrained(target)
+
+
+def shipped_digits_ddpm_path() -> Path:
+    """The digits DDPM shipped with the package (`assets/digits-ddpm`, safetensors + JSON configs, ~0.7 MB):
+    `train_digits_ddpm(load_digits_images(), DigitsRecipe())` on one CPU thread (tests/test_shipped_weights.py
+    retrains it and compares)."""
+    from importlib.resources import files
+
+    return Path(str(files("diffusers_attribution") / "assets" / "digits-ddpm"))
+
+
+def load_digits_ddpm(retrain: bool = False, cache_dir: str | os.PathLike | None = None,
+                     progress: bool = True) -> DDPMPipeline:
+    """The demo's digits DDPM: the shipped weights (no training), or with `retrain=True` the recipe's own
+    training run (`load_or_train_digits_ddpm`, cached in `cache_dir`)."""
+    if retrain:
+        return load_or_train_digits_ddpm(cache_dir=cache_dir, progress=progress)
+    path = shipped_digits_ddpm_path()
+    if not (path / "model_index.json").is_file():
+        raise FileNotFoundError(f"the shipped digits DDPM is missing from {path} (a broken install?): "
+                                "reinstall the package, or retrain it with retrain=True (demo --retrain)")
+    return DDPMPipeline.from_pretrained(path)
 
 
 # ------------------------------------------------------------------------ sampling

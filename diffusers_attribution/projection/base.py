@@ -60,8 +60,9 @@ class Projector:
         """The training examples `fit` must see (sorted indices)."""
         return []
 
-    def fit(self, task: AttributionTask, parameters: dict, batches) -> None:
-        """Fit on `batches` [(ModelInputs, keys), ...] of the `fit_examples` (a list: read more than once)."""
+    def fit(self, task: AttributionTask, parameters: dict, batches, progress: bool = False) -> None:
+        """Fit on `batches` [(ModelInputs, keys), ...] of the `fit_examples` (a list: read more than once);
+        `progress`: show a progress bar saying what the fit is doing."""
         raise TypeError(f"the {self.kind} projector is a function of seeds; it is not fitted on data")
 
     def state_dict(self) -> dict[str, torch.Tensor] | None:

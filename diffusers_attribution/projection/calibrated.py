@@ -87,8 +87,8 @@ class CalibratedProjector(Projector):
     def fit_examples(self, num_examples: int) -> list[int]:
         return calibration_indices(num_examples, self.examples, self.seed)
 
-    def fit(self, task: AttributionTask, parameters: dict, batches) -> None:
-        self._use(calibrate(task, self.denoiser, parameters, batches, self.sketch_dim, self.seed))
+    def fit(self, task: AttributionTask, parameters: dict, batches, progress: bool = False) -> None:
+        self._use(calibrate(task, self.denoiser, parameters, batches, self.sketch_dim, self.seed, progress=progress))
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self._use(bases_from_state_dict(state))
@@ -125,12 +125,12 @@ class CalibratedProjector(Projector):
 
 
 def calibrate(task: AttributionTask, denoiser: nn.Module, parameters: dict[str, nn.Parameter],
-              batches: Iterable[tuple[ModelInputs, Sequence]], sketch_dim: int, seed: int) -> dict:
+              batches: Iterable[tuple[ModelInputs, Sequence]], sketch_dim: int, seed: int, progress: bool = False) -> dict:
     """The calibrated bases {parameter: {"out", "in"} or {"dense"}} from two passes over `batches`.
 
     Pass 1 accumulates S, A (or C) from the coordinates of G in the (possibly reduced) full sides; pass 2
     measures E[H_ij²] in the eigenbases; then the top `sketch_dim` entries choose each rectangle.
-    `batches` must be re-iterable (a list): both passes read the same examples.
+    `batches` must be re-iterable (a list): both passes read the same examples. `progress`: a bar per pass.
     """
     batches = list(batches)
     with warnings.catch_warnings():
@@ -138,7 +138,7 @@ def calibrate(task: AttributionTask, denoiser: nn.Module, parameters: dict[str, 
         full = FactoredProjector(denoiser, parameters, None, seed, bases=_reduced_sides(denoiser, parameters, seed))
     moments = {b.name: _zero_moments(b) for b in _blocks(full)}
     count = 0
-    for inputs, keys in batches:
+    for inputs, keys in _progress(batches, "calibrating projection (pass 1/2: gradient moments)", progress):
         coordinates = full.features(task, parameters, inputs, keys).double().cpu()
         count += len(keys)
         for block in _blocks(full):
@@ -159,9 +159,20 @@ def calibrate(task: AttributionTask, denoiser: nn.Module, parameters: dict[str, 
                              for side, m in zip(sides, moments[block.name])}
     rotated = FactoredProjector(denoiser, parameters, None, seed, bases=eigen)
     energy = torch.zeros(rotated.dim, dtype=torch.float64)
-    for inputs, keys in batches:
+    for inputs, keys in _progress(batches, "calibrating projection (pass 2/2: energy in the eigenbases)", progress):
         energy += rotated.features(task, parameters, inputs, keys).double().pow(2).sum(0).cpu()
     return _keep_top(rotated, eigen, energy / count, sketch_dim)
+
+
+def _progress(batches: list, description: str, enabled: bool):
+    """`batches` under a tqdm bar counting examples (calibration is most of a small featurization's time)."""
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=sum(len(keys) for _, keys in batches), desc=description, unit="example", disable=not enabled)
+    for inputs, keys in batches:
+        yield inputs, keys
+        bar.update(len(keys))
+    bar.close()
 
 
 def _keep_top(rotated: FactoredProjector, eigen: dict, energy: torch.Tensor, sketch_dim: int) -> dict:

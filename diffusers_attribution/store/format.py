@@ -267,7 +267,7 @@ class FeatureStore:
         }
         from .hub import store_card
 
-        card = store_card(header)
+        card = store_card(header, location=directory)
         atomic_write(directory / CARD_NAME, lambda p: Path(p).write_text(str(card), encoding="utf-8"))
         atomic_write(directory / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(header, indent=2)))
         listed = {entry["file"] for entry in shards}

@@ -42,7 +42,7 @@ def featurize_to_directory(featurizer, data: TrainingData, directory: Path, grou
     if group.device is not None and config.device is None:
         featurizer.adapter.pipe.to(group.device)
     if featurizer.projector.fits_on_data:
-        fit_in_directory(featurizer, data, directory, group)
+        fit_in_directory(featurizer, data, directory, group, progress=progress and group.is_main)
     dim = featurizer.projector.dim
     rows = shard_rows or rows_per_shard(dim, max_shard_size)
     plan = shard_plan(n, rows)
@@ -73,7 +73,8 @@ def featurize_to_directory(featurizer, data: TrainingData, directory: Path, grou
     return finalize_directory(directory, config, metadata, plan, rows, group, compute_kernel)
 
 
-def fit_in_directory(featurizer, data: TrainingData, directory: Path, group: ProcessGroup) -> None:
+def fit_in_directory(featurizer, data: TrainingData, directory: Path, group: ProcessGroup,
+                     progress: bool = False) -> None:
     """A projection fitted on data (the calibrated bases): the one saved in `directory` (a resumed run), or fitted
     on the main process and saved there first; every process then projects with the saved one. A saved
     projection fitted for another config, model or examples is refused."""
@@ -95,7 +96,7 @@ def fit_in_directory(featurizer, data: TrainingData, directory: Path, group: Pro
                         f"training example {changed[0]} differs from the one the projection in {path} was fitted on: "
                         "the dataset changed. Use another output_dir, or delete it to start over")}
             else:
-                featurizer.fit_projection(data)
+                featurizer.fit_projection(data, progress)
                 write_projection(directory, featurizer.projector.state_dict(), identity)
         except Exception as error:  # sent to every process, so that none waits for a main process that failed
             status = {"mismatch": isinstance(error, StoreMismatchError), "error": f"{type(error).__name__}: {error}"}

@@ -1,0 +1,122 @@
+"""`info`: what a feature store holds, how it was made, and its size, read from its config.json (no torch).
+
+    diffusers-attribution info STORE              # a store directory or a Hub dataset repo id
+    diffusers-attribution info STORE --json       # config.json as it is
+    diffusers-attribution info STORE --verify     # also check every file's sha256
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from .options import add_hub_arguments, add_subparser, step
+
+CONFIG_NAME = "config.json"  # the store's header (store.py)
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    parser = add_subparser(subparsers, "info", "what a feature store holds: config, fingerprints, size on disk", __doc__)
+    parser.add_argument("store", metavar="STORE", help="a store directory or a Hub dataset repo id (user/name)")
+    parser.add_argument("--json", action="store_true", help="print the store's config.json")
+    parser.add_argument("--verify", action="store_true", help="check every file's size and sha256 (reads them all)")
+    add_hub_arguments(parser)
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    directory, header = read_header(args)
+    if args.verify:
+        from ..store import FeatureStore
+
+        with step(f"checking the sha256 of every file of {directory}"):
+            FeatureStore.from_pretrained(directory, verify=True)
+    if args.json:
+        print(json.dumps(header, indent=2))
+    else:
+        print(describe(header, directory, verified=args.verify))
+    return 0
+
+
+def read_header(args: argparse.Namespace) -> tuple[Path | None, dict]:
+    """(local directory or None, config.json) of a store directory, or of a Hub repo (only config.json is fetched,
+    unless --verify needs every file)."""
+    path = Path(args.store)
+    if not path.is_dir():
+        from ..store.hub import is_repo_id
+
+        if not is_repo_id(args.store):
+            raise SystemExit(f"error: no feature store at {args.store!r}: not a directory, and not a Hub repo id")
+        from huggingface_hub import hf_hub_download, snapshot_download
+
+        options = dict(repo_type="dataset", revision=args.revision, endpoint=args.endpoint, token=args.token)
+        try:
+            if args.verify:
+                path = Path(snapshot_download(args.store, **options))
+            else:
+                return None, json.loads(Path(hf_hub_download(args.store, CONFIG_NAME, **options)).read_text())
+        except Exception as error:  # noqa: BLE001 - any Hub failure ends here, named
+            raise SystemExit(f"error: cannot read the store {args.store!r} from the Hub: {error}") from None
+    config_path = path / CONFIG_NAME
+    if not config_path.is_file():
+        raise SystemExit(f"error: {path} is not a feature store: it has no {CONFIG_NAME}")
+    try:
+        return path, json.loads(config_path.read_text())
+    except ValueError as error:
+        raise SystemExit(f"error: {config_path} is not valid JSON: {error}") from None
+
+
+def describe(header: dict, directory: Path | None, verified: bool = False) -> str:
+    """A readable summary of a store's config.json."""
+    config = header.get("config", {})
+    shards = header.get("shards", [])
+    parts = {"features": sum(int(s.get("bytes", 0)) for s in shards)}
+    for key, name in (("kernel", "kernel"), ("projection_file", "projection")):
+        if header.get(key):
+            parts[name] = int(header[key].get("bytes", 0))
+    lora = header.get("lora_adapters") or []
+    fingerprint = header.get("model_fingerprint") or {}
+    lines = [
+        f"store         {directory if directory is not None else '(Hub) config.json only'}",
+        f"examples      N = {header.get('num_examples')} of {header.get('dataset_name') or 'an unnamed dataset'}",
+        f"features      k = {header.get('dim')} ({header.get('dtype', 'float32')}), "
+        f"{len(shards)} shard(s) of <= {header.get('shard_rows')} rows",
+        f"method        {config.get('method')} (output {config.get('output')}), K = {config.get('num_timesteps')} "
+        f"{config.get('timestep_schedule')} timesteps, noise {config.get('noise_mode')} seed {config.get('noise_seed')}",
+        f"projection    {config.get('projector')} (seed {config.get('projection_seed')})"
+        + (", calibrated on {} examples".format(config.get("calibration_examples"))
+           if config.get("calibration_examples") else ""),
+        f"parameters    {config.get('parameters')}" + (f", LoRA adapters {', '.join(lora)}" if lora else ""),
+        f"pipeline      {header.get('pipeline')} (family {header.get('family')}), "
+        f"base model {header.get('base_model') or 'not recorded'}",
+        f"kernel        {header['kernel']['form'] + ' Gram matrix' if header.get('kernel') else 'not stored'}",
+        "fingerprints  dataset {}; model {}".format(header.get("dataset_fingerprint"),
+                                                    json.dumps(fingerprint, sort_keys=True)),
+        f"feature hash  {_feature_hash(config)}",
+        f"size          {_size(sum(parts.values()))} ({', '.join(f'{k} {_size(v)}' for k, v in parts.items())})",
+    ]
+    if directory is not None:
+        on_disk = sum(p.stat().st_size for p in directory.iterdir() if p.is_file())
+        lines.append(f"on disk       {_size(on_disk)} in {directory}")
+    lines.append(f"written by    diffusers-attribution {header.get('package_version')}, store format "
+                 f"{header.get('format_version')}" + (" — every sha256 checked" if verified else ""))
+    lines.append("config        " + json.dumps({k: v for k, v in sorted(config.items()) if v not in (None, {}, [])}))
+    return "\n".join(lines)
+
+
+def _feature_hash(config: dict) -> str:
+    from ..config import AttributionConfig
+
+    try:
+        return AttributionConfig.from_dict(config).feature_hash()
+    except ValueError as error:
+        return f"unreadable ({error})"
+
+
+def _size(num_bytes: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if num_bytes < 1024 or unit == "GB":
+            return f"{num_bytes:.0f} {unit}" if unit == "B" else f"{num_bytes:.1f} {unit}"
+        num_bytes /= 1024
+    return ""

@@ -1,0 +1,210 @@
+"""The command line end to end, each subcommand in its own interpreter, on a tiny DDPM and 12 PNG digits:
+featurize a folder of PNGs, attribute a PNG against the store (the printed top-k is `pipe.attribute`'s), info,
+push to the test Hub server (tests/hub_server.py) and read it back; `--help` imports no torch."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from hub_server import LocalHub  # noqa: E402
+from tiny_pipelines import tiny_ddpm_pipeline  # noqa: E402
+
+from diffusers_attribution import FeatureStore, __version__, enable_attribution  # noqa: E402
+from diffusers_attribution.cli import main  # noqa: E402
+from diffusers_attribution.demo.digits import load_digits_images  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+FLAGS = ["--method", "trak", "--num-timesteps", "2", "--projection-dim", "32", "--calibration-examples", "4",
+         "--batch-size", "4", "--noise-seed", "3"]
+
+
+def cli(*args: str, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    """`python -m diffusers_attribution ARGS` in a fresh interpreter that imports this checkout."""
+    environment = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_DISABLE_TELEMETRY": "1",
+                   **(env or {})}
+    proc = subprocess.run([sys.executable, "-m", "diffusers_attribution", *args], capture_output=True, text=True,
+                          env=environment, timeout=300)
+    if check:
+        assert proc.returncode == 0, f"{args}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}"
+    return proc
+
+
+def png(tensor: torch.Tensor, path: Path) -> Path:
+    """A [1, 8, 8] image in [-1, 1] as an 8-bit grayscale PNG."""
+    pixels = ((tensor[0] + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
+    Image.fromarray(pixels, mode="L").save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A saved tiny DDPM, a folder of 12 PNG digits, two query PNGs, and the store the CLI featurized."""
+    root = tmp_path_factory.mktemp("cli")
+    tiny_ddpm_pipeline(seed=1).save_pretrained(root / "pipe")
+    (root / "train").mkdir()
+    for index, image in enumerate(load_digits_images(12, seed=5)):
+        png(image, root / "train" / f"{index:02d}.png")
+    (root / "queries").mkdir()
+    queries = [png(image, root / "queries" / f"q{i}.png") for i, image in enumerate(load_digits_images(2, seed=9))]
+    env = {"HF_DATASETS_CACHE": str(root / "datasets-cache"), "HF_HOME": str(root / "hf-home")}
+    proc = cli("featurize", "--pipeline", str(root / "pipe"), "--dataset", str(root / "train"), "--out",
+               str(root / "store"), *FLAGS, env=env)
+    return root, queries, env, proc
+
+
+def test_featurize_folder_of_pngs(setup):
+    root, _, _, proc = setup
+    assert "wrote FeatureStore(N=12, k=32" in proc.stdout
+    assert f"loading pipeline {root / 'pipe'}" in proc.stderr
+    assert "calibrating projection (pass 1/2" in proc.stderr and "calibrating projection (pass 2/2" in proc.stderr
+    store = FeatureStore.from_pretrained(root / "store", verify=True)
+    config = store.config
+    assert (config.method, config.num_timesteps, config.projection_dim, config.calibration_examples,
+            config.batch_size, config.noise_seed) == ("trak", 2, 32, 4, 4, 3)
+    assert store.metadata["dataset_name"] == str(root / "train")
+    assert store.metadata["base_model"] == str(root / "pipe")
+
+
+def test_attribute_png_matches_pipe_attribute(setup):
+    root, queries, env, _ = setup
+    proc = cli("attribute", *map(str, queries), "--store", str(root / "store"), "--topk", "3", "--json",
+               "--grid", str(root / "grid.png"), env=env)
+    printed = json.loads(proc.stdout)
+    assert printed["method"] == "trak" and printed["num_train"] == 12 and printed["pipeline"] == str(root / "pipe")
+
+    from diffusers import DiffusionPipeline
+
+    pipe = enable_attribution(DiffusionPipeline.from_pretrained(root / "pipe"))
+    images = [Image.open(path).convert("L") for path in queries]
+    expected = pipe.attribute(images, FeatureStore.from_pretrained(root / "store"), progress=False).topk(3)
+    for row, path, indices, scores in zip(printed["results"], queries, expected.indices.tolist(),
+                                          expected.scores.tolist()):
+        assert row["image"] == str(path)
+        assert [entry["index"] for entry in row["topk"]] == indices
+        assert [entry["rank"] for entry in row["topk"]] == [1, 2, 3]
+        torch.testing.assert_close([entry["score"] for entry in row["topk"]], scores, rtol=1e-5, atol=1e-8)
+    grid = Image.open(root / "grid.png")
+    assert grid.width > 4 * 64 and grid.height > 2 * 64  # 2 queries beside 3 training images each
+
+    # The table form (in this process: same code path after parsing) lists the same indices, rank by rank.
+    table = _run_in_process(["attribute", str(root / "queries"), "--store", str(root / "store"), "--topk", "3",
+                             "--no-progress"])
+    lines = table.strip().splitlines()
+    assert lines[0].split() == ["image", "rank", "train_index", "score"]
+    listed = [int(line.split()[2]) for line in lines[1:]]
+    assert listed == [index for indices in expected.indices.tolist() for index in indices]
+
+
+def test_info(setup):
+    root, _, _, _ = setup
+    text = cli("info", str(root / "store")).stdout
+    assert "N = 12" in text and "k = 32" in text and "trak" in text and "calibrated on 4 examples" in text
+    header = json.loads((root / "store" / "config.json").read_text())
+    assert header["dataset_fingerprint"] in text
+    on_disk = sum(p.stat().st_size for p in (root / "store").iterdir() if p.is_file())
+    assert f"on disk       {on_disk / 1024:.1f} KB" in text
+    assert json.loads(cli("info", str(root / "store"), "--json").stdout) == header
+
+
+def test_push_to_the_test_hub_and_read_it_back(setup):
+    root, queries, env, _ = setup
+    grid = root / "push-grid.png"
+    Image.new("RGB", (32, 16), "white").save(grid)
+    with LocalHub() as hub:
+        proc = cli("push", str(root / "store"), "tester/tiny-features", "--endpoint", hub.endpoint, "--token", "test",
+                   "--private", "--grid", str(grid), "--license", "apache-2.0", env=env)
+        assert "pushed" in proc.stdout
+
+        from huggingface_hub import HfApi
+
+        api = HfApi(endpoint=hub.endpoint, token="test")
+        files = set(api.list_repo_files("tester/tiny-features", repo_type="dataset"))
+        header = json.loads((root / "store" / "config.json").read_text())
+        expected = {"config.json", "README.md", "attribution_grid.png", *(s["file"] for s in header["shards"])}
+        expected |= {header[key]["file"] for key in ("kernel", "projection_file") if header.get(key)}
+        assert files == expected
+        assert api.repo_info("tester/tiny-features", repo_type="dataset").private
+        card = Path(api.hf_hub_download("tester/tiny-features", "README.md", repo_type="dataset",
+                                        cache_dir=str(root / "card-cache"))).read_text()
+        assert "# Attribution features: tester/tiny-features" in card
+        assert 'pipe.attribute(images, "tester/tiny-features")' in card and "path/to/store" not in card
+        assert "![Attribution grid](attribution_grid.png)" in card and "license: apache-2.0" in card
+
+        # info and attribute read the store back from the Hub in fresh interpreters.
+        info = cli("info", "tester/tiny-features", "--endpoint", hub.endpoint, "--token", "test", env=env).stdout
+        assert "N = 12" in info and "(Hub) config.json only" in info
+        printed = json.loads(cli("attribute", str(queries[0]), "--store", "tester/tiny-features", "--endpoint",
+                                 hub.endpoint, "--token", "test", "--topk", "3", "--json", env=env).stdout)
+    local = json.loads(cli("attribute", str(queries[0]), "--store", str(root / "store"), "--topk", "3", "--json",
+                           env=env).stdout)
+    assert printed["results"][0]["topk"] == local["results"][0]["topk"]
+
+
+def test_help_and_version_import_no_torch():
+    code = ("import sys\nfrom diffusers_attribution.cli import main\n"
+            "for argv in (['--help'], ['--version'], *([name, '--help'] for name in "
+            "('demo', 'featurize', 'attribute', 'info', 'push'))):\n"
+            "    try:\n        main(argv)\n    except SystemExit as e:\n        assert e.code == 0, (argv, e.code)\n"
+            "heavy = sorted(m for m in ('torch', 'diffusers', 'transformers', 'numpy', 'datasets') if m in sys.modules)\n"
+            "print('HEAVY', heavy)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "HEAVY []"
+    assert f"diffusers-attribution {__version__}" in proc.stdout
+    for flag in ("--method", "--num-timesteps", "--projection-dim", "--projector", "--device", "--dtype",
+                 "--parameters", "--adapter-name", "--batch-size", "--noise-seed", "--config"):
+        assert flag in proc.stdout
+
+
+def test_bad_input_is_named(setup, tmp_path):
+    root, queries, env, _ = setup
+    proc = cli("featurize", "--pipeline", "p", "--dataset", "d", "--out", "o", "--method", "nope", check=False)
+    assert proc.returncode == 1 and "AttributionConfig.method='nope' is not one of" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert "Traceback" not in _run_in_process_error(["attribute", str(tmp_path / "missing.png"), "--store",
+                                                     str(root / "store")], "no image file or folder")
+    message = _run_in_process_error(["attribute", str(queries[0]), "--store", str(root / "store"),
+                                     "--num-timesteps", "5", "--no-progress"], "store config differs")
+    assert "num_timesteps" in message
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"projection_dims": 8}')
+    assert "projection_dims" in _run_in_process_error(["featurize", "--pipeline", "p", "--dataset", "d", "--out", "o",
+                                                       "--config", str(bad)], "Unknown AttributionConfig fields")
+
+
+def _run_in_process(argv: list[str]) -> str:
+    import contextlib
+    import io
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
+        assert main(argv) == 0
+    return out.getvalue()
+
+
+def _run_in_process_error(argv: list[str], expected: str) -> str:
+    """The message of the error `main(argv)` stops with, which must contain `expected`."""
+    import contextlib
+    import io
+
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            main(argv)
+    except SystemExit as error:
+        message = str(error.code)
+    except Exception as error:  # noqa: BLE001 - library errors name the problem themselves
+        message = f"{type(error).__name__}: {error}"
+    else:
+        raise AssertionError(f"{argv} did not fail")
+    assert expected in message, message
+    return message
