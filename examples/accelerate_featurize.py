@@ -18,7 +18,7 @@ import argparse
 from accelerate import PartialState
 
 from diffusers_attribution import AttributionConfig, enable_attribution
-from diffusers_attribution.digits import load_digits_ddpm, load_digits_images
+from diffusers_attribution.demo.digits import load_digits_ddpm, load_digits_images
 
 from tiny_models import load_training_set  # examples/tiny_models.py
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from diffusers_attribution import AttributionConfig, FeatureStore, enable_attribution
-from diffusers_attribution.digits import generate_digits, load_digits_ddpm, load_digits_images
+from diffusers_attribution.demo.digits import generate_digits, load_digits_ddpm, load_digits_images
 
 from tiny_models import load_training_set  # examples/tiny_models.py
 
@@ -64,7 +64,7 @@ def main() -> None:
     grid = output / "attribution_grid.png"
     local.to_image_grid(train, k=5).save(grid)
 
-    from diffusers_attribution.hub import push_store
+    from diffusers_attribution.store.hub import push_store
 
     print(f"pushing the store to {args.repo_id}", flush=True)
     commit = push_store(store, args.repo_id, private=args.private or None, token=args.token, endpoint=args.endpoint,

@@ -18,7 +18,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from diffusers_attribution import AttributionConfig, enable_attribution
-from diffusers_attribution.digits import DigitsRecipe, generate_digits, load_digits_images, train_digits_ddpm
+from diffusers_attribution.demo.digits import DigitsRecipe, generate_digits, load_digits_images, train_digits_ddpm
 from diffusers_attribution.evaluation import (
     DigitsTrainingRecipe,
     LossSpec,
