@@ -69,6 +69,10 @@ def run(args: argparse.Namespace) -> int:
         pipeline = args.pipeline or store.metadata.get("base_model")
         if not pipeline:
             raise SystemExit("error: the store does not name the pipeline it was featurized from: pass --pipeline")
+        adapters = store.metadata.get("lora_adapters") or []
+        if adapters and not args.lora:
+            raise SystemExit(f"error: the store was featurized with the LoRA adapter(s) {adapters}: pass --lora "
+                             f"with those weights (and --adapter-name {adapters[0]})")
     else:
         config = config_from_args(args)
         if not args.pipeline:
