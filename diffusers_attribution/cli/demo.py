@@ -24,6 +24,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--retrain", action="store_true",
                         help="train the digits DDPM by its recipe (about 75 s on 2 cores) instead of loading the shipped weights")
     parser.add_argument("--cache-dir", default=None, help="with --retrain: where the trained DDPM is cached")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch intra-op threads (default: 1, the fastest for this tiny model on a busy machine)")
     add_config_arguments(parser)
     return parser
 
@@ -36,5 +38,5 @@ def run(args: argparse.Namespace) -> int:
     config = config_from_args(args, base=DEMO_CONFIG if same_method else None)
 
     run_demo(args.output_dir, args.num_queries, args.topk, config, args.cache_dir, args.seed, retrain=args.retrain,
-             num_train=args.num_train)
+             num_train=args.num_train, **({"threads": args.threads} if args.threads else {}))
     return 0
