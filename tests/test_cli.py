@@ -152,9 +152,10 @@ def test_push_to_the_test_hub_and_read_it_back(setup):
 def test_help_and_version_import_no_torch():
     code = ("import sys\nfrom diffusers_attribution.cli import main\n"
             "for argv in (['--help'], ['--version'], *([name, '--help'] for name in "
-            "('demo', 'featurize', 'attribute', 'info', 'push'))):\n"
+            "('demo', 'featurize', 'attribute', 'info', 'push', 'explore'))):\n"
             "    try:\n        main(argv)\n    except SystemExit as e:\n        assert e.code == 0, (argv, e.code)\n"
-            "heavy = sorted(m for m in ('torch', 'diffusers', 'transformers', 'numpy', 'datasets') if m in sys.modules)\n"
+            "heavy = sorted(m for m in ('torch', 'diffusers', 'transformers', 'numpy', 'datasets', 'gradio') "
+            "if m in sys.modules)\n"
             "print('HEAVY', heavy)\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
                           env={**os.environ, "PYTHONPATH": str(ROOT)})

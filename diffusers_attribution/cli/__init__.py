@@ -5,6 +5,7 @@
     diffusers-attribution attribute IMAGE_OR_FOLDER... --store STORE [--json] [--grid grid.png]
     diffusers-attribution info STORE
     diffusers-attribution push STORE user/name [--private] [--endpoint URL]
+    diffusers-attribution explore --store STORE --dataset TRAIN  # a Gradio app (pip install ".[explore]")
 
 Each subcommand is one module of this package with `add_parser(subparsers)` (which returns its parser) and
 `run(args)`. Modules import only argparse-level code at import time: torch and diffusers are imported inside
@@ -18,15 +19,16 @@ import argparse
 import importlib
 import sys
 
-# (module, function adding the subparser, function running it), in the order `--help` lists them.
-# A subcommand defined elsewhere is one more row, e.g. ("diffusers_attribution.explorer", "add_explore_parser",
-# "run_explore"); its module must not import torch at import time either (tests/test_cli.py checks `--help`).
+# (module, function adding the subparser, function running it), in the order `--help` lists them. A subcommand
+# defined elsewhere is one more row (the explorer's); no module here may import torch or gradio at import time
+# (tests/test_cli.py checks `--help` of every subcommand in a fresh interpreter).
 SUBCOMMANDS: list[tuple[str, str, str]] = [
     ("diffusers_attribution.cli.demo", "add_parser", "run"),
     ("diffusers_attribution.cli.featurize", "add_parser", "run"),
     ("diffusers_attribution.cli.attribute", "add_parser", "run"),
     ("diffusers_attribution.cli.info", "add_parser", "run"),
     ("diffusers_attribution.cli.push", "add_parser", "run"),
+    ("diffusers_attribution.explorer.cli", "add_explore_parser", "run_explore"),
 ]
 
 
