@@ -34,7 +34,8 @@ class AttributionResult:
         values, indices = self.scores.topk(k, dim=1)
         return TopK(indices, values)
 
-    def to_image_grid(self, train_dataset: Any, k: int = 5, tile: int = 64, query_label: str = "generated") -> PIL.Image.Image:
+    def to_image_grid(self, train_dataset: Any, k: int = 5, tile: int = 64,
+                      query_label: str = "generated") -> PIL.Image.Image:
         """Each query (left, boxed, under a `query_label` header) beside its top-k training images, with their
         indices and scores, and a caption saying what the score means."""
         if self.query_images is None:
@@ -46,8 +47,8 @@ class AttributionResult:
         gap, label, header = 6, 26, 18
         columns = best.indices.shape[1] + 1
         width = columns * tile + (columns + 1) * gap + gap
-        caption = textwrap.wrap(f"score ({self.config.method}): higher = that training image made the {query_label} image "
-                        "more likely", max(width - 2 * gap, 60) // 6)
+        caption = textwrap.wrap(f"score ({self.config.method}): higher = that training image made the {query_label} "
+                                "image more likely", max(width - 2 * gap, 60) // 6)
         footer = 12 * len(caption) + gap
         height = header + len(self.query_images) * (tile + label + gap) + gap + footer
         canvas = PIL.Image.new("RGB", (width, height), "white")
@@ -65,6 +66,7 @@ class AttributionResult:
                 draw.text((x, y), f"#{index}\n{score:.3g}", fill="black", spacing=1)
         draw.multiline_text((gap, height - footer), "\n".join(caption), fill="gray", spacing=2)
         return canvas
+
 
 def _to_pil(image: torch.Tensor, tile: int) -> PIL.Image.Image:
     """A [C, H, W] tensor in [-1, 1] → an RGB tile, upscaled with nearest-neighbour so pixels stay crisp."""
