@@ -57,7 +57,7 @@ def load_dataset(spec: Any, split: str = "train") -> Any:
     command's loader); anything else (a `datasets.Dataset`, a list, a tensor) is returned as it is."""
     if not isinstance(spec, (str, os.PathLike)):
         return spec
-    from ..cli_featurize import load_training_dataset
+    from ..cli.options import load_training_dataset
 
     return load_training_dataset(str(spec), split)
 
