@@ -16,7 +16,12 @@ from .config import AttributionConfig
 from .data import to_image_batch
 from .methods.base import get_method
 from .result import AttributionResult
+from .store.errors import UntrustedReferenceError
 from .store.format import FeatureStore
+
+# Config fields that name something to load (a checkpoint, an encoder): a store read from a folder or the Hub
+# never makes us load them unless the caller passes them or opts in (`trust_remote_references=True`).
+REFERENCE_FIELDS = {"checkpoints": "checkpoints", "encoder": "encoder"}  # field: the featurizer option passing it
 
 
 def make_featurizer(pipe, config: AttributionConfig, store: FeatureStore | None = None, **options):
@@ -43,22 +48,42 @@ def featurize(pipe, train_dataset: Any, config: AttributionConfig | None = None,
                                         accelerator=accelerator, **store_kwargs)
 
 
+def check_references(store: FeatureStore, config: AttributionConfig | None, options: dict,
+                     trust_remote_references: bool) -> None:
+    """Refuse (`UntrustedReferenceError`) a store read from disk or the Hub whose config names checkpoints or an
+    encoder to load, unless the caller passes them (`options`, or a `config` naming the same ones) or trusts the
+    store's references."""
+    if store.directory is None or trust_remote_references:
+        return
+    for name, option in REFERENCE_FIELDS.items():
+        named = getattr(store.config, name)
+        given = options.get(option) is not None or config is not None and getattr(config, name) == named
+        if named is not None and not given:
+            raise UntrustedReferenceError(
+                f"the store in {store.directory} names {name} to load ({str(named)[:200]}); loading what a store "
+                f"names could download and run anything. Pass {option}= yourself, or "
+                "trust_remote_references=True if you trust this store")
+
+
 def featurize_and_store(pipe, train_data: Any, config: AttributionConfig | None, *, given_config: bool = True,
-                        check_compatibility: bool = True, progress: bool = True):
+                        check_compatibility: bool = True, progress: bool = True, trust_remote_references: bool = False,
+                        **options):
     """(featurizer for queries, store): `train_data` is a `FeatureStore`, a store's folder or Hub repo id, or a
     training set featurized here with `config`. A store's own config is used; a `config` that differs from it
     in anything that changes features is a `StoreMismatchError` (`given_config=False`: `config` is only the
-    default for a training set), as is a pipeline, LoRA or projection other than the store's."""
+    default for a training set), as is a pipeline, LoRA or projection other than the store's. `options`: the
+    featurizer's (`checkpoints=`, `encoder=`); a loaded store's references are loaded only as `check_references` allows."""
     if isinstance(train_data, (str, os.PathLike)):
         train_data = FeatureStore.from_pretrained(train_data)
     if not isinstance(train_data, FeatureStore):
         config = config or AttributionConfig()
-        featurizer = make_featurizer(pipe, config)
+        featurizer = make_featurizer(pipe, config, **options)
         return featurizer, featurizer.featurize_dataset(train_data, progress=progress)
     store = train_data
     if config is not None and given_config and check_compatibility:
         store.check_compatible(config, {})
-    featurizer = make_featurizer(pipe, store.config, store=store)
+    check_references(store, config if given_config else None, options, trust_remote_references)
+    featurizer = make_featurizer(pipe, store.config, store=store, **options)
     if check_compatibility:
         store.check_compatible(store.config, featurizer.metadata())
     return featurizer, store
@@ -66,19 +91,23 @@ def featurize_and_store(pipe, train_data: Any, config: AttributionConfig | None,
 
 def attribute(pipe, images: Any, train_data: Any, config: AttributionConfig | None = None, *,
               prompts: Sequence[str] | str | None = None, progress: bool = True,
-              check_compatibility: bool = True) -> AttributionResult:
+              check_compatibility: bool = True, trust_remote_references: bool = False,
+              **options) -> AttributionResult:
     """Score `images` against a store (or its folder / Hub repo id) or a training set (featurized first).
 
     With a store, the store's config is used except for the score-only fields (`config.damping`,
     `config.damping_ratio`); anything else that differs is a `StoreMismatchError` unless
-    `check_compatibility=False`.
+    `check_compatibility=False`. A store read from disk or the Hub that names checkpoints or an encoder needs
+    them passed (`checkpoints=`, `encoder=`) or `trust_remote_references=True`: nothing it names is loaded otherwise.
     """
     featurizer, store = featurize_and_store(pipe, train_data, config, check_compatibility=check_compatibility,
-                                            progress=progress)
+                                            progress=progress, trust_remote_references=trust_remote_references,
+                                            **options)
     score_fields = {}  # the query config's score-role fields override the store's: they never change features
     if config is not None and isinstance(train_data, (FeatureStore, str, os.PathLike)):
         score_fields = {name: getattr(config, name) for name in config.fields_with_role("score")}
     query_features = featurizer.featurize_queries(images, prompts)
     scorer = make_scorer(store, **score_fields)
     return AttributionResult(scores=scorer.scores(query_features), config=store.config,
-                             query_images=to_image_batch(images), metadata=scorer.metadata)
+                             query_images=to_image_batch(images),
+                             metadata={**scorer.metadata, "example_hashes": store.example_hashes})

@@ -50,6 +50,8 @@ class AttributionMixin:
         prompts: Sequence[str] | str | None = None,
         progress: bool = True,
         check_compatibility: bool = True,
+        trust_remote_references: bool = False,
+        **options,
     ) -> AttributionResult:
         """Score `images` against a `FeatureStore`, a store's directory or Hub dataset repo id (`user/name`),
         or a training set (featurized first).
@@ -57,7 +59,8 @@ class AttributionMixin:
         With a store, the store's own config is used, except for the damping λ (`config.damping`,
         `config.damping_ratio`), which only changes scores; a `config`, model, LoRA or projection that
         differs from the store's in anything that changes features is a `StoreMismatchError` unless
-        `check_compatibility=False`. A list of stores (or store
+        `check_compatibility=False`. A store read from disk or the Hub that names checkpoints or an encoder needs
+        them passed (`checkpoints=`, `encoder=`) or `trust_remote_references=True`. A list of stores (or store
         directories) is an ensemble: the mean of the scores against each (methods/ensemble.py).
         """
         if isinstance(train_data, (list, tuple)) and train_data and all(
@@ -69,7 +72,8 @@ class AttributionMixin:
         if not isinstance(train_data, (FeatureStore, str, os.PathLike)):
             config = self._attribution_config(config)
         return api.attribute(self, images, train_data, config, prompts=prompts, progress=progress,
-                             check_compatibility=check_compatibility)
+                             check_compatibility=check_compatibility, trust_remote_references=trust_remote_references,
+                             **options)
 
     def attribute_trajectory(self, prompt_or_seed: str | int, train_data: Any, config: AttributionConfig | None = None,
                              num_inference_steps: int = 50, **kwargs):

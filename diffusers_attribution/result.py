@@ -13,6 +13,7 @@ from diffusers.image_processor import VaeImageProcessor
 
 from .config import AttributionConfig
 from .data import as_training_data, to_image_tensor
+from .store.errors import StoreMismatchError
 
 
 class TopK(NamedTuple):
@@ -37,13 +38,25 @@ class AttributionResult:
     def to_image_grid(self, train_dataset: Any, k: int = 5, tile: int = 64,
                       query_label: str = "generated") -> PIL.Image.Image:
         """Each query (left, boxed, under a `query_label` header) beside its top-k training images, with their
-        indices and scores, and a caption saying what the score means."""
+        indices and scores, and a caption saying what the score means.
+
+        `train_dataset` must hold the examples that were scored: each drawn one is checked against the store's
+        example hash (`metadata["example_hashes"]`), so a grid never shows images from another dataset."""
         if self.query_images is None:
             raise ValueError("this result holds no query images to draw")
         data = as_training_data(train_dataset, self.config.image_column, self.config.caption_column)
         if len(data) != self.scores.shape[1]:
-            raise ValueError(f"the result scores {self.scores.shape[1]} training examples, the dataset has {len(data)}")
+            raise StoreMismatchError(f"the result scores {self.scores.shape[1]} training examples, the dataset has "
+                                     f"{len(data)}")
         best = self.topk(k)
+        hashes = self.metadata.get("example_hashes")
+        if hashes is None:
+            raise ValueError("this result does not record its training examples' hashes (metadata['example_hashes']): "
+                             "cannot check that train_dataset is the scored one")
+        for index in sorted(set(best.indices.flatten().tolist())):
+            if data.example_hash(index) != hashes[index]:
+                raise StoreMismatchError(f"training example {index} of train_dataset is not the one that was scored: "
+                                         "pass the dataset the store was featurized from")
         gap, label, header = 6, 26, 18
         columns = best.indices.shape[1] + 1
         width = columns * tile + (columns + 1) * gap + gap

@@ -20,6 +20,7 @@ from diffusers_attribution.methods import (
     tracin_scores,
 )
 from diffusers_attribution.seeding import seed_from, seeded_randn
+from diffusers_attribution.store.errors import UntrustedReferenceError
 from tiny_pipelines import tiny_ddpm_pipeline
 
 T = 1000
@@ -97,7 +98,9 @@ def test_tracin_is_the_checkpoint_sum_of_gradient_dot_products(images, tmp_path)
     store = pipe.featurize(train, config, progress=False)
     assert store.features.shape == (4, 2 * sum(p.numel() for p in pipe.unet.parameters()))
     store.save_pretrained(tmp_path / "store")
-    again = pipe.attribute(queries, str(tmp_path / "store"))
+    with pytest.raises(UntrustedReferenceError, match="names checkpoints"):  # a loaded store's paths: opt in
+        pipe.attribute(queries, str(tmp_path / "store"))
+    again = pipe.attribute(queries, str(tmp_path / "store"), trust_remote_references=True)
     torch.testing.assert_close(again.scores.double(), expected, rtol=1e-4, atol=1e-6 * expected.abs().max())
     assert again.metadata["learning_rates"] == rates
     for name, value in pipe.unet.state_dict().items():  # the pipeline's own weights are back

@@ -63,7 +63,7 @@ def test_layout_and_round_trip(reference, pipe, images):
     assert header["num_examples"] == N and header["dim"] == 8 and header["kernel"]["form"] == "primal"
     assert header["config"] == config().to_dict() and header["model_fingerprint"]["lora"] is None
     assert all(len(s["sha256"]) == 64 for s in header["shards"])
-    assert not list(directory.glob(".*"))  # no temporaries left
+    assert [p.name for p in directory.glob(".*")] == [".diffusers-attribution.lock"]  # no temporaries left
     in_memory = pipe.featurize(images, config(), progress=False)
     torch.testing.assert_close(reference.features, in_memory.features, rtol=1e-5, atol=1e-7)
     assert reference.example_hashes == in_memory.metadata["example_hashes"]
@@ -259,7 +259,9 @@ def test_streaming_topk_matches_dense_under_a_memory_cap(tmp_path):
     features = torch.randn(n_train, k, generator=generator) * torch.linspace(0.2, 2, k)
     queries = torch.randn(n_queries, k, generator=generator)
     hashes = [f"{i:016x}" for i in range(n_train)]
-    in_memory = FeatureStore(features, config(projection_dim=k), {"num_examples": n_train, "example_hashes": hashes})
+    made_by = {"projection": {"kind": "random"}, "model_fingerprint": {"attributed": "0123456789abcdef"}}
+    in_memory = FeatureStore(features, config(projection_dim=k), {"num_examples": n_train, "example_hashes": hashes,
+                                                                  **made_by})
     in_memory.save_pretrained(tmp_path / "store", shard_rows=3000, kernel=False)
     store = FeatureStore.from_pretrained(tmp_path / "store")
     assert len(store.shards) == 7 and store.kernel is None
@@ -287,7 +289,7 @@ def test_streaming_topk_matches_dense_under_a_memory_cap(tmp_path):
     assert torch.equal(merged.indices, best.indices)
     # The dual form (N ≤ k) streams too.
     wide = FeatureStore(features[:20].repeat(1, 2), config(projection_dim=2 * k),
-                        {"num_examples": 20, "example_hashes": hashes[:20]})
+                        {"num_examples": 20, "example_hashes": hashes[:20], **made_by})
     wide.save_pretrained(tmp_path / "wide", shard_rows=6)
     wide = FeatureStore.from_pretrained(tmp_path / "wide")
     assert wide.kernel.shape == (20, 20)

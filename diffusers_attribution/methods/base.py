@@ -37,6 +37,8 @@ class Method:
     reads: which of `METHOD_FIELDS` the method reads.
     calibrated: the calibrated factored projection applies (`calibration_examples` defaults to 64 with `factored`).
     kernel: scores go through the kernel (ΦᵀΦ + λI)⁻¹, so a saved store includes its Gram matrix.
+    fingerprints: the store metadata (dotted paths) that pin what the features were computed from; a store of
+        this method without them is refused (store/schema.py).
     """
 
     name: ClassVar[str] = ""
@@ -47,6 +49,7 @@ class Method:
     reads: ClassVar[tuple[str, ...]] = ("noise_draws",)
     calibrated: ClassVar[bool] = False
     kernel: ClassVar[bool] = False
+    fingerprints: ClassVar[tuple[str, ...]] = ("model_fingerprint",)
 
     def resolved_defaults(self) -> dict[str, Any]:
         return {**BASE_DEFAULTS, **self.defaults}

@@ -64,7 +64,7 @@ def ensemble_attribute(
         config=results[0].config,
         query_images=results[0].query_images,
         metadata={"members": [r.metadata for r in results], "member_scores": member_scores,
-                  "member_configs": [r.config.to_dict() for r in results]},
+                  "member_configs": [r.config.to_dict() for r in results], "example_hashes": stores[0].example_hashes},
     )
 
 

@@ -213,7 +213,7 @@ def attribute_trajectory(
         config=config,
         query_images=_to_images(featurizer.adapter, x0_hats),
         metadata={**scorer.metadata, "prompt": prompt, "seed": seed, "num_inference_steps": num_inference_steps,
-                  "noise_draws": draws},
+                  "noise_draws": draws, "example_hashes": store.example_hashes},
         timesteps=timesteps,
         x0_hats=x0_hats.float().cpu(),
         final_image=final,

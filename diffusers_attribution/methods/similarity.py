@@ -182,6 +182,7 @@ class _SimilarityMethod(Method):
     """A baseline from the images alone: no gradients, no timesteps, no noise."""
 
     reads = ()
+    fingerprints = ()  # pixels depend on no model
     featurizer_class: type = PixelFeaturizer
     scorer_class: type = CosineScorer
 
@@ -210,6 +211,7 @@ class EmbeddingCosine(_SimilarityMethod):
     name = "embedding-cosine"
     title = "image-embedding cosine similarity (baseline)"
     reads = ("encoder",)
+    fingerprints = ("projection.encoder_fingerprint",)
     featurizer_class = EmbeddingFeaturizer
 
 
@@ -232,4 +234,5 @@ def similarity_scores(
     featurizer = method_.featurizer(pipe, config, **options)
     store = train_dataset if isinstance(train_dataset, FeatureStore) else featurizer.featurize_dataset(train_dataset)
     scores = method_.scorer(store).scores(featurizer.featurize_queries(images))
-    return AttributionResult(scores=scores, config=config, query_images=to_image_batch(images))
+    return AttributionResult(scores=scores, config=config, query_images=to_image_batch(images),
+                             metadata={"example_hashes": store.example_hashes})

@@ -231,7 +231,7 @@ def tracin_scores(
         scores=scorer.scores(featurizer.featurize_queries(images, prompts)),
         config=config,
         query_images=to_image_batch(images),
-        metadata=scorer.metadata,
+        metadata={**scorer.metadata, "example_hashes": store.example_hashes},
     )
 
 

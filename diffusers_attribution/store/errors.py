@@ -1,4 +1,4 @@
-"""The two errors a store raises: it does not match what it is used with, or its files are not what it says."""
+"""The errors a store raises: it does not match what it is used with, or its files are not what it says."""
 
 
 class StoreMismatchError(ValueError):
@@ -6,4 +6,13 @@ class StoreMismatchError(ValueError):
 
 
 class CorruptStoreError(ValueError):
-    """A store file is missing, truncated, or does not match the size and sha256 recorded in config.json."""
+    """A store file is missing, truncated, not a regular file inside the store's folder, or does not match what
+    config.json records (size, sha256, schema, rows, run)."""
+
+
+class StoreBusyError(StoreMismatchError):
+    """Another featurization is writing into the same folder (it holds the folder's lock)."""
+
+
+class UntrustedReferenceError(StoreMismatchError):
+    """A loaded store names something to load (checkpoints, an encoder) that the caller neither passed nor allowed."""

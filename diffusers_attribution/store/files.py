@@ -17,13 +17,13 @@ import hashlib
 import json
 import os
 import re
+import stat
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from .errors import CorruptStoreError
 
@@ -32,9 +32,14 @@ CONFIG_NAME = "config.json"
 KERNEL_NAME = "kernel.safetensors"
 PROJECTION_NAME = "projection.safetensors"
 CARD_NAME = "README.md"
+CARD_MARKER = "<!-- diffusers-attribution store card, generated from config.json -->"  # a README.md we may rewrite
 DEFAULT_MAX_SHARD_SIZE = "2GB"
 HASH_BYTES = 8  # data.content_hash: 16 hex digits
 SHARD_RE = re.compile(r"^features-(\d{5})-of-(\d{5})\.safetensors$")
+# The temporaries `atomic_write` makes for the store's own files: the only hidden files a writer ever deletes.
+OWN_TEMPORARY_RE = re.compile(r"^\.(config\.json|README\.md|kernel\.safetensors|projection\.safetensors|"
+                              r"features-\d{5}-of-\d{5}\.safetensors|diffusers-attribution\.writer\.json)"
+                              r"\.[A-Za-z0-9_]+\.tmp$")
 
 
 def shard_name(index: int, count: int) -> str:
@@ -124,7 +129,7 @@ def write_shard(directory: Path, entry: dict[str, Any], features: torch.Tensor, 
     tensors = {"features": features.detach().to("cpu", torch.float32).contiguous(), "example_hashes": hashes_to_tensor(hashes)}
     metadata = {"start": str(entry["start"]), "stop": str(entry["stop"]), "run": json.dumps(run, sort_keys=True),
                 "process": process}
-    atomic_write(directory / entry["file"], lambda path: save_file(tensors, path, metadata=metadata))
+    atomic_write(directory / entry["file"], lambda path: save_safetensors(tensors, path, metadata))
 
 
 _UMASK = os.umask(0o022)
@@ -137,8 +142,8 @@ def atomic_write(path: Path, write: Callable[[str], Any]) -> None:
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(handle)
     try:
-        os.chmod(temporary, 0o666 & ~_UMASK)  # mkstemp's 0600 would hide a shared store from other users
         write(temporary)
+        os.chmod(temporary, 0o666 & ~_UMASK)  # after writing: mkstemp's 0600 would hide a shared store
         with open(temporary, "rb+") as written:
             os.fsync(written.fileno())
         os.replace(temporary, path)
@@ -147,11 +152,83 @@ def atomic_write(path: Path, write: Callable[[str], Any]) -> None:
             os.remove(temporary)
 
 
+_DTYPES = {torch.float32: "F32", torch.float64: "F64", torch.uint8: "U8", torch.int64: "I64", torch.float16: "F16",
+           torch.bfloat16: "BF16"}
+
+
+def save_safetensors(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike,
+                     metadata: Mapping[str, str] | None = None) -> None:
+    """A safetensors file whose bytes are a function of its contents: the header is JSON with sorted keys (the
+    library's own writer orders metadata by a hash map), tensors follow by (element size descending, name), so
+    each is aligned, and the only padding is the header's spaces to 8 bytes."""
+    header: dict[str, Any] = {"__metadata__": dict(sorted((metadata or {}).items()))} if metadata else {}
+    arrays, offset = [], 0
+    for name in sorted(tensors, key=lambda key: (-tensors[key].element_size(), key)):
+        tensor = tensors[name].detach().cpu().contiguous()
+        if tensor.dtype not in _DTYPES:
+            raise TypeError(f"cannot save a {tensor.dtype} tensor {name!r}")
+        data = tensor.view(-1).view(torch.uint8).numpy() if tensor.numel() else b""
+        size = tensor.numel() * tensor.element_size()
+        header[name] = {"dtype": _DTYPES[tensor.dtype], "shape": list(tensor.shape), "data_offsets": [offset, offset + size]}
+        arrays.append(data)
+        offset += size
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    with open(path, "wb") as handle:
+        handle.write(len(text).to_bytes(8, "little"))
+        handle.write(text)
+        for data in arrays:
+            handle.write(memoryview(data) if len(data) else b"")
+
+
+def check_plain_name(name: Any, key: str = "file") -> str:
+    """`name` if it is a plain file name inside a folder: a non-empty string, no separator, not `.`/`..`, not
+    absolute, not hidden (hidden names are the writer's own temporaries and lock); else a `CorruptStoreError`."""
+    if not isinstance(name, str) or not name:
+        raise CorruptStoreError(f"{key}: a file name must be a non-empty string, got {name!r}")
+    if "/" in name or "\\" in name or "\0" in name or name.startswith(".") or os.path.isabs(name) \
+            or os.path.basename(name) != name:
+        raise CorruptStoreError(f"{key}: {name!r} is not a plain file name inside the store's folder")
+    return name
+
+
+def link_root(directory: Path) -> Path | None:
+    """The `blobs/` folder of a huggingface_hub cache snapshot (`<repo>/snapshots/<commit>/`), whose entries are
+    symbolic links into `<repo>/blobs/` by design; None for any other folder."""
+    directory = Path(os.path.realpath(directory))
+    blobs = directory.parent.parent / "blobs"
+    if directory.parent.name == "snapshots" and blobs.is_dir() and not os.path.islink(blobs):
+        return blobs
+    return None
+
+
+def store_path(directory: Path, name: str, key: str = "file") -> Path:
+    """The path to read store file `name` from, after checking it stays inside the store: a regular file in
+    `directory` (checked with lstat, so a symbolic link is not followed), or, in a Hub cache snapshot, a link to a
+    regular file in the same repository's `blobs/` (`link_root`), whose resolved path is returned. Anything
+    else (a link leaving the folder, a directory, a device) is a `CorruptStoreError`."""
+    check_plain_name(name, key)
+    path = Path(directory) / name
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        raise CorruptStoreError(f"missing store file {path}") from None
+    if stat.S_ISREG(info.st_mode):
+        return path
+    if stat.S_ISLNK(info.st_mode):
+        root, target = link_root(Path(directory)), Path(os.path.realpath(path))
+        if root is not None and target.parent == root and os.path.exists(target) \
+                and stat.S_ISREG(os.lstat(target).st_mode):
+            return target
+        raise CorruptStoreError(f"{path} is a symbolic link to {target}, outside the store's folder: refused")
+    raise CorruptStoreError(f"{path} is not a regular file")
+
+
 def write_projection(directory: Path, state: dict[str, torch.Tensor], identity: dict[str, Any] | None = None) -> None:
     """projection.safetensors: the calibrated bases, with what they were calibrated on (`identity`) as metadata."""
     tensors = {key: value.detach().cpu().float().contiguous() for key, value in state.items()}
     metadata = {"identity": json.dumps(identity or {}, sort_keys=True)}
-    atomic_write(directory / PROJECTION_NAME, lambda p: save_file(tensors, p, metadata=metadata))
+    atomic_write(directory / PROJECTION_NAME, lambda p: save_safetensors(tensors, p, metadata))
 
 
 def read_projection(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

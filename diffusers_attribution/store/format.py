@@ -25,29 +25,36 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import torch
-from safetensors.torch import save_file
 
 from ..config import AttributionConfig
 from .errors import CorruptStoreError, StoreMismatchError
 from .files import (
+    CARD_MARKER,
     CARD_NAME,
     CONFIG_NAME,
     DEFAULT_MAX_SHARD_SIZE,
     FORMAT_VERSION,
+    HASH_BYTES,
     KERNEL_NAME,
+    OWN_TEMPORARY_RE,
     PROJECTION_NAME,
     SHARD_RE,
     atomic_write,
     dataset_fingerprint,
     file_digest,
+    identity_difference,
     open_shard,
     rows_per_shard,
     run_identity,
+    save_safetensors,
     shard_plan,
+    store_path,
     tensor_to_hashes,
     write_projection,
     write_shard,
 )
+from .lock import writer_lock
+from .schema import parse_header, validate_header
 
 
 def read_shard_run(path: Path) -> dict[str, Any]:
@@ -55,10 +62,13 @@ def read_shard_run(path: Path) -> dict[str, Any]:
     with open_shard(path) as handle:
         meta = handle.metadata() or {}
     try:
-        return {"start": int(meta["start"]), "stop": int(meta["stop"]), "run": json.loads(meta["run"]),
-                "process": meta.get("process")}
-    except (KeyError, ValueError) as error:
+        recorded = {"start": int(meta["start"]), "stop": int(meta["stop"]), "run": json.loads(meta["run"]),
+                    "process": meta.get("process")}
+    except (KeyError, ValueError, TypeError, RecursionError) as error:
         raise CorruptStoreError(f"{path}: not a feature-store shard (header metadata {meta})") from error
+    if not isinstance(recorded["run"], dict):
+        raise CorruptStoreError(f"{path}: not a feature-store shard (its run is {recorded['run']!r})")
+    return recorded
 
 
 # ---------------------------------------------------------------------------------------------- store
@@ -83,31 +93,58 @@ class FeatureStore:
         self.directory = Path(directory) if directory is not None else None
         self.shards = shards or []
         self._kernel = kernel
-        self._kernel_file: Path | None = None
+        self._kernel_entry: dict[str, Any] | None = None
         self._projection_state = projection_state
         self._projection_entry: dict[str, Any] | None = None
+        self._checked: set[str] = set()  # files whose size and sha256 matched config.json (each read once)
 
     @property
     def projection_state(self) -> dict[str, torch.Tensor] | None:
         """The calibrated projection's bases (calibration.py) the features were made with; None for seeded ones."""
         if self._projection_state is None and self._projection_entry is not None:
-            path = self.directory / self._projection_entry["file"]
-            _check_file(path, self._projection_entry, True)
+            path = self._checked_file(self._projection_entry)
             with open_shard(path) as handle:
-                self._projection_state = {key: handle.get_tensor(key) for key in handle.keys()}
+                for key in handle.keys():
+                    if handle.get_slice(key).get_dtype() != "F32" or len(handle.get_slice(key).get_shape()) != 2:
+                        raise CorruptStoreError(f"{path}: {key} is not a float32 matrix")
+                state = {key: handle.get_tensor(key) for key in handle.keys()}
+            from ..projection.calibrated import bases_digest, bases_from_state_dict
+
+            try:
+                digest = bases_digest(bases_from_state_dict(state))
+            except ValueError as error:
+                raise CorruptStoreError(f"{path}: {error}") from error
+            if digest != (self.metadata.get("projection") or {}).get("bases_sha256"):
+                raise CorruptStoreError(f"{path}: its bases are not the ones config.json's projection records")
+            _check_finite(state.values(), f"{path}: the projection bases")
+            self._projection_state = state
         return self._projection_state
 
     @property
     def kernel(self) -> torch.Tensor | None:
         """The float64 Gram matrix (ΦᵀΦ, or ΦΦᵀ when N ≤ k) if stored or computed, read from disk on first use."""
-        if self._kernel is None and self._kernel_file is not None:
-            with open_shard(self._kernel_file) as handle:
-                self._kernel = handle.get_tensor("gram")
+        if self._kernel is None and self._kernel_entry is not None:
+            path = self._checked_file(self._kernel_entry)
+            size = len(self) if self._kernel_entry["form"] == "dual" else self.dim
+            with open_shard(path) as handle:
+                _check_tensors(handle, path, {"gram": ("F64", [size, size])})
+                gram = handle.get_tensor("gram")
+            _check_finite([gram], f"{path}: the kernel")
+            self._kernel = gram
         return self._kernel
 
     @kernel.setter
     def kernel(self, value: torch.Tensor | None) -> None:
-        self._kernel, self._kernel_file = value, None
+        self._kernel, self._kernel_entry = value, None
+
+    def _checked_file(self, entry: dict[str, Any]) -> Path:
+        """The path of a listed file, its size and sha256 checked against config.json on first use. (A store being
+        written lists planned shards, without digests yet: the writer reads back what it wrote under its lock.)"""
+        path = store_path(self.directory, entry["file"])
+        if entry["file"] not in self._checked and "sha256" in entry:
+            _check_file(path, entry, True)
+            self._checked.add(entry["file"])
+        return path
 
     def __len__(self) -> int:
         return self._features.shape[0] if self._features is not None else int(self.metadata["num_examples"])
@@ -144,14 +181,16 @@ class FeatureStore:
                     yield start, self._features[start : min(start + block_rows, end)]
             return
         for entry in (self.shards if shards is None else [self.shards[i] for i in shards]):
-            path = self.directory / entry["file"]
+            path = self._checked_file(entry)
+            rows = entry["stop"] - entry["start"]
             with open_shard(path) as handle:
+                _check_tensors(handle, path, {"features": ("F32", [rows, self.dim]),
+                                              "example_hashes": ("U8", [rows, HASH_BYTES])})
                 sliced = handle.get_slice("features")
-                rows = entry["stop"] - entry["start"]
                 for offset in range(0, rows, block_rows):
                     block = sliced[offset : min(offset + block_rows, rows)]
-                    if block.shape[1] != self.dim:
-                        raise CorruptStoreError(f"{path}: features have {block.shape[1]} columns, expected {self.dim}")
+                    _check_finite([block], f"{path}: the features of rows {entry['start'] + offset}.."
+                                           f"{entry['start'] + offset + len(block) - 1}")
                     yield entry["start"] + offset, block
 
     # ------------------------------------------------------------------------------------ compatibility
@@ -190,38 +229,46 @@ class FeatureStore:
     # ------------------------------------------------------------------------------------ disk
 
     def save_pretrained(self, directory: str | os.PathLike, *, shard_rows: int | None = None,
-                        max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE, kernel: bool | None = None) -> Path:
-        """Write the store (shards, kernel, card, config.json last).
+                        max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE, kernel: bool | None = None,
+                        overwrite: bool = False) -> Path:
+        """Write the store (shards, kernel, card, config.json last), holding the folder's writer lock.
 
         `kernel`: store the Gram matrix (computed if not yet known); default: for the kernel methods
-        (TRAK, D-TRAK, Journey-TRAK), whose scores need it.
+        (TRAK, D-TRAK, Journey-TRAK), whose scores need it. A folder that already holds a store (or its shards)
+        is an error unless `overwrite=True`, which replaces that store's own files and nothing else.
         """
         if kernel is None:
             from ..methods.base import get_method
 
             kernel = get_method(self.config.method).kernel
         directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        if self.directory is not None and directory.resolve() == self.directory.resolve():
+        if self.directory is not None and directory.exists() and directory.resolve() == self.directory.resolve():
             return directory
         hashes = self.example_hashes
         if len(hashes) != len(self):
             raise ValueError(f"the store has {len(self)} rows but {len(hashes)} example hashes")
         rows = shard_rows or rows_per_shard(self.dim, max_shard_size)
         plan = shard_plan(len(self), rows)
-        (directory / CONFIG_NAME).unlink(missing_ok=True)  # unfinished until the new config.json is written
         run = run_identity(self.config, self.metadata, len(self), rows, self.dim)
-        for entry in plan:
-            write_shard(directory, entry, self.rows(entry["start"], entry["stop"]), hashes[entry["start"] : entry["stop"]], run)
-        if self.projection_state is not None:
-            write_projection(directory, self.projection_state)
-        staged = FeatureStore(None, self.config, {**self.metadata, "dim": self.dim, "num_examples": len(self)},
-                              directory=directory, shards=plan, kernel=self.kernel)
-        if kernel and staged.kernel is None:
-            from ..scoring import kernel_matrix
+        with writer_lock(directory, run):
+            check_foreign_files(directory)
+            existing = (directory / CONFIG_NAME).exists() or any(SHARD_RE.match(p.name) for p in directory.iterdir())
+            if existing and not overwrite:
+                raise FileExistsError(f"{directory} already holds a feature store: pass overwrite=True to replace it, "
+                                      "or save into another folder")
+            (directory / CONFIG_NAME).unlink(missing_ok=True)  # unfinished until the new config.json is written
+            for entry in plan:
+                write_shard(directory, entry, self.rows(entry["start"], entry["stop"]),
+                            hashes[entry["start"] : entry["stop"]], run)
+            if self.projection_state is not None:
+                write_projection(directory, self.projection_state)
+            staged = FeatureStore(None, self.config, {**self.metadata, "dim": self.dim, "num_examples": len(self)},
+                                  directory=directory, shards=plan, kernel=self.kernel)
+            if kernel and staged.kernel is None:
+                from ..scoring import kernel_matrix
 
-            staged.kernel = kernel_matrix(staged)
-        staged.finalize(rows, {entry["file"]: file_digest(directory / entry["file"]) for entry in plan})
+                staged.kernel = kernel_matrix(staged)
+            staged.finalize(rows, {entry["file"]: file_digest(directory / entry["file"]) for entry in plan})
         self.kernel = staged.kernel
         return directory
 
@@ -234,14 +281,18 @@ class FeatureStore:
                  if begin < stop and begin + len(block) > start]
         return torch.cat(parts) if parts else torch.empty(0, self.dim)
 
+
     def finalize(self, shard_rows: int, digests: dict[str, tuple[int, str]]) -> None:
-        """Write kernel.safetensors (if `self.kernel`), README.md and, last, config.json for the shards in `digests`."""
+        """Write kernel.safetensors (if `self.kernel`), README.md and, last, config.json for the shards in `digests`
+        (the caller holds the folder's writer lock); then remove the writer's own leftovers: its temporaries, and
+        shards of an earlier layout of this store."""
         directory = self.directory
         kernel_entry = None
         if self.kernel is not None:
             form = "dual" if len(self) <= self.dim else "primal"
-            atomic_write(directory / KERNEL_NAME, lambda p: save_file(
-                {"gram": self.kernel.detach().cpu().to(torch.float64).contiguous()}, p, metadata={"form": form}))
+            gram = self.kernel.detach().cpu().to(torch.float64).contiguous()
+            _check_finite([gram], "the kernel")
+            atomic_write(directory / KERNEL_NAME, lambda p: save_safetensors({"gram": gram}, p, {"form": form}))
             size, sha = file_digest(directory / KERNEL_NAME)
             kernel_entry = {"file": KERNEL_NAME, "form": form, "bytes": size, "sha256": sha}
         shards = [{**entry, "bytes": digests[entry["file"]][0], "sha256": digests[entry["file"]][1]} for entry in self.shards]
@@ -265,14 +316,20 @@ class FeatureStore:
             "kernel": kernel_entry,
             "projection_file": projection_entry,
         }
+        try:  # what a reader will accept (store/schema.py), checked before anything is written
+            validate_header(json.loads(json.dumps(header)), str(directory / CONFIG_NAME))
+        except CorruptStoreError as error:
+            raise ValueError(f"cannot write this store: {error}") from None
         from .hub import store_card
 
+        check_foreign_files(directory)
         card = store_card(header, location=directory)
         atomic_write(directory / CARD_NAME, lambda p: Path(p).write_text(str(card), encoding="utf-8"))
         atomic_write(directory / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(header, indent=2)))
         listed = {entry["file"] for entry in shards}
-        for stale in directory.iterdir():  # temporaries of a killed run; shards of an earlier, other layout
-            if stale.name.endswith(".tmp") and stale.name.startswith(".") or SHARD_RE.match(stale.name) and stale.name not in listed:
+        for stale in directory.iterdir():
+            if OWN_TEMPORARY_RE.match(stale.name) or SHARD_RE.match(stale.name) and stale.name not in listed \
+                    and _is_own_shard(stale):
                 stale.unlink(missing_ok=True)
         self.shards = shards
 
@@ -283,58 +340,75 @@ class FeatureStore:
         """Open a store from a local directory, or download a Hub dataset repository (`user/name`) first.
 
         Where a location is looked for: a local folder, else each store backend in turn (store/backends.py; the
-        Hub's is hub.py). Features stay on disk until read. Shard sizes and headers are always checked; `verify=True` also
-        checks every file's sha256 against config.json.
+        Hub's is hub.py). config.json is validated (store/schema.py), every listed file must be a regular file
+        in the folder (or a Hub cache link into the same repository's blobs), its size, its safetensors header
+        (names, dtypes, shapes, rows, the run it belongs to) and the example hashes are checked here; its
+        sha256 when it is first read (`verify=True`: every file's now). Features stay on disk until read.
         """
         from .backends import locate
 
         directory = locate(repo_id_or_dir, revision=revision, endpoint=endpoint, token=token, cache_dir=cache_dir)
-        config_path = directory / CONFIG_NAME
-        if not config_path.is_file():
+        if not os.path.lexists(directory / CONFIG_NAME):
             unfinished = any(SHARD_RE.match(p.name) for p in directory.iterdir())
             raise FileNotFoundError(
                 f"{directory} is not a feature store: it has no {CONFIG_NAME}"
                 + (" (it holds shards of an unfinished featurization: rerun featurize with this output_dir)" if unfinished else "")
             )
+        config_path = store_path(directory, CONFIG_NAME)
+        where = str(directory / CONFIG_NAME)
         try:
-            header = json.loads(config_path.read_text())
-        except ValueError as error:
-            raise CorruptStoreError(f"{config_path} is not valid JSON: {error}") from error
-        if header.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"{config_path}: unsupported store format {header.get('format_version')!r} "
-                             f"(this version of diffusers-attribution reads format {FORMAT_VERSION})")
-        config = AttributionConfig.from_dict(header.pop("config"))
+            text = config_path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as error:
+            raise CorruptStoreError(f"{where} is not UTF-8 text: {error}") from error
+        config, header = validate_header(parse_header(text, where), where)
+        header = dict(header)
+        header.pop("config")
         header.pop("format_version")
-        shards, kernel_entry = header.pop("shards"), header.pop("kernel", None)
-        projection_entry = header.pop("projection_file", None)
-        if (header.get("projection") or {}).get("calibrated") and not projection_entry:
-            raise CorruptStoreError(f"{config_path}: a calibrated projection but no {PROJECTION_NAME} entry")
+        shards, kernel_entry = header.pop("shards"), header.pop("kernel")
+        projection_entry = header.pop("projection_file")
+        run = run_identity(config, header, header["num_examples"], header["shard_rows"], header["dim"])
         for entry in shards + [e for e in (kernel_entry, projection_entry) if e]:
-            _check_file(directory / entry["file"], entry, verify)
+            _check_file(store_path(directory, entry["file"]), entry, verify)
         hashes: list[str] = []
         for entry in shards:
-            path = directory / entry["file"]
+            path = store_path(directory, entry["file"])
+            rows = entry["stop"] - entry["start"]
             with open_shard(path) as handle:
-                shape = tuple(handle.get_slice("features").get_shape())
-                if shape != (entry["stop"] - entry["start"], header["dim"]):
-                    raise CorruptStoreError(f"{path}: features of shape {shape}, config.json says "
-                                            f"{(entry['stop'] - entry['start'], header['dim'])}")
+                _check_tensors(handle, path, {"features": ("F32", [rows, header["dim"]]),
+                                              "example_hashes": ("U8", [rows, HASH_BYTES])})
                 hashes.extend(tensor_to_hashes(handle.get_tensor("example_hashes")))
-        if dataset_fingerprint(hashes) != header.get("dataset_fingerprint"):
+            recorded = read_shard_run(path)
+            if (recorded["start"], recorded["stop"]) != (entry["start"], entry["stop"]):
+                raise CorruptStoreError(f"{path} holds rows [{recorded['start']}, {recorded['stop']}), config.json "
+                                        f"lists it for [{entry['start']}, {entry['stop']})")
+            differ = identity_difference(recorded["run"], run, [key for key in run if key != "feature_hash"])
+            if not differ and recorded["run"].get("feature_hash") not in _feature_hashes(config):
+                differ = (["feature_hash"], f"{recorded['run'].get('feature_hash')!r} there, {run['feature_hash']!r} now")
+            if differ:
+                raise CorruptStoreError(f"{path} belongs to another run than config.json ({', '.join(differ[0])} "
+                                        f"differ: {differ[1]})")
+        if dataset_fingerprint(hashes) != header["dataset_fingerprint"]:
             raise CorruptStoreError(f"{directory}: the example hashes in the shards do not match config.json's dataset_fingerprint")
         header["example_hashes"] = hashes
         store = cls(None, config, header, directory=directory, shards=shards)
-        store._kernel_file = directory / kernel_entry["file"] if kernel_entry else None
+        store._kernel_entry = kernel_entry
         store._projection_entry = projection_entry
+        if verify:
+            store._checked.update(entry["file"] for entry in shards + [e for e in (kernel_entry, projection_entry) if e])
         return store
 
     def verify(self) -> None:
         """Check every file's size and sha256 against config.json; raise `CorruptStoreError` naming the first bad one."""
         if self.directory is None:
             return
-        header = json.loads((self.directory / CONFIG_NAME).read_text())
-        for entry in header["shards"] + [header[k] for k in ("kernel", "projection_file") if header.get(k)]:
-            _check_file(self.directory / entry["file"], entry, True)
+        for entry in self.shards + [e for e in (self._kernel_entry, self._projection_entry) if e]:
+            _check_file(store_path(self.directory, entry["file"]), entry, True)
+            self._checked.add(entry["file"])
+
+    @property
+    def listed_files(self) -> list[dict[str, Any]]:
+        """The entries (file, bytes, sha256) of every file config.json lists besides itself."""
+        return self.shards + [e for e in (self._kernel_entry, self._projection_entry) if e]
 
     def push_to_hub(self, repo_id: str, *, private: bool | None = None, token: str | bool | None = None,
                     endpoint: str | None = None, revision: str | None = None,
@@ -349,14 +423,65 @@ class FeatureStore:
 # ---------------------------------------------------------------------------------------------- files
 
 
+def check_foreign_files(directory: Path) -> None:
+    """Refuse to write a store over files it did not create: a README.md without the store card's marker, or a
+    config.json that is not a store's (a model folder, say)."""
+    card = directory / CARD_NAME
+    if os.path.lexists(card) and (card.is_symlink() or CARD_MARKER not in card.read_text(errors="replace")):
+        raise FileExistsError(f"{card} was not written by diffusers-attribution: move it away, or write the store "
+                              "into another folder")
+    config = directory / CONFIG_NAME
+    if os.path.lexists(config):
+        try:
+            header = json.loads(config.read_text())
+            ours = not config.is_symlink() and isinstance(header, dict) and {"format_version", "shards"} <= set(header)
+        except (ValueError, OSError):
+            ours = False
+        if not ours:
+            raise FileExistsError(f"{config} is not a feature store's config.json: write the store into another folder")
+
+
+def _is_own_shard(path: Path) -> bool:
+    try:
+        read_shard_run(path)
+    except CorruptStoreError:
+        return False
+    return not path.is_symlink()
+
+
+def _feature_hashes(config: AttributionConfig) -> set[str]:
+    """The feature hashes a shard of `config` may record: today's, and the one written before the config's fields
+    had roles (0.1.0: the data columns were hashed too), so that stores written then still load."""
+    import hashlib
+
+    legacy = {**config.feature_dict(), "image_column": config.image_column, "caption_column": config.caption_column}
+    blob = json.dumps(legacy, sort_keys=True, separators=(",", ":"))
+    return {config.feature_hash(), hashlib.sha256(blob.encode()).hexdigest()[:16]}
+
+
 def _check_file(path: Path, entry: dict[str, Any], full: bool) -> None:
-    if not path.is_file():
-        raise CorruptStoreError(f"missing store file {path}")
     size = os.path.getsize(path)
-    if entry.get("bytes") is not None and size != entry["bytes"]:
+    if size != entry["bytes"]:
         raise CorruptStoreError(f"{path} is truncated or corrupt: {size} bytes, config.json records {entry['bytes']}")
-    if full and entry.get("sha256") and file_digest(path)[1] != entry["sha256"]:
+    if full and file_digest(path)[1] != entry["sha256"]:
         raise CorruptStoreError(f"{path} is corrupt: its sha256 differs from the one config.json records")
+
+
+def _check_tensors(handle, path: Path, expected: dict[str, tuple[str, list[int]]]) -> None:
+    """The file holds exactly these tensors, with these dtypes and shapes (read from the header: nothing allocated)."""
+    if sorted(handle.keys()) != sorted(expected):
+        raise CorruptStoreError(f"{path} holds tensors {sorted(handle.keys())}, expected {sorted(expected)}")
+    for key, (dtype, shape) in expected.items():
+        sliced = handle.get_slice(key)
+        if sliced.get_dtype() != dtype or list(sliced.get_shape()) != shape:
+            raise CorruptStoreError(f"{path}: {key} is {sliced.get_dtype()} {list(sliced.get_shape())}, "
+                                    f"config.json says {dtype} {shape}")
+
+
+def _check_finite(tensors, what: str) -> None:
+    for tensor in tensors:
+        if not torch.isfinite(tensor).all():
+            raise CorruptStoreError(f"{what} contain NaN or infinite values")
 
 
 def _short(value: Any) -> str:

@@ -10,12 +10,15 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from huggingface_hub import DatasetCard, DatasetCardData, HfApi, snapshot_download
-from huggingface_hub.errors import RepositoryNotFoundError
+from huggingface_hub import DatasetCard, DatasetCardData, HfApi, hf_hub_download, snapshot_download
+from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from ..methods.base import get_method
 from .backends import register_backend
+from .errors import CorruptStoreError
+from .files import CARD_MARKER, CARD_NAME, CONFIG_NAME, file_digest, store_path
+from .schema import listed_files, parse_header, validate_header
 
 CITATIONS = """```bibtex
 @inproceedings{park2023trak,
@@ -143,6 +146,8 @@ safetensors and the configuration is JSON.
 ## Citation
 
 {CITATIONS}
+
+{CARD_MARKER}
 """
     return DatasetCard(f"---\n{data.to_yaml()}\n---\n{body}")
 
@@ -166,15 +171,25 @@ def is_repo_id(value: str) -> bool:
 
 def download_store(repo_id: str, *, revision: str | None = None, endpoint: str | None = None,
                    token: str | bool | None = None, cache_dir: str | os.PathLike | None = None) -> Path:
-    """Download a store from a Hub dataset repository; returns the local snapshot directory."""
+    """Download a store from a Hub dataset repository; returns the local snapshot directory.
+
+    config.json first, validated (store/schema.py); then exactly the files it lists (and the card), from the same
+    commit: a repository's other files are never downloaded."""
     if not is_repo_id(repo_id):
         raise FileNotFoundError(f"no feature store at {repo_id!r}: not a directory, and not a Hub repo id (user/name)")
+    options = dict(repo_type="dataset", endpoint=endpoint, token=token, cache_dir=cache_dir)
     try:
-        return Path(snapshot_download(repo_id, repo_type="dataset", revision=revision, endpoint=endpoint, token=token,
-                                      cache_dir=cache_dir))
+        config_path = Path(hf_hub_download(repo_id, CONFIG_NAME, revision=revision, **options))
     except RepositoryNotFoundError as error:
         raise FileNotFoundError(f"no feature store at {repo_id!r}: not a local directory, and no Hub dataset "
                                 f"repository of that name is visible (private? pass token=)") from error
+    except EntryNotFoundError as error:
+        raise FileNotFoundError(f"the Hub dataset repository {repo_id!r} holds no feature store (no {CONFIG_NAME})") from error
+    commit = config_path.parent.name  # snapshots/<commit>/config.json: the rest comes from the same commit
+    where = f"{repo_id}@{commit}/{CONFIG_NAME}"
+    _, header = validate_header(parse_header(config_path.read_text(encoding="utf-8"), where), where)
+    names = listed_files(header)[1:] + [CARD_NAME]
+    return Path(snapshot_download(repo_id, revision=commit, allow_patterns=names, **options))
 
 
 def push_store(store, repo_id: str, *, private: bool | None = None, token: str | bool | None = None,
@@ -185,28 +200,40 @@ def push_store(store, repo_id: str, *, private: bool | None = None, token: str |
 
     The card links to the explorer Space `space` when given; `image`: an attribution grid (PNG) uploaded as
     `GRID_NAME` and shown on the card; `license`: the card's license metadata.
+
+    Only the files config.json lists are uploaded, each a regular file of the store (files.store_path), staged
+    as a hard link (or a copy) whose size and sha256 are checked against config.json after staging, so the
+    bytes uploaded are the bytes checked; the card is generated here.
     """
     api = HfApi(endpoint=endpoint, token=token)
-    api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="feature-store-") as scratch:
         directory = store.directory if store.directory is not None else store.save_pretrained(Path(scratch) / "store")
-        header = json.loads((directory / "config.json").read_text())
-        files = ["config.json"] + [entry["file"] for entry in header["shards"]]
-        files += [header[key]["file"] for key in ("kernel", "projection_file") if header.get(key)]
-        # The upload folder: links to the store's files (no copies) and a card that names the repository.
         staging = Path(scratch) / "upload"
         staging.mkdir()
-        for name in files:
-            try:
-                os.symlink((directory / name).resolve(), staging / name)
-            except OSError:
-                shutil.copy2(directory / name, staging / name)
+        _stage(store_path(directory, CONFIG_NAME), staging / CONFIG_NAME)
+        where = str(directory / CONFIG_NAME)
+        _, header = validate_header(parse_header((staging / CONFIG_NAME).read_text(encoding="utf-8"), where), where)
+        for entry in header["shards"] + [header[key] for key in ("kernel", "projection_file") if header.get(key)]:
+            staged = staging / entry["file"]
+            _stage(store_path(directory, entry["file"]), staged)
+            if file_digest(staged) != (entry["bytes"], entry["sha256"]):
+                raise CorruptStoreError(f"{directory / entry['file']} does not match the size and sha256 config.json "
+                                        "records: not uploaded")
         if image is not None:
             shutil.copy2(image, staging / GRID_NAME)
         card = store_card(header, repo_id, space, image=image, license=license)
-        (staging / "README.md").write_text(str(card), encoding="utf-8")
+        (staging / CARD_NAME).write_text(str(card), encoding="utf-8")
+        api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
         return api.upload_folder(repo_id=repo_id, repo_type="dataset", folder_path=staging, revision=revision,
                                  commit_message=commit_message)
+
+
+def _stage(source: Path, target: Path) -> None:
+    """`target` holds `source`'s bytes: a hard link (no copy) where the filesystem allows, else a copy."""
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copyfile(source, target)
 
 
 register_backend("hub", claims=is_repo_id, fetch=download_store)

@@ -7,6 +7,7 @@ kernel and writes the card and, last, config.json. A killed run resumes where it
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from pathlib import Path
 from typing import Any
@@ -31,20 +32,58 @@ from .files import (
     write_projection,
     write_shard,
 )
-from .format import FeatureStore, read_shard_run
+from .format import FeatureStore, check_foreign_files, read_shard_run
+from .lock import writer_lock
 
 
 def featurize_to_directory(featurizer, data: TrainingData, directory: Path, group: ProcessGroup, *,
                            shard_rows: int | None, max_shard_size: int | str, compute_kernel: bool, progress: bool,
                            dataset_name: str | None) -> FeatureStore:
-    """Featurize the shards missing from `directory` (this process's share of them), then finalize the store."""
+    """Featurize the shards missing from `directory` (this process's share of them), then finalize the store.
+
+    The main process holds the folder's writer lock throughout (store/lock.py); the others write only after it
+    has taken it, and fail with it when it could not."""
     config, n = featurizer.config, len(data)
     if group.device is not None and config.device is None:
         featurizer.adapter.pipe.to(group.device)
+    dim = featurizer.projector.dim
+    rows = shard_rows or rows_per_shard(dim, max_shard_size)
+    from ..fingerprint import model_fingerprint
+
+    writer = {"feature_hash": config.feature_hash(), "num_examples": n, "shard_rows": rows, "dim": dim,
+              "model_fingerprint": model_fingerprint(featurizer.adapter.denoiser, featurizer.parameters)}
+    with group_lock(directory, writer, group):
+        return _featurize_locked(featurizer, data, directory, group, rows, compute_kernel, progress, dataset_name)
+
+
+@contextlib.contextmanager
+def group_lock(directory: Path, run: dict, group: ProcessGroup):
+    """`writer_lock` taken by the main process; every process enters the block only if it got it."""
+    stack = contextlib.ExitStack()
+    status: dict[str, Any] = {}
+    if group.is_main:
+        try:
+            stack.enter_context(writer_lock(directory, run))
+            check_foreign_files(directory)
+        except Exception as error:  # sent to every process, so that none waits for a main process that failed
+            stack.close()
+            status = {"mismatch": isinstance(error, StoreMismatchError), "error": f"{type(error).__name__}: {error}",
+                      "exception": error}
+    shared = group.broadcast({k: v for k, v in status.items() if k != "exception"} if group.is_main else None)
+    if "exception" in status:
+        raise status["exception"]
+    if "error" in shared:
+        raise (StoreMismatchError if shared["mismatch"] else RuntimeError)(shared["error"])
+    with stack:
+        yield
+
+
+def _featurize_locked(featurizer, data: TrainingData, directory: Path, group: ProcessGroup, rows: int,
+                      compute_kernel: bool, progress: bool, dataset_name: str | None) -> FeatureStore:
+    config, n = featurizer.config, len(data)
     if featurizer.projector.fits_on_data:
         fit_in_directory(featurizer, data, directory, group, progress=progress and group.is_main)
     dim = featurizer.projector.dim
-    rows = shard_rows or rows_per_shard(dim, max_shard_size)
     plan = shard_plan(n, rows)
     metadata = {**featurizer.metadata(), "num_examples": n, "dim": dim, "dataset_name": dataset_name}
     run = run_identity(config, metadata, n, rows, dim)
@@ -193,7 +232,7 @@ def finish_store(store: FeatureStore, output_dir=None, accelerator=None, **store
     if accelerator is not None:
         raise NotImplementedError(f"method {store.config.method!r} featurizes in one process; drop accelerator=")
     if output_dir is not None:
-        save_options = {k: v for k, v in store_kwargs.items() if k in ("shard_rows", "max_shard_size")}
+        save_options = {k: v for k, v in store_kwargs.items() if k in ("shard_rows", "max_shard_size", "overwrite")}
         kernel = None if store_kwargs.get("compute_kernel", True) else False
         store.save_pretrained(output_dir, kernel=kernel, **save_options)
     return store

@@ -1,0 +1,244 @@
+"""The schema of a store's config.json: what a reader accepts before it uses anything the file says.
+
+Every failure is a `CorruptStoreError` naming the key (`shards[2].sha256`, `config.method`, ...). What is checked:
+
+    types, required keys, allowed values   every key below; the `config` block against AttributionConfig's
+                                           own annotations, then its own validation
+    file names                             plain names in the store folder (`files.check_plain_name`), and the
+                                           canonical ones: shard i of n is features-{i:05d}-of-{n:05d}, the
+                                           kernel kernel.safetensors, the projection projection.safetensors
+    sizes and checksums                    `bytes` and `sha256` for every file (none is ever skipped)
+    rows                                   the shards tile [0, num_examples) exactly: the plan of `shard_rows`
+    fingerprints                           the ones the store's method is pinned by (`Method.fingerprints`)
+
+Keys this version does not know are kept as metadata and never read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+import types
+import typing
+from pathlib import Path
+from typing import Any, Union
+
+from ..config import AttributionConfig
+from .errors import CorruptStoreError
+from .files import (
+    FORMAT_VERSION,
+    KERNEL_NAME,
+    PROJECTION_NAME,
+    check_plain_name,
+    shard_plan,
+)
+
+SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+FINGERPRINT_RE = re.compile(r"^[0-9a-f]{16}$")
+REQUIRED = ("format_version", "config", "num_examples", "dim", "dtype", "shard_rows", "shards", "kernel",
+            "projection_file", "projection", "dataset_fingerprint")
+OPTIONAL = {"package_version": (str,), "pipeline": (str, type(None)), "family": (str, type(None)),
+            "base_model": (str, type(None)), "dataset_name": (str, type(None)), "lora_adapters": (list,),
+            "checkpoints": (list, type(None)), "checkpoint_block_dim": (int,)}
+
+
+def parse_header(text: str, where: str) -> dict[str, Any]:
+    """config.json's text → a dict; invalid JSON, NaN / Infinity or anything but an object is a `CorruptStoreError`."""
+    def refuse(constant):
+        raise CorruptStoreError(f"{where}: {constant} is not a valid value in a store's config.json")
+
+    try:
+        header = json.loads(text, parse_constant=refuse)
+    except CorruptStoreError:
+        raise
+    except (ValueError, RecursionError) as error:
+        raise CorruptStoreError(f"{where} is not valid JSON: {error}") from error
+    if not isinstance(header, dict):
+        raise CorruptStoreError(f"{where}: expected a JSON object, got {type(header).__name__}")
+    return header
+
+
+def validate_header(header: dict[str, Any], where: str) -> tuple[AttributionConfig, dict[str, Any]]:
+    """(config, header) after every check in the module docstring; `where` names the file in errors."""
+    def fail(key: str, problem: str):
+        raise CorruptStoreError(f"{where}: {key} {problem}")
+
+    for key in REQUIRED:
+        if key not in header:
+            fail(key, "is missing")
+    if type(header["format_version"]) is not int or header["format_version"] != FORMAT_VERSION:
+        raise CorruptStoreError(f"{where}: unsupported store format {header['format_version']!r} "
+                                f"(this version of diffusers-attribution reads format {FORMAT_VERSION})")
+    for key, allowed in OPTIONAL.items():
+        if key in header and not isinstance(header[key], allowed) or key in header and _is_bool(header[key]):
+            fail(key, f"must be {' or '.join(t.__name__ for t in allowed)}, got {_kind(header[key])}")
+    if not all(isinstance(name, str) for name in header.get("lora_adapters", [])):
+        fail("lora_adapters", "must be a list of strings")
+    config = validate_config(header["config"], where)
+    n = _integer(header, "num_examples", fail, minimum=1)
+    dim = _integer(header, "dim", fail, minimum=1)
+    rows = _integer(header, "shard_rows", fail, minimum=1)
+    if header["dtype"] != "float32":
+        fail("dtype", f"must be 'float32', got {header['dtype']!r}")
+    if not isinstance(header["dataset_fingerprint"], str) or not FINGERPRINT_RE.match(header["dataset_fingerprint"]):
+        fail("dataset_fingerprint", f"must be 16 hex digits, got {header['dataset_fingerprint']!r}")
+    projection = header["projection"]
+    if not isinstance(projection, dict) or not isinstance(projection.get("kind"), str):
+        fail("projection", f"must be an object with a 'kind', got {_kind(projection)}")
+    _check_fingerprints(header, config, fail)
+
+    shards = header["shards"]
+    if not isinstance(shards, list) or not shards:
+        fail("shards", f"must be a non-empty list, got {_kind(shards)}")
+    plan = shard_plan(n, rows)
+    if len(shards) != len(plan):
+        fail("shards", f"lists {len(shards)} shards; {n} examples in shards of {rows} rows make {len(plan)}")
+    for index, (entry, planned) in enumerate(zip(shards, plan)):
+        key = f"shards[{index}]"
+        _file_entry(entry, key, planned["file"], fail)
+        for bound in ("start", "stop"):
+            value = _integer(entry, bound, lambda k, p: fail(f"{key}.{k}", p), minimum=0)
+            if value != planned[bound]:
+                fail(f"{key}.{bound}", f"is {value}: the shards must tile [0, {n}) in blocks of {rows} rows "
+                                       f"(shard {index} holds [{planned['start']}, {planned['stop']}))")
+    kernel = header["kernel"]
+    if kernel is not None:
+        _file_entry(kernel, "kernel", KERNEL_NAME, fail)
+        form = "dual" if n <= dim else "primal"
+        if kernel.get("form") != form:
+            fail("kernel.form", f"must be {form!r} for {n} examples of {dim} features, got {kernel.get('form')!r}")
+    calibrated = projection.get("calibrated")
+    if calibrated not in (None, True, False):
+        fail("projection.calibrated", f"must be true or false, got {calibrated!r}")
+    entry = header["projection_file"]
+    if calibrated and entry is None:
+        fail("projection_file", f"is null, but the projection is calibrated: its {PROJECTION_NAME} must be listed")
+    if entry is not None:
+        if not calibrated:
+            fail("projection_file", "is listed, but the projection is not calibrated")
+        _file_entry(entry, "projection_file", PROJECTION_NAME, fail)
+    return config, header
+
+
+def validate_config(data: Any, where: str) -> AttributionConfig:
+    """The `config` block → `AttributionConfig`: each field's JSON type against its annotation, then the config's
+    own checks; anything wrong is a `CorruptStoreError` naming `config.<field>`."""
+    if not isinstance(data, dict):
+        raise CorruptStoreError(f"{where}: config must be an object, got {_kind(data)}")
+    hints = typing.get_type_hints(AttributionConfig)
+    known = {f.name for f in dataclasses.fields(AttributionConfig)}
+    for key in data:
+        if key not in known:
+            raise CorruptStoreError(f"{where}: config.{key} is not an AttributionConfig field")
+    for name in known:
+        if name not in data:
+            raise CorruptStoreError(f"{where}: config.{name} is missing")
+        if not _matches(data[name], hints[name]):
+            raise CorruptStoreError(f"{where}: config.{name} must be {_describe(hints[name])}, got {data[name]!r}")
+    try:
+        config = AttributionConfig.from_dict(data)
+    except (ValueError, TypeError, KeyError) as error:
+        raise CorruptStoreError(f"{where}: config is not a valid AttributionConfig: {error}") from error
+    if config.to_dict() != data:  # the defaults were resolved when it was written: nothing may be left to fill
+        changed = sorted(k for k, v in config.to_dict().items() if data.get(k) != v)
+        raise CorruptStoreError(f"{where}: config.{changed[0]} is {data[changed[0]]!r}, which a written store never "
+                                f"records (it resolves to {getattr(config, changed[0])!r})")
+    return config
+
+
+def listed_files(header: dict[str, Any]) -> list[str]:
+    """The files a validated header lists, config.json first."""
+    names = ["config.json"] + [entry["file"] for entry in header["shards"]]
+    return names + [header[key]["file"] for key in ("kernel", "projection_file") if header.get(key)]
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+
+def _file_entry(entry: Any, key: str, expected: str, fail) -> None:
+    if not isinstance(entry, dict):
+        fail(key, f"must be an object, got {_kind(entry)}")
+    name = entry.get("file")
+    try:
+        check_plain_name(name, f"{key}.file")
+    except CorruptStoreError as error:
+        fail(f"{key}.file", str(error))
+    if name != expected:
+        fail(f"{key}.file", f"is {name!r}; this entry's file is named {expected!r}")
+    _integer(entry, "bytes", lambda k, p: fail(f"{key}.{k}", p), minimum=0)
+    if not isinstance(entry.get("sha256"), str) or not SHA256_RE.match(entry["sha256"]):
+        fail(f"{key}.sha256", f"must be 64 lowercase hex digits, got {entry.get('sha256')!r}")
+
+
+def _check_fingerprints(header: dict[str, Any], config: AttributionConfig, fail) -> None:
+    """The fingerprints the method needs (`Method.fingerprints`, dotted paths): present, non-empty, hex digests."""
+    from ..methods.base import get_method
+
+    for path in get_method(config.method).fingerprints:
+        value: Any = header
+        for part in path.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        leaves = _leaves(value)
+        if not leaves or not any(isinstance(leaf, str) for leaf in leaves) or not all(
+                leaf is None or isinstance(leaf, str) and FINGERPRINT_RE.match(leaf) for leaf in leaves):
+            fail(path, f"is missing or not a fingerprint ({_kind(value)}): a store must say which model made it")
+
+
+def _leaves(value: Any) -> list:
+    if isinstance(value, dict):
+        return [leaf for v in value.values() for leaf in _leaves(v)]
+    if isinstance(value, list):
+        return [leaf for v in value for leaf in _leaves(v)]
+    return [value]
+
+
+def _integer(mapping: dict, key: str, fail, minimum: int) -> int:
+    value = mapping.get(key)
+    if type(value) is not int or value < minimum:
+        fail(key, f"must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def _is_bool(value: Any) -> bool:
+    return isinstance(value, bool)
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    """Whether a JSON value has the type an annotation names (bool is not an int; an int is a float)."""
+    origin = typing.get_origin(hint)
+    if hint is Any:
+        return True
+    if origin in (Union, types.UnionType):
+        return any(_matches(value, arg) for arg in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return type(value) is int
+    if hint is float:
+        return type(value) in (int, float) and math.isfinite(value)
+    if hint is str:
+        return isinstance(value, str)
+    if origin is list:
+        (arg,) = typing.get_args(hint)
+        return isinstance(value, list) and all(_matches(item, arg) for item in value)
+    if origin is dict:
+        key, arg = typing.get_args(hint)
+        return isinstance(value, dict) and all(_matches(k, key) and _matches(v, arg) for k, v in value.items())
+    return False
+
+
+def _describe(hint: Any) -> str:
+    return str(hint).replace("typing.", "")
+
+
+def _kind(value: Any) -> str:
+    return "null" if value is None else f"{type(value).__name__} {value!r}"[:80]
+
+
+def read_validated(path: Path) -> tuple[AttributionConfig, dict[str, Any]]:
+    """(config, header) of a config.json file, validated."""
+    return validate_header(parse_header(path.read_text(encoding="utf-8"), str(path)), str(path))
