@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -166,8 +167,10 @@ class AttributionConfig:
             if self.calibration_examples:
                 raise ValueError("AttributionConfig.layer_dims sets the random factored split; calibrated bases choose "
                                  "their own dims: set calibration_examples=0 to use layer_dims")
-        if self.damping is not None and self.damping < 0:
-            raise ValueError(f"AttributionConfig.damping must be >= 0, got {self.damping}")
+        for name in ("damping", "damping_ratio"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise ValueError(f"AttributionConfig.{name} must be a finite number > 0, got {value!r}")
         method.check_config(self)
 
     @classmethod

@@ -27,7 +27,7 @@ class InvalidImageError(ValueError):
 def to_image_tensor(image: Any) -> torch.Tensor:
     """One image (PIL, numpy HWC/HW in [0, 1] or uint8, tensor CHW in [-1, 1]) → float32 tensor [C, H, W] in [-1, 1]."""
     if isinstance(image, PIL.Image.Image):
-        array = VaeImageProcessor.pil_to_numpy(image)  # [1, H, W(, C)] in [0, 1]
+        array = pil_to_array(image)[None]  # [1, H, W(, C)] in [0, 1]
         return VaeImageProcessor.normalize(VaeImageProcessor.numpy_to_pt(array))[0]
     if isinstance(image, np.ndarray):
         array = image.astype(np.float32) / 255.0 if image.dtype == np.uint8 else image.astype(np.float32)
@@ -45,6 +45,29 @@ def to_image_tensor(image: Any) -> torch.Tensor:
         _check_range(tensor, "image tensor (expected values in [-1, 1])")
         return tensor
     raise InvalidImageError(f"cannot read an image from a {type(image).__name__}")
+
+
+# PIL modes by what their numbers mean: scaled by the mode's bit depth to [0, 1].
+_PIL_SCALE = {"L": 255, "LA": 255, "RGB": 255, "RGBA": 255, "RGBX": 255, "RGBa": 255, "La": 255,
+              "I;16": 65535, "I;16L": 65535, "I;16B": 65535, "I;16N": 65535, "F": 1}
+_PIL_TO_RGB = {"P": "RGB", "PA": "RGBA", "CMYK": "RGB", "YCbCr": "RGB"}  # converted by PIL first
+
+
+def pil_to_array(image: PIL.Image.Image) -> np.ndarray:
+    """A PIL image → float32 [H, W] or [H, W, C] in [0, 1], by its mode's bit depth: 8-bit modes / 255, 16-bit
+    (`I;16*`) / 65535, `1` as 0 / 1, `F` as is (it must lie in [0, 1]); palette, CMYK and YCbCr images are converted
+    to RGB(A) by PIL. Modes without a fixed range (`I`: 32-bit integers) or colour meaning are an InvalidImageError."""
+    mode = image.mode
+    if mode in _PIL_TO_RGB:
+        image, mode = image.convert(_PIL_TO_RGB[mode]), _PIL_TO_RGB[mode]
+    if mode == "1":
+        return np.asarray(image, dtype=bool).astype(np.float32)
+    if mode not in _PIL_SCALE:
+        raise InvalidImageError(f"cannot interpret a PIL image of mode {mode!r} (no fixed value range or colour "
+                                "meaning): convert it first, e.g. image.convert('RGB'), or pass an array in [0, 1]")
+    array = np.asarray(image).astype(np.float32) / _PIL_SCALE[mode]
+    _check_range(torch.from_numpy(array) * 2 - 1, f"PIL image of mode {mode!r} (expected values in [0, 1])")
+    return array
 
 
 def to_image_batch(images: Any) -> torch.Tensor:

@@ -27,6 +27,10 @@ from .store.format import DEFAULT_MAX_SHARD_SIZE, FeatureStore
 from .version import __version__
 
 
+class NonFiniteFeaturesError(ValueError):
+    """A training example or query whose features came out NaN or infinite (a broken weight or gradient)."""
+
+
 class Featurizer:
     """Everything fixed for one (pipeline, config): adapter, task, parameters, projector.
 
@@ -49,6 +53,7 @@ class Featurizer:
         """Fit a projector fitted on data (the calibrated bases) on the training examples it picks; `progress`:
         a progress bar per pass (calibration is most of a small training set's featurization time)."""
         config = self.config
+        self._check_weights()
         indices, size = self.projector.fit_examples(len(data)), self.projector.fit_batch_size
         batches = []
         for start in range(0, len(indices), size):
@@ -81,7 +86,31 @@ class Featurizer:
         """φ [B, k] float32 on the CPU for one batch of images [B, C, H, W] in [-1, 1]."""
         inputs = self.adapter.encode(images, list(captions), list(keys), self.config.noise_seed)
         with gradients_only_for(self.adapter.denoiser, self.parameters):
-            return self.projector.features(self.task, self.parameters, inputs, list(keys)).float().cpu()
+            features = self.projector.features(self.task, self.parameters, inputs, list(keys)).float().cpu()
+            if not torch.isfinite(features).all():
+                self._explain_non_finite(features, inputs, list(keys))
+        return features
+
+    def _explain_non_finite(self, features: torch.Tensor, inputs, keys: list) -> None:
+        """Raise `NonFiniteFeaturesError` naming the first example with a NaN / Inf feature and, found only now (a
+        non-finite weight, else that example's autograd gradient per parameter), the parameter it comes from."""
+        from .gradients.reference import per_example_gradients
+
+        row = int((~torch.isfinite(features)).any(1).nonzero()[0])
+        what = f"example {keys[row]!r} has NaN or infinite features"
+        self._check_weights(what)
+        example = type(inputs)(inputs.x0[row : row + 1], {k: v[row : row + 1] for k, v in inputs.conditioning.items()})
+        gradients = per_example_gradients(self.task, self.parameters, example, [keys[row]])
+        bad = [name for name, g in gradients.items() if not torch.isfinite(g).all()]
+        raise NonFiniteFeaturesError(f"{what}: " + (f"the gradient of parameter {bad[0]} is not finite" if bad
+                                                     else "its gradient is finite; the projection made it non-finite"))
+
+    def _check_weights(self, what: str = "cannot featurize") -> None:
+        """`NonFiniteFeaturesError` naming the denoiser's first NaN / Inf weight, if it has one."""
+        weights = [name for name, p in self.adapter.denoiser.named_parameters() if not torch.isfinite(p).all()]
+        if weights:
+            more = f" (and {len(weights) - 1} more)" if len(weights) > 1 else ""
+            raise NonFiniteFeaturesError(f"{what}: the denoiser's weight {weights[0]}{more} is not finite")
 
     def featurize_dataset(
         self,

@@ -8,6 +8,7 @@ method; `KernelScorer` on bare features uses 0.1 unless told).
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -17,6 +18,41 @@ def damping_from_trace(trace, num_examples: int, dim: int, ratio: float) -> floa
     """The one default-damping rule: λ = ratio · tr(ΦᵀΦ) / min(N, k), a fixed fraction of the kernel's mean
     non-zero eigenvalue (tr(ΦᵀΦ) = tr(ΦΦᵀ) = ‖Φ‖²_F). It never looks at queries."""
     return float(ratio * trace / min(num_examples, dim))
+
+
+MAX_CONDITION = 1e12  # (K + λI) with a larger condition number solves to rounding noise in float64
+
+
+def check_damping(damping: float, what: str = "damping") -> float:
+    """λ as a float, if finite and > 0; else a `ValueError` (λ = 0 "solves" a singular kernel to noise)."""
+    value = float(damping)
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{what} must be a finite number > 0, got {damping!r}")
+    return value
+
+
+def damped_inverse(gram: torch.Tensor, damping: float) -> torch.Tensor:
+    """(K + λI)⁻¹ of a symmetric PSD kernel K in float64, after checking that it is one and that the damped system
+    is well conditioned: `ValueError` saying so, with a damping that would do, otherwise."""
+    from .store.errors import CorruptStoreError
+
+    eye = torch.eye(len(gram), dtype=torch.float64, device=gram.device)
+    if not torch.isfinite(gram).all():
+        raise CorruptStoreError("the kernel contains NaN or infinite values")
+    if not torch.allclose(gram, gram.T, rtol=1e-8, atol=1e-12 * float(gram.abs().max())):
+        raise CorruptStoreError("the kernel is not symmetric: it is not the Gram matrix of any features")
+    eigenvalues = torch.linalg.eigvalsh(gram)
+    top = float(eigenvalues[-1].clamp_min(0))
+    if float(eigenvalues[0]) < -1e-8 * max(top, 1e-300):
+        raise CorruptStoreError(f"the kernel has a negative eigenvalue ({float(eigenvalues[0]):.3g}): it is not the Gram "
+                                "matrix of any features")
+    low = float(eigenvalues[0].clamp_min(0)) + damping
+    if (top + damping) / low > MAX_CONDITION:
+        raise ValueError(
+            f"the damped kernel is singular or ill-conditioned (eigenvalues {float(eigenvalues[0]):.3g} … {top:.3g}, "
+            f"λ = {damping:.3g}: condition number {(top + damping) / low:.3g}); use a damping of at least "
+            f"{top / MAX_CONDITION * 10:.3g}, e.g. damping_ratio=0.1 (λ = {0.1 * float(gram.trace()) / len(gram):.3g})")
+    return torch.linalg.solve(gram + damping * eye, eye)
 
 
 def default_damping(features: torch.Tensor, ratio: float) -> float:
@@ -30,15 +66,15 @@ class KernelScorer:
 
     def __init__(self, train_features: torch.Tensor, damping: float | None = None, damping_ratio: float = 0.1):
         self.train_features = train_features.double()
-        self.damping = default_damping(train_features, damping_ratio) if damping is None else float(damping)
+        if damping is None:
+            check_damping(damping_ratio, "damping_ratio")
+        self.damping = check_damping(default_damping(train_features, damping_ratio) if damping is None else damping)
         n, k = self.train_features.shape
         self.dual = n <= k
-        size = n if self.dual else k
-        eye = torch.eye(size, dtype=torch.float64, device=self.train_features.device)
         phi = self.train_features
         kernel = phi @ phi.T if self.dual else phi.T @ phi
         # (ΦΦᵀ + λI)⁻¹ (dual, N × N) or (ΦᵀΦ + λI)⁻¹ (primal, k × k).
-        self.inverse = torch.linalg.solve(kernel + self.damping * eye, eye)
+        self.inverse = damped_inverse(kernel, self.damping)
 
     def scores(self, query_features: torch.Tensor) -> torch.Tensor:
         """τ [n, N] float32; higher = the training example makes the query more likely."""
@@ -100,26 +136,45 @@ class StreamingScorer:
         expected = n if self.dual else k
         if gram.shape != (expected, expected):
             raise ValueError(f"the store's kernel is {tuple(gram.shape)}, expected {expected} × {expected}")
-        self.damping = damping_from_trace(gram.trace(), n, k, damping_ratio) if damping is None else float(damping)
-        eye = torch.eye(expected, dtype=torch.float64)
-        self.inverse = torch.linalg.solve(gram + self.damping * eye, eye)
+        if damping is None:
+            check_damping(damping_ratio, "damping_ratio")
+        self.damping = check_damping(damping_from_trace(gram.trace(), n, k, damping_ratio) if damping is None else damping)
+        self.inverse = damped_inverse(gram, self.damping)
+        # tr K = ‖Φ‖²_F: checked against the features as they are streamed (a kernel that is not theirs is refused)
+        self._trace, self._norms = float(gram.trace()), None
 
     @property
     def metadata(self) -> dict[str, Any]:
         """What every scorer reports: here its damping λ."""
         return {"damping": self.damping}
 
+    def _blocks(self, shards=None):
+        """The store's blocks; on the first whole pass, ‖Φ‖²_F is checked against tr K (the kernel must be theirs)."""
+        check = shards is None and self._norms is None
+        total = 0.0
+        for start, block in self.store.blocks(self.block_rows, shards):
+            if check:
+                total += float(block.double().pow(2).sum())
+            yield start, block
+        if check:
+            if abs(total - self._trace) > 1e-6 * max(abs(total), abs(self._trace), 1e-300):
+                from .store.errors import CorruptStoreError
+
+                raise CorruptStoreError(f"the store's kernel is not the Gram matrix of its features: tr K = "
+                                        f"{self._trace:.6g}, ‖Φ‖²_F = {total:.6g}")
+            self._norms = total
+
     def scores(self, query_features: torch.Tensor) -> torch.Tensor:
         """τ [n, N] float32, as `KernelScorer.scores`."""
         q = query_features.detach().double().cpu()
         if self.dual:
             products = torch.empty(len(q), len(self.store), dtype=torch.float64)
-            for start, block in self.store.blocks(self.block_rows):
+            for start, block in self._blocks():
                 products[:, start : start + len(block)] = q @ block.double().T
             return (products @ self.inverse).float()
         out = torch.empty(len(q), len(self.store), dtype=torch.float32)
         projected = q @ self.inverse
-        for start, block in self.store.blocks(self.block_rows):
+        for start, block in self._blocks():
             out[:, start : start + len(block)] = (projected @ block.double().T).float()
         return out
 
@@ -140,7 +195,7 @@ class StreamingScorer:
         projected = q @ self.inverse
         best_values = torch.empty(len(q), 0, dtype=torch.float32)
         best_indices = torch.empty(len(q), 0, dtype=torch.long)
-        for start, block in self.store.blocks(self.block_rows, shards):
+        for start, block in self._blocks(shards):
             values, where = (projected @ block.double().T).float().topk(min(k, len(block)), dim=1)
             best_values, best_indices = _keep_best(torch.cat([best_values, values], 1),
                                                    torch.cat([best_indices, where + start], 1), k)

@@ -179,7 +179,9 @@ def _keep_top(rotated: FactoredProjector, eigen: dict, energy: torch.Tensor, ske
     """Per parameter, the smallest rectangle of leading eigen-directions holding its share of the top entries."""
     chosen = torch.zeros_like(energy, dtype=torch.bool)
     chosen[torch.topk(energy, min(sketch_dim, len(energy))).indices] = True
-    chosen &= energy > 0  # a parameter whose gradient is zero (an unused module) gets no features
+    # A parameter whose gradient is zero (an unused module) gets no features, nor does a direction whose energy is
+    # rounding noise (a null direction of the moments): which of those won a tie would depend on the thread count.
+    chosen &= energy > CLUSTER_TOLERANCE * energy.max()
     bases = {}
     for block in _blocks(rotated):
         mask = chosen[block.offset : block.offset + block.k]
@@ -222,9 +224,41 @@ def _zero_moments(block) -> tuple[torch.Tensor, ...]:
 
 
 def _eigenvectors(matrix: torch.Tensor) -> torch.Tensor:
-    """Eigenvectors of a symmetric PSD matrix as columns, by descending eigenvalue (float64, CPU)."""
-    _, vectors = torch.linalg.eigh(matrix.cpu())
-    return vectors.flip(1)
+    """Eigenvectors of a symmetric PSD matrix as columns, by descending eigenvalue (float64, CPU), canonical."""
+    return canonical_eigenvectors(matrix)
+
+
+CLUSTER_TOLERANCE = 1e-9  # eigenvalues closer than this × the largest share one eigenspace
+
+
+def canonical_eigenvectors(matrix: torch.Tensor) -> torch.Tensor:
+    """Eigenvectors of a symmetric PSD matrix, descending, as a function of the matrix alone: the same (to rounding)
+    whatever the thread count, process count, device or summation order that produced the matrix.
+
+    `eigh` fixes neither an eigenvector's sign nor the basis of an eigenspace of equal eigenvalues (the null space
+    of a moment matrix measured on fewer examples than its side is one). Eigenvalues within CLUSTER_TOLERANCE ×
+    λ_max of their neighbour form one cluster; each cluster's orthogonal projector V Vᵀ is basis-free, and the
+    cluster's basis is the Gram–Schmidt (QR, positive diagonal) of V Vᵀ G for fixed seeded Gaussian columns G.
+    For a single eigenvalue that is v · sign(vᵀg)."""
+    if not torch.isfinite(matrix).all():
+        raise ValueError("calibration: the gradients' second moments are not finite (a NaN or overflowing gradient)")
+    values, vectors = torch.linalg.eigh(matrix.detach().cpu().double())
+    values, vectors = values.flip(0), vectors.flip(1)
+    size = len(values)
+    if size == 0:
+        return vectors
+    probe = torch.randn(size, size, generator=torch.Generator().manual_seed(seed_from(0, "canonical-basis", size)),
+                        dtype=torch.float64)
+    scale = max(float(values.abs().max()), 1e-300)
+    bounds = [0] + [i + 1 for i in range(size - 1) if values[i] - values[i + 1] > CLUSTER_TOLERANCE * scale] + [size]
+    out = torch.empty_like(vectors)
+    for start, stop in zip(bounds[:-1], bounds[1:]):
+        basis = vectors[:, start:stop]
+        q, r = torch.linalg.qr(basis @ (basis.T @ probe[:, start:stop]))
+        signs = torch.sign(torch.diagonal(r))
+        signs[signs == 0] = 1
+        out[:, start:stop] = q * signs
+    return out
 
 
 def _blocks(projector: FactoredProjector):
