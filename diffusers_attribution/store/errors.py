@@ -16,3 +16,7 @@ class StoreBusyError(StoreMismatchError):
 
 class UntrustedReferenceError(StoreMismatchError):
     """A loaded store names something to load (checkpoints, an encoder) that the caller neither passed nor allowed."""
+
+
+class NotAStoreError(CorruptStoreError, FileNotFoundError):
+    """A folder without a store's config.json (e.g. an unfinished featurization): a `FileNotFoundError` too."""

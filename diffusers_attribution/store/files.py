@@ -17,8 +17,8 @@ import hashlib
 import json
 import os
 import re
+import secrets
 import stat
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
@@ -39,7 +39,7 @@ SHARD_RE = re.compile(r"^features-(\d{5})-of-(\d{5})\.safetensors$")
 # The temporaries `atomic_write` makes for the store's own files: the only hidden files a writer ever deletes.
 OWN_TEMPORARY_RE = re.compile(r"^\.(config\.json|README\.md|kernel\.safetensors|projection\.safetensors|"
                               r"features-\d{5}-of-\d{5}\.safetensors|diffusers-attribution\.writer\.json)"
-                              r"\.[A-Za-z0-9_]+\.tmp$")
+                              r"\.[0-9a-f]{12}\.tmp$")
 
 
 def shard_name(index: int, count: int) -> str:
@@ -132,18 +132,21 @@ def write_shard(directory: Path, entry: dict[str, Any], features: torch.Tensor, 
     atomic_write(directory / entry["file"], lambda path: save_safetensors(tensors, path, metadata))
 
 
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)
-
-
 def atomic_write(path: Path, write: Callable[[str], Any]) -> None:
-    """`write(temporary)` in the same directory, fsync, then rename over `path`: readers never see half a file."""
+    """`write(temporary)` in the same directory, fsync, then rename over `path`: readers never see half a file.
+
+    The temporary is created with mode 0666 minus the process's umask, as `open` would (mkstemp's 0600 would
+    hide a shared store from the group), and `write` writes into it in place, so the file keeps that mode."""
     path = Path(path)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
+    while True:
+        temporary = str(path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp")
+        try:
+            os.close(os.open(temporary, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+            break
+        except FileExistsError:
+            continue
     try:
         write(temporary)
-        os.chmod(temporary, 0o666 & ~_UMASK)  # after writing: mkstemp's 0600 would hide a shared store
         with open(temporary, "rb+") as written:
             os.fsync(written.fileno())
         os.replace(temporary, path)

@@ -27,7 +27,7 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from ..config import AttributionConfig
-from .errors import CorruptStoreError, StoreMismatchError
+from .errors import CorruptStoreError, NotAStoreError, StoreMismatchError
 from .files import (
     CARD_MARKER,
     CARD_NAME,
@@ -350,7 +350,7 @@ class FeatureStore:
         directory = locate(repo_id_or_dir, revision=revision, endpoint=endpoint, token=token, cache_dir=cache_dir)
         if not os.path.lexists(directory / CONFIG_NAME):
             unfinished = any(SHARD_RE.match(p.name) for p in directory.iterdir())
-            raise FileNotFoundError(
+            raise NotAStoreError(
                 f"{directory} is not a feature store: it has no {CONFIG_NAME}"
                 + (" (it holds shards of an unfinished featurization: rerun featurize with this output_dir)" if unfinished else "")
             )
