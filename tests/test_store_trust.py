@@ -31,7 +31,7 @@ from diffusers_attribution.api import make_scorer
 from diffusers_attribution.featurize import NonFiniteFeaturesError
 from diffusers_attribution.projection.calibrated import canonical_eigenvectors
 from diffusers_attribution.scoring import KernelScorer
-from diffusers_attribution.store.errors import CorruptStoreError, StoreBusyError, UntrustedReferenceError
+from diffusers_attribution.store.errors import CorruptStoreError, UntrustedReferenceError
 from diffusers_attribution.store.files import file_digest, save_safetensors
 from tiny_pipelines import tiny_ddpm_pipeline
 

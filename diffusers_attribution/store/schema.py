@@ -22,7 +22,6 @@ import math
 import re
 import types
 import typing
-from pathlib import Path
 from typing import Any, Union
 
 from ..config import AttributionConfig
@@ -238,7 +237,3 @@ def _describe(hint: Any) -> str:
 def _kind(value: Any) -> str:
     return "null" if value is None else f"{type(value).__name__} {value!r}"[:80]
 
-
-def read_validated(path: Path) -> tuple[AttributionConfig, dict[str, Any]]:
-    """(config, header) of a config.json file, validated."""
-    return validate_header(parse_header(path.read_text(encoding="utf-8"), str(path)), str(path))
