@@ -190,7 +190,7 @@ def test_bad_input_shows_the_library_message(client, pipe, store_dir, other_stor
         client.predict(gradio_client.handle_file(str(queries[0])), K, NAME, str(other_store_dir),
                        api_name="/attribute")
     assert "model_fingerprint" in str(shown.value) and str(library.value) in str(shown.value)
-    with pytest.raises(gradio_client.exceptions.AppError, match="FileNotFoundError: .*not a feature store"):
+    with pytest.raises(gradio_client.exceptions.AppError, match="NotAStoreError: .*not a feature store"):
         client.predict(str(workdir), api_name="/add_store")
 
 
