@@ -32,8 +32,9 @@ def check_damping(damping: float, what: str = "damping") -> float:
 
 
 def damped_inverse(gram: torch.Tensor, damping: float) -> torch.Tensor:
-    """(K + λI)⁻¹ of a symmetric PSD kernel K in float64, after checking that it is one and that the damped system
-    is well conditioned: `ValueError` saying so, with a damping that would do, otherwise."""
+    """(K + λI)⁻¹ of a symmetric PSD kernel K in float64, after checking that the damped system is well conditioned
+    (cond ≤ 1 + tr K / λ; only when that bound is too large are K's eigenvalues computed): `ValueError` saying so,
+    with a damping that would do, otherwise; a non-finite, asymmetric or indefinite K is a `CorruptStoreError`."""
     from .store.errors import CorruptStoreError
 
     eye = torch.eye(len(gram), dtype=torch.float64, device=gram.device)
@@ -41,6 +42,9 @@ def damped_inverse(gram: torch.Tensor, damping: float) -> torch.Tensor:
         raise CorruptStoreError("the kernel contains NaN or infinite values")
     if not torch.allclose(gram, gram.T, rtol=1e-8, atol=1e-12 * float(gram.abs().max())):
         raise CorruptStoreError("the kernel is not symmetric: it is not the Gram matrix of any features")
+    if 1 + float(gram.diagonal().clamp_min(0).sum()) / damping <= MAX_CONDITION:
+        # PSD K: λ ≤ eigenvalues of K + λI ≤ tr K + λ, so this bound suffices without an eigendecomposition
+        return torch.linalg.solve(gram + damping * eye, eye)
     eigenvalues = torch.linalg.eigvalsh(gram)
     top = float(eigenvalues[-1].clamp_min(0))
     if float(eigenvalues[0]) < -1e-8 * max(top, 1e-300):

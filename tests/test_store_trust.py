@@ -448,6 +448,11 @@ def test_writers_touch_only_their_own_files(reference, pipe, images, tmp_path):
     assert sorted(p.name for p in directory.iterdir()) == sorted(
         [".diffusers-attribution.lock", ".notes.tmp", "README.md", "config.json", "kernel.safetensors",
          "projection.safetensors"] + [f"features-0000{i}-of-00003.safetensors" for i in range(3)])
+    # A store written before cards carried their marker (the 0.1.0 fixture) is still recognised as a store's.
+    old = Path(shutil.copytree(ROOT / "tests" / "fixtures" / "store_v0_1_0", tmp_path / "old"))
+    FeatureStore.from_pretrained(old).save_pretrained(old, overwrite=True)  # the same folder: nothing to do
+    in_memory.save_pretrained(old, shard_rows=SHARD_ROWS, overwrite=True)
+    assert len(FeatureStore.from_pretrained(old, verify=True)) == N and not (old / "features-00002-of-00003.safetensors").exists()
 
 
 def test_same_data_same_bytes_and_the_umask(pipe, images, tmp_path, reference):

@@ -427,7 +427,7 @@ def check_foreign_files(directory: Path) -> None:
     """Refuse to write a store over files it did not create: a README.md without the store card's marker, or a
     config.json that is not a store's (a model folder, say)."""
     card = directory / CARD_NAME
-    if os.path.lexists(card) and (card.is_symlink() or CARD_MARKER not in card.read_text(errors="replace")):
+    if os.path.lexists(card) and (card.is_symlink() or not _is_own_card(card.read_text(errors="replace"))):
         raise FileExistsError(f"{card} was not written by diffusers-attribution: move it away, or write the store "
                               "into another folder")
     config = directory / CONFIG_NAME
@@ -439,6 +439,12 @@ def check_foreign_files(directory: Path) -> None:
             ours = False
         if not ours:
             raise FileExistsError(f"{config} is not a feature store's config.json: write the store into another folder")
+
+
+def _is_own_card(text: str) -> bool:
+    """A card this library wrote: with the marker, or one of the cards written before it had one (0.1.0)."""
+    legacy = "\n# Attribution features: " in text and "made with\ndiffusers-attribution." in text
+    return CARD_MARKER in text or legacy
 
 
 def _is_own_shard(path: Path) -> bool:
