@@ -31,6 +31,18 @@ class NonFiniteFeaturesError(ValueError):
     """A training example or query whose features came out NaN or infinite (a broken weight or gradient)."""
 
 
+def check_finite_features(features: torch.Tensor, featurizer: "Featurizer | None" = None) -> None:
+    """`NonFiniteFeaturesError` naming the first training example (row) with a NaN / Inf feature, and the
+    denoiser's non-finite weight if `featurizer` finds one (for featurizers that do not go through `features`)."""
+    if torch.isfinite(features).all():
+        return
+    row = int((~torch.isfinite(features)).any(1).nonzero()[0])
+    what = f"example {row} has NaN or infinite features"
+    if featurizer is not None:
+        featurizer._check_weights(what)
+    raise NonFiniteFeaturesError(what)
+
+
 class Featurizer:
     """Everything fixed for one (pipeline, config): adapter, task, parameters, projector.
 

@@ -437,6 +437,13 @@ def test_writers_touch_only_their_own_files(reference, pipe, images, tmp_path):
     with pytest.raises(FileExistsError, match="not a feature store's config.json"):
         pipe.featurize(images, config(), progress=False, output_dir=directory, shard_rows=SHARD_ROWS)
     (directory / "config.json").unlink()
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"secret")
+    os.symlink(secret, directory / "features-00000-of-00004.safetensors")  # a link where a shard would be
+    with pytest.raises(StoreMismatchError, match="not a regular file the store wrote"):
+        pipe.featurize(images, config(), progress=False, output_dir=directory, shard_rows=SHARD_ROWS)
+    assert secret.read_bytes() == b"secret"
+    (directory / "features-00000-of-00004.safetensors").unlink()
     store = pipe.featurize(images, config(), progress=False, output_dir=directory, shard_rows=SHARD_ROWS)
     assert (directory / ".notes.tmp").read_text() == "mine"
     # save_pretrained into a folder that holds a store: an error unless overwrite=True.
@@ -630,6 +637,8 @@ def test_non_finite_features_name_the_example_and_parameter(images):
         broken.unet.conv_out.weight[0, 0, 0, 0] = float("nan")
     with pytest.raises(NonFiniteFeaturesError, match="weight conv_out.weight is not finite"):
         broken.featurize(images, config(), progress=False)
+    with pytest.raises(NonFiniteFeaturesError, match="example 0 has NaN .*weight conv_out.weight is not finite"):
+        broken.featurize(images[:4], config(method="tracin", calibration_examples=0), progress=False)
     overflowing = enable_attribution(tiny_ddpm_pipeline())
     with torch.no_grad():
         overflowing.unet.conv_in.weight.mul_(1e37)

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from ..config import AttributionConfig
 from ..data import as_training_data, to_image_batch, training_batches
+from ..featurize import check_finite_features
 from ..fingerprint import state_fingerprint
 from ..result import AttributionResult
 from ..store.format import FeatureStore
@@ -61,6 +62,7 @@ class _ImageFeaturizer:
         for _, images, _, batch_hashes in training_batches(data, 0, len(data), self.config.batch_size, self._validate):
             hashes.extend(batch_hashes)
             features.append(self.embed(images).float().cpu())
+        check_finite_features(torch.cat(features))
         metadata = {**self.metadata(), "num_examples": len(data), "example_hashes": hashes}
         return finish_store(FeatureStore(torch.cat(features), self.config, metadata), **store_options)
 

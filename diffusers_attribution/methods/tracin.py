@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from ..checkpoints import CheckpointSet, describe
 from ..config import AttributionConfig
 from ..data import as_training_data, query_batch, to_image_batch, training_batches
-from ..featurize import Featurizer
+from ..featurize import Featurizer, check_finite_features
 from ..fingerprint import model_fingerprint
 from ..gradients.timesteps import timestep_features, uniform_timesteps
 from ..result import AttributionResult
@@ -143,6 +143,7 @@ class TracInFeaturizer:
             features[start : start + len(block), c * k : (c + 1) * k] = block
             bar.update(1)
         bar.close()
+        check_finite_features(features, self.base)
         metadata = {**self.metadata(), "num_examples": n, "example_hashes": hashes}
         return finish_store(FeatureStore(features, config, metadata), **store_options)
 

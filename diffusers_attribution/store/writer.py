@@ -152,6 +152,9 @@ def survey(directory: Path, plan: list[dict], run: dict) -> dict:
         planned = {entry["file"]: index for index, entry in enumerate(plan)}
         done = []
         for path in sorted(directory.glob("features-*-of-*.safetensors")):
+            if path.is_symlink() or not path.is_file():
+                return {"mismatch": True, "error": f"{path} is not a regular file the store wrote (a symbolic link?): "
+                                                   "move it away, or use another output_dir"}
             try:
                 recorded = read_shard_run(path)
             except CorruptStoreError as error:
