@@ -194,12 +194,85 @@ def method_rows(quick: bool) -> list[dict]:
                                                                       "query_noise_draws": 1}, "seeded": True})
     except ImportError as error:
         print(f"note: TracIn/ReTrac skipped: diffusers_attribution.methods.tracin is not available ({error})")
-    return rows
+    return rows + influence_rows()
+
+
+# Influence with pair-level curvature and DAS (docs/methods.md): λ chosen on the validation queries from the same
+# ratio grid as the kernel methods, each row's own scale (Fisher: tr(F)/k; EK-FAC: mean Λ; DAS: the kernel's).
+INFLUENCE_ROWS = (
+    ("EK-FAC K=10 (MC Fisher)", "ekfac"),
+    ("EK-FAC K=10 (empirical Fisher)", "ekfac-empirical"),
+    ("projected Fisher K=10", "fisher"),
+    ("DAS K=10", "das"),
+)
+
+
+def influence_rows() -> list[dict]:
+    return [{"name": name, "influence": method, "seeded": True,
+             "config": {"method": method, "num_timesteps": 10, "projector": "factored"}}
+            for name, method in INFLUENCE_ROWS]
+
+
+def evaluate_influence_row(pipe, row: dict, seed: int, gt: dict, images: torch.Tensor) -> dict:
+    """One seed of an influence row: featurize, then LDS at the validation-chosen and at the default λ ratio."""
+    import numpy as np
+
+    from diffusers_attribution.api import make_featurizer
+    from diffusers_attribution.evaluation.damping import DEFAULT_RATIOS
+
+    config = AttributionConfig(**{"batch_size": 32, "projection_dim": PROJECTION_DIM, "noise_seed": seed, **row["config"]})
+    masks, outputs, queries = gt["masks"], gt["outputs"], gt["queries"]
+    names = ("validation", "generated", "real")
+    kind = row["influence"]
+    featurizer = make_featurizer(pipe, config)
+    with PeakMemory(interval=0.005) as memory:
+        t0 = time.perf_counter()
+        store = featurizer.featurize_dataset(images, progress=False)
+        t1 = time.perf_counter()
+        phi = store.features.double()
+        if kind.startswith("ekfac"):
+            sketches = {name: featurizer.query_sketch(queries[name]).double() for name in names}
+            scale = featurizer.projector.mean_eigenvalue
+
+            def scores_at(name, ratio):
+                return featurizer.projector.precondition(sketches[name], ratio * scale) @ phi.T
+        elif kind == "fisher":
+            features = {name: featurizer.featurize_queries(queries[name]).double() for name in names}
+            fisher = store.method_state["pair_fisher"].double()
+            eigenvalues, vectors = torch.linalg.eigh(fisher)
+            scale, right = float(fisher.trace()) / len(fisher), vectors.T @ phi.T
+
+            def scores_at(name, ratio):
+                return ((features[name] @ vectors) / (eigenvalues.clamp_min(0) + ratio * scale)) @ right
+        else:
+            features = {name: featurizer.featurize_queries(queries[name]) for name in names}
+            path, residuals = KernelPath(store.features), store.method_state["residuals"].double()
+            scale = path.mean_eigenvalue
+
+            def scores_at(name, ratio):
+                return path.scores(features[name], ratio * scale) * residuals[None]
+        t2 = time.perf_counter()
+        curve = validation_curve(None, None, masks, outputs["validation"], lambda r: scores_at("validation", r))
+        best = max(i for i, v in enumerate(curve) if v == np.nanmax(curve))  # ties → the larger λ
+        record: dict = {"seed": seed, "dim": int(store.dim)}
+        for name in ("generated", "real"):
+            record[name] = lds(scores_at(name, DEFAULT_RATIOS[best]), masks, outputs[name], seed=seed).to_dict()
+            record[f"{name}_default_damping"] = lds(scores_at(name, config.damping_ratio), masks, outputs[name],
+                                                    seed=seed).to_dict()
+        record["damping"] = {"ratio": DEFAULT_RATIOS[best], "damping": DEFAULT_RATIOS[best] * scale,
+                             "default_ratio": config.damping_ratio, "validation_curve": dict(zip(map(str, DEFAULT_RATIOS), curve))}
+        t3 = time.perf_counter()
+    record["seconds"] = {"train_features": t1 - t0, "query_features": t2 - t1, "scoring": t3 - t2, "total": t3 - t0}
+    record["peak_memory_mib"] = memory.mib
+    return record
 
 
 def evaluate_row(pipe, row: dict, seed: int, gt: dict, images: torch.Tensor) -> dict:
     from diffusers_attribution.api import make_featurizer, make_scorer
     from diffusers_attribution.methods.base import get_method
+
+    if "influence" in row:
+        return evaluate_influence_row(pipe, row, seed, gt, images)
 
     fields = {"batch_size": 32, "projection_dim": PROJECTION_DIM, "noise_seed": seed, **row["config"]}
     config = AttributionConfig(**fields)
@@ -247,6 +320,7 @@ def summarize(row: dict, records: list[dict]) -> dict:
         if key in records[0]:
             out[key] = summarize_seeds([_R(r[key]) for r in records]).to_dict()
     out["seconds"] = sum(r["seconds"]["total"] for r in records) / len(records)
+    out["train_seconds"] = sum(r["seconds"]["train_features"] for r in records) / len(records)
     out["peak_memory_mib"] = max(r["peak_memory_mib"] for r in records)
     if "damping" in records[0]:
         out["damping_ratios"] = [r["damping"]["ratio"] for r in records]
@@ -297,7 +371,9 @@ def run_table(args) -> None:
 
 def markdown_table(result: dict) -> str:
     lines = ["| method | LDS generated (λ from validation) | LDS generated (default λ) | LDS real held-out | "
-             "time / seed (s) | peak memory (MiB) |", "|---|---|---|---|---|---|"]
+             "time / seed (s) | training featurization / D-TRAK K=10 | peak memory (MiB) |",
+             "|---|---|---|---|---|---|---|"]
+    reference = next((row.get("train_seconds") for row in result["rows"] if row["name"] == "D-TRAK K=10 factored"), None)
     for row in result["rows"]:
         def cell(key):
             if key not in row:
@@ -306,8 +382,13 @@ def markdown_table(result: dict) -> str:
             return f"{value['mean']:.3f} ± {value['std']:.3f} [{value['ci'][0]:.3f}, {value['ci'][1]:.3f}]"
 
         lines.append(f"| {row['name']} | {cell('generated')} | {cell('generated_default_damping')} | {cell('real')} | "
-                     f"{row['seconds']:.0f} | {row['peak_memory_mib']:.0f} |")
+                     f"{row['seconds']:.0f} | {relative(row.get('train_seconds'), reference)} | {row['peak_memory_mib']:.0f} |")
     return "\n".join(lines)
+
+
+def relative(seconds: float | None, reference: float | None) -> str:
+    """A row's training featurization time over D-TRAK K=10's, when both were measured (rows of one run)."""
+    return "–" if seconds is None or not reference else f"{seconds / reference:.2f}×"
 
 
 def plot(result: dict, path: Path) -> None:

@@ -21,7 +21,7 @@ so D draws at the core task's timesteps reproduce its features with `noise_draws
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -72,6 +72,8 @@ def timestep_features(
     normalize: bool = False,
     noise_mode: str | None = None,
     rows_per_pass: int | None = None,
+    on_rows: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
+    task: PointTask | None = None,
 ) -> TimestepFeatures:
     """Reduce per-(t, d) projected gradients of each example (module docstring).
 
@@ -84,32 +86,43 @@ def timestep_features(
         normalize: divide each row's φ by its L2 norm before averaging (ReTrac).
         noise_mode: override of `config.noise_mode` for these rows.
         rows_per_pass: rows per forward/backward pass (default `config.batch_size`).
+        on_rows: called with (example index [rows], φ [rows, k] float64) of every chunk of rows before they are
+            reduced (curvature.py accumulates per-pair moments from them).
+        task: the `PointTask` to differentiate (default: one of `config.output`; curvature.py passes the loss).
     """
     batch = len(keys)
     if timesteps.ndim == 1:
         timesteps = timesteps.expand(batch, -1)
     K = timesteps.shape[1]
-    task = PointTask(featurizer.adapter, featurizer.config, noise_mode)
-    rows = [(i, int(t), d) for i in range(batch) for t in timesteps[i].tolist() for d in range(draws)]
-    size = rows_per_pass or featurizer.config.batch_size
+    task = task or PointTask(featurizer.adapter, featurizer.config, noise_mode)
     out = torch.zeros(batch, featurizer.projector.dim, dtype=torch.float64)
-    norms = torch.zeros(len(rows), dtype=torch.float64)
+    norms = torch.zeros(batch * K * draws, dtype=torch.float64)
     with gradients_only_for(featurizer.adapter.denoiser, featurizer.parameters):
-        for start in range(0, len(rows), size):
-            chunk = rows[start : start + size]
-            index = torch.tensor([i for i, _, _ in chunk], device=inputs.x0.device)
-            chunk_inputs = ModelInputs(
-                inputs.x0.index_select(0, index), {k: v.index_select(0, index) for k, v in inputs.conditioning.items()}
-            )
-            chunk_keys = [(keys[i], t, d) for i, t, d in chunk]
+        for rows, index, chunk_inputs, chunk_keys in point_chunks(inputs, keys, timesteps, draws,
+                                                                   rows_per_pass or featurizer.config.batch_size):
             phi = featurizer.projector.features(task, featurizer.parameters, chunk_inputs, chunk_keys)
             phi = phi.detach().double().cpu()
+            if on_rows is not None:
+                on_rows(index.cpu(), phi)
             norm = phi.norm(dim=1)
-            norms[start : start + len(chunk)] = norm
+            norms[rows] = norm
             if normalize:
                 phi = phi / norm.clamp_min(torch.finfo(torch.float64).tiny)[:, None]
             out.index_add_(0, index.cpu(), phi)
     return TimestepFeatures((out / (K * draws)).float(), norms.view(batch, K, draws).float())
+
+
+def point_chunks(inputs: ModelInputs, keys: Sequence, timesteps: torch.Tensor, draws: int, size: int):
+    """The (example i, t, d) rows of a batch, `size` at a time, example-major: yields (rows: a slice of the
+    B·K·D rows, index [rows] of each row's example, the rows' inputs, their `PointTask` keys (key_i, t, d))."""
+    rows = [(i, int(t), d) for i in range(len(keys)) for t in timesteps[i].tolist() for d in range(draws)]
+    for start in range(0, len(rows), size):
+        chunk = rows[start : start + size]
+        index = torch.tensor([i for i, _, _ in chunk], device=inputs.x0.device)
+        chunk_inputs = ModelInputs(
+            inputs.x0.index_select(0, index), {k: v.index_select(0, index) for k, v in inputs.conditioning.items()}
+        )
+        yield slice(start, start + len(chunk)), index, chunk_inputs, [(keys[i], t, d) for i, t, d in chunk]
 
 
 def uniform_timesteps(num: int, num_train_timesteps: int) -> torch.Tensor:

@@ -31,13 +31,14 @@ FORMAT_VERSION = 2
 CONFIG_NAME = "config.json"
 KERNEL_NAME = "kernel.safetensors"
 PROJECTION_NAME = "projection.safetensors"
+METHOD_STATE_NAME = "method_state.safetensors"
 CARD_NAME = "README.md"
 CARD_MARKER = "<!-- diffusers-attribution store card, generated from config.json -->"  # a README.md we may rewrite
 DEFAULT_MAX_SHARD_SIZE = "2GB"
 HASH_BYTES = 8  # data.content_hash: 16 hex digits
 SHARD_RE = re.compile(r"^features-(\d{5})-of-(\d{5})\.safetensors$")
 # The temporaries `atomic_write` makes for the store's own files: the only hidden files a writer ever deletes.
-OWN_TEMPORARY_RE = re.compile(r"^\.(config\.json|README\.md|kernel\.safetensors|projection\.safetensors|"
+OWN_TEMPORARY_RE = re.compile(r"^\.(config\.json|README\.md|kernel\.safetensors|projection\.safetensors|method_state\.safetensors|"
                               r"features-\d{5}-of-\d{5}\.safetensors|diffusers-attribution\.writer\.json)"
                               r"\.[0-9a-f]{12}\.tmp$")
 

@@ -36,6 +36,7 @@ from .files import (
     FORMAT_VERSION,
     HASH_BYTES,
     KERNEL_NAME,
+    METHOD_STATE_NAME,
     OWN_TEMPORARY_RE,
     PROJECTION_NAME,
     SHARD_RE,
@@ -84,7 +85,8 @@ class FeatureStore:
 
     def __init__(self, features: torch.Tensor | None, config: AttributionConfig, metadata: dict[str, Any] | None = None,
                  *, directory: str | os.PathLike | None = None, shards: list[dict[str, Any]] | None = None,
-                 kernel: torch.Tensor | None = None, projection_state: dict[str, torch.Tensor] | None = None):
+                 kernel: torch.Tensor | None = None, projection_state: dict[str, torch.Tensor] | None = None,
+                 method_state: dict[str, torch.Tensor] | None = None):
         if features is None and (directory is None or shards is None):
             raise ValueError("a FeatureStore needs either features or a directory with shards")
         self._features = features
@@ -97,6 +99,24 @@ class FeatureStore:
         self._projection_state = projection_state
         self._projection_entry: dict[str, Any] | None = None
         self._checked: set[str] = set()  # files whose size and sha256 matched config.json (each read once)
+        self._method_state = method_state
+        self._method_state_entry: dict[str, Any] | None = None
+
+    @property
+    def method_state(self) -> dict[str, torch.Tensor] | None:
+        """Tensors the method's scorer needs besides Φ (the projected Fisher's F, DAS's residuals, EK-FAC's Λ;
+        methods/fisher.py, das.py, ekfac.py); None for most methods."""
+        if self._method_state is None and self._method_state_entry is not None:
+            path = self._checked_file(self._method_state_entry)
+            with open_shard(path) as handle:
+                state = {key: handle.get_tensor(key) for key in handle.keys()}
+            _check_finite([v for v in state.values() if v.is_floating_point()], f"{path}: the method state")
+            self._method_state = state
+        return self._method_state
+
+    @method_state.setter
+    def method_state(self, value: dict[str, torch.Tensor] | None) -> None:
+        self._method_state, self._method_state_entry = value, None
 
     @property
     def projection_state(self) -> dict[str, torch.Tensor] | None:
@@ -263,7 +283,7 @@ class FeatureStore:
             if self.projection_state is not None:
                 write_projection(directory, self.projection_state)
             staged = FeatureStore(None, self.config, {**self.metadata, "dim": self.dim, "num_examples": len(self)},
-                                  directory=directory, shards=plan, kernel=self.kernel)
+                                  directory=directory, shards=plan, kernel=self.kernel, method_state=self.method_state)
             if kernel and staged.kernel is None:
                 from ..scoring import kernel_matrix
 
@@ -302,6 +322,13 @@ class FeatureStore:
                 raise CorruptStoreError(f"{directory}: the calibrated projection's {PROJECTION_NAME} is missing")
             size, sha = file_digest(directory / PROJECTION_NAME)
             projection_entry = {"file": PROJECTION_NAME, "bytes": size, "sha256": sha}
+        method_state_entry = None
+        if self._method_state is not None:
+            tensors = {key: value.detach().cpu().contiguous() for key, value in self._method_state.items()}
+            _check_finite([v for v in tensors.values() if v.is_floating_point()], "the method state")
+            atomic_write(directory / METHOD_STATE_NAME, lambda p: save_safetensors(tensors, p, {}))
+            size, sha = file_digest(directory / METHOD_STATE_NAME)
+            method_state_entry = {"file": METHOD_STATE_NAME, "bytes": size, "sha256": sha}
         metadata = {key: value for key, value in self.metadata.items() if key != "example_hashes"}
         metadata["dataset_fingerprint"] = dataset_fingerprint(self.example_hashes)
         header = {
@@ -315,6 +342,7 @@ class FeatureStore:
             "shards": shards,
             "kernel": kernel_entry,
             "projection_file": projection_entry,
+            "method_state_file": method_state_entry,
         }
         try:  # what a reader will accept (store/schema.py), checked before anything is written
             validate_header(json.loads(json.dumps(header)), str(directory / CONFIG_NAME))
@@ -366,8 +394,9 @@ class FeatureStore:
         header.pop("format_version")
         shards, kernel_entry = header.pop("shards"), header.pop("kernel")
         projection_entry = header.pop("projection_file")
+        method_state_entry = header.pop("method_state_file", None)  # stores written before it have none
         run = run_identity(config, header, header["num_examples"], header["shard_rows"], header["dim"])
-        for entry in shards + [e for e in (kernel_entry, projection_entry) if e]:
+        for entry in shards + [e for e in (kernel_entry, projection_entry, method_state_entry) if e]:
             _check_file(store_path(directory, entry["file"]), entry, verify)
         hashes: list[str] = []
         for entry in shards:
@@ -393,22 +422,24 @@ class FeatureStore:
         store = cls(None, config, header, directory=directory, shards=shards)
         store._kernel_entry = kernel_entry
         store._projection_entry = projection_entry
+        store._method_state_entry = method_state_entry
         if verify:
-            store._checked.update(entry["file"] for entry in shards + [e for e in (kernel_entry, projection_entry) if e])
+            store._checked.update(entry["file"] for entry in shards
+                                  + [e for e in (kernel_entry, projection_entry, method_state_entry) if e])
         return store
 
     def verify(self) -> None:
         """Check every file's size and sha256 against config.json; raise `CorruptStoreError` naming the first bad one."""
         if self.directory is None:
             return
-        for entry in self.shards + [e for e in (self._kernel_entry, self._projection_entry) if e]:
+        for entry in self.listed_files:
             _check_file(store_path(self.directory, entry["file"]), entry, True)
             self._checked.add(entry["file"])
 
     @property
     def listed_files(self) -> list[dict[str, Any]]:
         """The entries (file, bytes, sha256) of every file config.json lists besides itself."""
-        return self.shards + [e for e in (self._kernel_entry, self._projection_entry) if e]
+        return self.shards + [e for e in (self._kernel_entry, self._projection_entry, self._method_state_entry) if e]
 
     def push_to_hub(self, repo_id: str, *, private: bool | None = None, token: str | bool | None = None,
                     endpoint: str | None = None, revision: str | None = None,

@@ -213,7 +213,8 @@ def push_store(store, repo_id: str, *, private: bool | None = None, token: str |
         _stage(store_path(directory, CONFIG_NAME), staging / CONFIG_NAME)
         where = str(directory / CONFIG_NAME)
         _, header = validate_header(parse_header((staging / CONFIG_NAME).read_text(encoding="utf-8"), where), where)
-        for entry in header["shards"] + [header[key] for key in ("kernel", "projection_file") if header.get(key)]:
+        for entry in header["shards"] + [header[key] for key in ("kernel", "projection_file", "method_state_file")
+                                         if header.get(key)]:
             staged = staging / entry["file"]
             _stage(store_path(directory, entry["file"]), staged)
             if file_digest(staged) != (entry["bytes"], entry["sha256"]):

@@ -29,6 +29,7 @@ from .errors import CorruptStoreError
 from .files import (
     FORMAT_VERSION,
     KERNEL_NAME,
+    METHOD_STATE_NAME,
     PROJECTION_NAME,
     check_plain_name,
     shard_plan,
@@ -118,6 +119,8 @@ def validate_header(header: dict[str, Any], where: str) -> tuple[AttributionConf
         if not calibrated:
             fail("projection_file", "is listed, but the projection is not calibrated")
         _file_entry(entry, "projection_file", PROJECTION_NAME, fail)
+    if header.get("method_state_file") is not None:  # optional: the tensors a method's scorer needs besides Φ
+        _file_entry(header["method_state_file"], "method_state_file", METHOD_STATE_NAME, fail)
     return config, header
 
 
@@ -150,7 +153,7 @@ def validate_config(data: Any, where: str) -> AttributionConfig:
 def listed_files(header: dict[str, Any]) -> list[str]:
     """The files a validated header lists, config.json first."""
     names = ["config.json"] + [entry["file"] for entry in header["shards"]]
-    return names + [header[key]["file"] for key in ("kernel", "projection_file") if header.get(key)]
+    return names + [header[key]["file"] for key in ("kernel", "projection_file", "method_state_file") if header.get(key)]
 
 
 # ---------------------------------------------------------------------------------------------- helpers

@@ -109,7 +109,8 @@ def _featurize_locked(featurizer, data: TrainingData, directory: Path, group: Pr
         write_shard(directory, entry, features, hashes, run, process=f"{group.rank}/{group.world}")
     bar.close()
     group.barrier()
-    return finalize_directory(directory, config, metadata, plan, rows, group, compute_kernel)
+    return finalize_directory(directory, config, metadata, plan, rows, group, compute_kernel,
+                              method_state=getattr(featurizer, "method_state_from_parts", None))
 
 
 def fit_in_directory(featurizer, data: TrainingData, directory: Path, group: ProcessGroup,
@@ -196,9 +197,10 @@ def check_shard_examples(path: Path, data: TrainingData, entry: dict) -> None:
 
 
 def finalize_directory(directory: Path, config: AttributionConfig, metadata: dict, plan: list[dict], rows: int,
-                       group: ProcessGroup, compute_kernel: bool) -> FeatureStore:
+                       group: ProcessGroup, compute_kernel: bool, method_state=None) -> FeatureStore:
     """After every process has written its shards: hash them and add up the kernel (each process its share),
-    then the main process writes kernel.safetensors, README.md and config.json."""
+    then the main process writes kernel.safetensors, README.md and config.json. `method_state(directory, plan)`:
+    the store's method state from what the featurizer left beside the shards (featurize.ShardStateFeaturizer)."""
     missing = [entry["file"] for entry in plan if not (directory / entry["file"]).is_file()]
     if missing:
         raise RuntimeError(f"{len(missing)} of {len(plan)} shards are missing in {directory} (e.g. {missing[0]}): "
@@ -225,6 +227,8 @@ def finalize_directory(directory: Path, config: AttributionConfig, metadata: dic
     if group.is_main:
         store.metadata["example_hashes"] = [h for index in range(len(plan)) for h in hashes[index]]
         store.kernel = kernel
+        if method_state is not None:
+            store.method_state = method_state(directory, plan)
         store.finalize(rows, digests)
     group.barrier()
     return FeatureStore.from_pretrained(directory)

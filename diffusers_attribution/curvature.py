@@ -1,0 +1,331 @@
+"""Pair-level curvature for influence functions (Mlodozeniec et al., ICLR 2025): projected Fisher and EK-FAC.
+
+Influence of training example z on query q, with g = (1/(K·D)) Σ_{t,d} ∇θ f(·, t, ε_{t,d}) the time-averaged
+gradient of the measurement (the features of the core task) and G a curvature of the training loss
+L(θ) = Σ_i (1/(K·D)) Σ_{t,d} ℓ(z_i, t, ε_{t,d}) over (example, timestep, noise) *pairs*:
+
+    τ(z, q) = g(q)ᵀ (G + λI)⁻¹ g(z)
+
+Projected Fisher (`FisherAccumulator`): the empirical Fisher of L in the projected space,
+
+    F = Σ_i (1/(K·D)) Σ_{t,d} ψ_{i,t,d} ψ_{i,t,d}ᵀ      ψ_{i,t,d} = P ∇θ ℓ(z_i, t, ε_{t,d}),  mean_{t,d} ψ = φ_i
+    τ(q) = φ(q) (F + λI)⁻¹ Φᵀ,   λ = ratio · tr(F) / k
+
+accumulated from the per-pair projected gradients while featurizing (one k × k product per batch). Unlike
+TRAK's kernel ΦᵀΦ of the time-averaged features it keeps the curvature of every single (t, ε) term.
+
+EK-FAC (`ekfac_calibrate`), per Linear / Conv2d (groups = 1) weight W (d_out × d_in), K-FAC-expand (every
+spatial position or token of every pair is one row a (input; conv: the unfolded patch), δ = ∂ℓ/∂y):
+
+    A = E[a aᵀ],  S = E[δ δᵀ],  Q_A, Q_S their eigenvectors
+    Λ_ij = E_pairs[(Q_Sᵀ G_pair Q_A)_ij²]                      (eigenvalue correction, G_pair = ∇_W ℓ of one pair)
+    (G + λI)⁻¹ g ≈ Q_S [(Q_Sᵀ g Q_A) ⊘ (Λ + λ)] Q_Aᵀ,   λ = ratio · mean(Λ) over every coordinate
+
+A bias of such a layer is rotated by Q_S (its gradient is Σ_pos δ_pos); every other parameter (norm affine
+parameters, grouped convs, embeddings) keeps the calibration's starting sides (identity, or MAX_SIDE random
+orthonormal directions for wider sides) with its own measured Λ: a diagonal eigenvalue correction. The
+curvature is measured, like the calibrated projection (calibration.py), on `calibration_examples` training
+examples × their K·D pairs; `fisher="mc"` replaces ∇ℓ by the gradient of one Monte-Carlo sample of the
+model's Gaussian likelihood (the GGN of the MSE, the paper's default), `"empirical"` uses ∇ℓ itself.
+
+The calibrated projector's machinery then does the rest: in the EK-FAC eigenbases the coordinates
+H = Q_Sᵀ G Q_A are one factored pass (no per-sample gradient), the top `sketch_dim` coordinates by their
+preconditioned energy E_i[H̄_i²] / (Λ + λ) are kept, and a seeded Gaussian M mixes them into k features.
+Training features are H(z) M; a query is preconditioned *before* the mix, φ̃(q) = (H(q) ⊘ (Λ + λ)) M, so that
+E_M[φ̃(q) · φ(z)] = Σ H(q) H(z) / (Λ + λ), the EK-FAC influence over the kept coordinates. The bases and Λ are
+saved in the store's projection.safetensors, so a store from the Hub scores new queries without training data.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Iterable, Sequence
+from types import SimpleNamespace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .adapters import ModelInputs
+from .gradients.hooks import attribution_hooks
+from .gradients.task import AttributionTask
+from .gradients.timesteps import PointTask, point_chunks, timestep_features
+from .objectives import OBJECTIVES, _rows
+from .projection.calibrated import MAX_SIDE, CalibratedProjector, _blocks, _eigenvectors, _keep_top, _reduced_sides
+from .projection.calibrated import bases_digest, bases_from_state_dict, bases_to_state_dict
+from .projection.factored import FactoredProjector, handled_parameters
+
+VERSION = 1
+FISHERS = ("mc", "empirical")
+EIGENVALUES = "::eigenvalues"  # state-dict suffix of Λ (kept rectangle of each parameter)
+MEAN_EIGENVALUE = "ekfac::mean_eigenvalue"  # mean Λ over every coordinate before truncation (the λ rule's scale)
+
+
+# ---------------------------------------------------------------------------------------------- projected Fisher
+
+
+class FisherAccumulator:
+    """F = Σ_i (1/(K·D)) Σ_{t,d} ψ ψᵀ in float64 from chunks of per-pair projected gradients ψ [rows, k].
+
+    Sums of several accumulators (batches, shards, processes) add up: `merge`."""
+
+    def __init__(self, dim: int, pairs_per_example: int):
+        self.matrix = torch.zeros(dim, dim, dtype=torch.float64)
+        self.pairs_per_example = pairs_per_example
+        self.pairs = 0
+
+    def __call__(self, index: torch.Tensor, psi: torch.Tensor) -> None:
+        psi = psi.double().cpu()
+        self.matrix.addmm_(psi.T, psi, alpha=1.0 / self.pairs_per_example)
+        self.pairs += len(psi)
+
+    def merge(self, other: "FisherAccumulator") -> None:
+        self.matrix += other.matrix
+        self.pairs += other.pairs
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"pair_fisher": self.matrix, "pairs": torch.tensor([self.pairs], dtype=torch.int64)}
+
+
+def pair_features(featurizer, inputs: ModelInputs, keys: Sequence, accumulator: FisherAccumulator | None = None):
+    """φ [B, k] of the core task (mean of the per-pair ψ over its K·D pairs), adding every ψ ψᵀ to `accumulator`.
+
+    `featurizer`: a `Featurizer` (adapter, config, parameters, projector); the pairs are the core task's
+    timesteps × noise draws, with the core task's noises (`PointTask`)."""
+    task = featurizer.task
+    rows = featurizer.config.batch_size * task.num_columns  # as many rows per pass as the core task's batches
+    return timestep_features(featurizer, inputs, keys, task.timesteps(keys), task.noise_draws, rows_per_pass=rows,
+                             on_rows=accumulator).features
+
+
+def fisher_damping(fisher: torch.Tensor, ratio: float) -> float:
+    """λ = ratio · tr(F) / k: a fixed fraction of F's mean eigenvalue (never looks at queries)."""
+    return float(ratio * fisher.diagonal().sum() / fisher.shape[0])
+
+
+# ---------------------------------------------------------------------------------------------- EK-FAC factors
+
+
+def kronecker_eligible(module: nn.Module) -> bool:
+    """Layers whose weight gets Kronecker factors: nn.Linear, nn.Conv2d with groups = 1."""
+    return isinstance(module, nn.Linear) or (isinstance(module, nn.Conv2d) and module.groups == 1)
+
+
+def layer_rows(module: nn.Module, a: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """K-FAC-expand rows: (a [n, d_in], δ [n, d_out]), one row per position (pixel, token) of every input row;
+    for Conv2d a is the unfolded patch (C_in·kh·kw, the weight's flattening order)."""
+    if isinstance(module, nn.Linear):
+        return a.reshape(-1, a.shape[-1]), delta.reshape(-1, delta.shape[-1])
+    padding = module.padding
+    if module.padding_mode != "zeros":
+        a, padding = F.pad(a, module._reversed_padding_repeated_twice, mode=module.padding_mode), 0
+    if isinstance(padding, str):
+        raise ValueError(f"Conv2d with padding={padding!r}: give explicit padding for EK-FAC factors")
+    patches = F.unfold(a, module.kernel_size, module.dilation, padding, module.stride)  # [R, d_in, L]
+    return patches.transpose(1, 2).reshape(-1, patches.shape[1]), delta.flatten(2).transpose(1, 2).reshape(-1, delta.shape[1])
+
+
+class KroneckerFactors:
+    """`on_gradient` callback: Σ a aᵀ and Σ δ δᵀ (float64) per eligible module, in the given sides R_in, R_out
+    (a ↦ R_inᵀ a, δ ↦ R_outᵀ δ; R = I for sides up to MAX_SIDE), and the number of rows."""
+
+    def __init__(self, sides: dict[str, tuple[torch.Tensor, torch.Tensor]]):
+        self.sides = sides
+        self.A = {name: torch.zeros(r_in.shape[1], r_in.shape[1], dtype=torch.float64) for name, (r_in, _) in sides.items()}
+        self.S = {name: torch.zeros(r_out.shape[1], r_out.shape[1], dtype=torch.float64) for name, (_, r_out) in sides.items()}
+        self.rows = dict.fromkeys(sides, 0)
+
+    def __call__(self, name: str, module: nn.Module, a: torch.Tensor, delta: torch.Tensor) -> None:
+        r_in, r_out = self.sides[name]
+        with torch.autocast(a.device.type, enabled=False):
+            a, delta = layer_rows(module, a.float(), delta.float())
+            a = a @ r_in.to(a.device) if r_in.shape[0] != r_in.shape[1] else a
+            delta = delta @ r_out.to(delta.device) if r_out.shape[0] != r_out.shape[1] else delta
+            self.A[name] += (a.T @ a).double().cpu()
+            self.S[name] += (delta.T @ delta).double().cpu()
+            self.rows[name] += len(a)
+
+
+class SampledLoss:
+    """One Monte-Carlo sample of the model's likelihood: ℓ̃ = (1/D) ‖ε_θ − y‖², y = sg(ε_θ) + sqrt(D/2) ξ.
+
+    ∇θ ℓ̃ = −sqrt(2/D) Jᵀ ξ, so E_ξ[∇ℓ̃ ∇ℓ̃ᵀ] = (2/D) JᵀJ, the GGN of ℓ = (1/D) ‖ε_θ − target‖² (MC Fisher).
+    ξ ~ N(0, I) from a generator seeded once: the same batches give the same samples."""
+
+    def __init__(self, seed: int):
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __call__(self, prediction, target, weight):
+        p = _rows(prediction)
+        xi = torch.randn(p.shape, generator=self.generator, dtype=torch.float32).to(p.device)
+        y = p.detach() + math.sqrt(p.shape[1] / 2) * xi
+        return (p - y).pow(2).mean(1)
+
+
+def curvature_task(adapter, config, fisher: str, seed: int) -> PointTask:
+    """The per-pair task whose gradients define the curvature: the training loss, or its MC-sampled version."""
+    if fisher not in FISHERS:
+        raise ValueError(f"fisher={fisher!r} is not one of {list(FISHERS)}")
+    task = PointTask(adapter, config)
+    task.objective = OBJECTIVES["loss"] if fisher == "empirical" else SampledLoss(seed)
+    return task
+
+
+def ekfac_calibrate(task: AttributionTask, denoiser: nn.Module, parameters: dict[str, nn.Parameter],
+                    batches: Iterable[tuple[ModelInputs, Sequence]], sketch_dim: int, seed: int, *,
+                    fisher: str = "mc", damping_ratio: float, rows_per_pass: int = 64) -> dict:
+    """EK-FAC bases and Λ from three passes over `batches` (a list of (inputs, keys) of training examples).
+
+    1. Kronecker factors A, S over the pairs (hooks, `curvature_task`); their eigenvectors.
+    2. Λ = E_pairs[H²] of the rotated per-pair gradients H = Q_Sᵀ G Q_A (a factored pass in those bases).
+    3. The preconditioned energy E_i[H̄_i²] / (Λ + λ) of the time-averaged measurement gradients (the core
+       task), λ = damping_ratio · mean(Λ), ranks the coordinates; the top `sketch_dim` are kept (`_keep_top`).
+
+    Returns {"bases": {...}, "eigenvalues": {parameter: Λ of its kept rectangle}, "mean_eigenvalue": float}.
+    """
+    batches = list(batches)
+    if not batches:
+        raise ValueError("EK-FAC needs at least one training example")
+    owners, _ = handled_parameters(denoiser, parameters)
+    sides = _reduced_sides(denoiser, parameters, seed)
+    eligible = {module_name: module for name, (module_name, module, role) in owners.items()
+                if role == "weight" and kronecker_eligible(module)}
+    weight_of = {module_name: name for name, (module_name, _, role) in owners.items() if module_name in eligible and role == "weight"}
+    factors = KroneckerFactors({m: (sides[weight_of[m]]["in"], sides[weight_of[m]]["out"]) for m in eligible})
+    pairs = curvature_task(task.adapter, task.config, fisher, seed)
+    point = SimpleNamespace(adapter=task.adapter, config=task.config, parameters=parameters)
+
+    with attribution_hooks(eligible, factors) as capture:  # pass 1: A, S
+        for inputs, keys in batches:
+            for _, _, chunk_inputs, chunk_keys in point_chunks(inputs, keys, task.timesteps(keys), task.noise_draws,
+                                                                rows_per_pass):
+                capture.backward(pairs.outputs(chunk_inputs, chunk_keys).sum())
+    eigen = {name: dict(value) for name, value in sides.items()}
+    for module_name, name in weight_of.items():
+        if factors.rows[module_name] == 0:
+            continue
+        q_s = _eigenvectors(factors.S[module_name] / factors.rows[module_name]).float()
+        q_a = _eigenvectors(factors.A[module_name] / factors.rows[module_name]).float()
+        eigen[name] = {"out": sides[name]["out"] @ q_s, "in": sides[name]["in"] @ q_a}
+        bias = next((n for n, (m, _, role) in owners.items() if m == module_name and role == "bias"), None)
+        if bias is not None:
+            eigen[bias] = {"dense": sides[name]["out"] @ q_s}
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # left-out parameters: warned about by the caller's projector
+        rotated = FactoredProjector(denoiser, parameters, None, seed, bases=eigen)
+    second = torch.zeros(rotated.dim, dtype=torch.float64)
+    count = 0
+
+    def add_squares(index, h):
+        nonlocal count
+        second.add_(h.pow(2).sum(0))
+        count += len(h)
+
+    point.projector = rotated
+    for inputs, keys in batches:  # pass 2: Λ over pairs
+        timestep_features(point, inputs, keys, task.timesteps(keys), task.noise_draws, rows_per_pass=rows_per_pass,
+                          on_rows=add_squares, task=pairs)
+    eigenvalues = second / count
+    mean_eigenvalue = float(eigenvalues.mean())
+    damping = damping_ratio * mean_eigenvalue
+
+    energy = torch.zeros(rotated.dim, dtype=torch.float64)
+    examples = 0
+    for inputs, keys in batches:  # pass 3: energy of the measurement's time-averaged gradients
+        energy += rotated.features(task, parameters, inputs, keys).double().pow(2).sum(0).cpu()
+        examples += len(keys)
+    bases = _keep_top(rotated, eigen, energy / examples / (eigenvalues + damping), sketch_dim)
+    kept = {}
+    for block in _blocks(rotated):
+        if block.name not in bases:
+            continue
+        values = eigenvalues[block.offset : block.offset + block.k]
+        if block.role == "weight":
+            rows, cols = bases[block.name]["out"].shape[1], bases[block.name]["in"].shape[1]
+            kept[block.name] = values.reshape(block.k_out, block.k_in)[:rows, :cols].float().contiguous()
+        else:
+            kept[block.name] = values[: bases[block.name]["dense"].shape[1]].float().contiguous()
+    return {"bases": bases, "eigenvalues": kept, "mean_eigenvalue": mean_eigenvalue}
+
+
+class PreconditionedProjector(CalibratedProjector):
+    """`CalibratedProjector` in EK-FAC bases, with Λ: training features H M; queries (H ⊘ (Λ + λ)) M
+    (`precondition`, `for_queries`). `fit` measures bases and Λ (`ekfac_calibrate`) on the `fit_examples`;
+    `state_dict` / `load_state_dict` carry both (projection.safetensors)."""
+
+    def __init__(self, denoiser: nn.Module, parameters: dict[str, nn.Parameter], dim: int, seed: int,
+                 curvature: dict | None = None, *, sketch_dim: int | None = None, examples: int = 64,
+                 fisher: str = "mc", damping_ratio: float = 0.1):
+        """`curvature`: an `ekfac_calibrate` result ({"bases", "eigenvalues", "mean_eigenvalue"}), or None to `fit`.
+        `fisher`, `damping_ratio` (the λ that ranks coordinates for the truncation): used by `fit`."""
+        if fisher not in FISHERS:
+            raise ValueError(f"fisher={fisher!r} is not one of {list(FISHERS)}")
+        super().__init__(denoiser, parameters, dim, seed, sketch_dim=sketch_dim, examples=examples)
+        self.fisher, self.damping_ratio, self.damping = fisher, float(damping_ratio), None
+        if curvature is not None:
+            self._use_curvature(curvature["bases"], curvature["eigenvalues"], curvature["mean_eigenvalue"])
+
+    def _use_curvature(self, bases: dict, eigenvalues: dict[str, torch.Tensor], mean_eigenvalue: float) -> None:
+        if set(eigenvalues) != set(bases):
+            raise ValueError("EK-FAC eigenvalues and bases name different parameters")
+        self._use(bases)
+        self.eigenvalues, self.mean_eigenvalue = eigenvalues, float(mean_eigenvalue)
+        scale = torch.zeros(self.sketch.dim, dtype=torch.float32)
+        for block in _blocks(self.sketch):
+            values = eigenvalues[block.name].flatten()
+            if len(values) != block.k:
+                raise ValueError(f"EK-FAC eigenvalues of {block.name}: {len(values)} values for {block.k} coordinates")
+            scale[block.offset : block.offset + block.k] = values
+        self.sketch_eigenvalues = scale
+        self.digest = bases_digest({**bases, "ekfac::eigenvalues": {"dense": scale[:, None]}})
+
+    def fit(self, task: AttributionTask, parameters: dict, batches) -> None:
+        result = ekfac_calibrate(task, self.denoiser, parameters, batches, self.sketch_dim, self.seed,
+                                 fisher=self.fisher, damping_ratio=self.damping_ratio,
+                                 rows_per_pass=task.config.batch_size * task.num_columns)
+        self._use_curvature(result["bases"], result["eigenvalues"], result["mean_eigenvalue"])
+
+    def for_queries(self, damping: float) -> "PreconditionedProjector":
+        """The same bases and mix, with features preconditioned by 1 / (Λ + λ) before the mix."""
+        if damping < 0 or (damping == 0 and bool((self.sketch_eigenvalues <= 0).any())):
+            raise ValueError(f"EK-FAC damping must be > 0 (some Λ are 0), got {damping}")
+        query = PreconditionedProjector.__new__(PreconditionedProjector)
+        query.__dict__.update(self.__dict__)
+        query.damping = float(damping)
+        return query
+
+    def features(self, task: AttributionTask, parameters: dict, inputs: ModelInputs, keys: Sequence) -> torch.Tensor:
+        if not self.fitted:
+            raise RuntimeError("the EK-FAC curvature is measured on training examples: featurize the training set "
+                               "first, or build the featurizer from the store")
+        return self.precondition(self.sketch.features(task, parameters, inputs, keys), self.damping)
+
+    def precondition(self, sketch: torch.Tensor, damping: float | None) -> torch.Tensor:
+        """(H ⊘ (Λ + λ)) M from the rotated coordinates H [n, k_mid] (H M for `damping=None`)."""
+        if damping is not None:
+            sketch = sketch / (self.sketch_eigenvalues.to(sketch.device, sketch.dtype) + damping)
+        return sketch @ self.mix(sketch.device).to(sketch.dtype)
+
+    def spec(self) -> dict:
+        return {**super().spec(), "eigenvalue_correction": {"version": VERSION, "fisher": self.fisher}}
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        state = bases_to_state_dict(self.bases)
+        state.update({f"{name}{EIGENVALUES}": values.contiguous() for name, values in self.eigenvalues.items()})
+        state[MEAN_EIGENVALUE] = torch.tensor([self.mean_eigenvalue], dtype=torch.float64)
+        return state
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        if MEAN_EIGENVALUE not in state:
+            raise ValueError("not an EK-FAC projection state (no ekfac::mean_eigenvalue): the store was featurized "
+                             "by another method")
+        eigenvalues = {key[: -len(EIGENVALUES)]: value.float() for key, value in state.items() if key.endswith(EIGENVALUES)}
+        bases = bases_from_state_dict({key: value for key, value in state.items()
+                                       if not key.endswith(EIGENVALUES) and key != MEAN_EIGENVALUE})
+        self._use_curvature(bases, eigenvalues, float(state[MEAN_EIGENVALUE][0]))
+
+
+__all__ = ["FisherAccumulator", "KroneckerFactors", "PreconditionedProjector", "SampledLoss", "ekfac_calibrate",
+           "fisher_damping", "kronecker_eligible", "layer_rows", "pair_features", "MAX_SIDE"]

@@ -1,0 +1,114 @@
+"""EK-FAC influence (Mlodozeniec et al., "Influence Functions for Scalable Data Attribution in Diffusion Models",
+ICLR 2025), with stored training features and query-side preconditioning (curvature.py for the math):
+
+    τ(z, q) = Σ_coordinates H(q) H(z) / (Λ + λ)  ≈  φ̃(q) · φ(z),   φ(z) = H(z) M,  φ̃(q) = (H(q) ⊘ (Λ + λ)) M
+
+with H the gradient in the per-layer EK-FAC eigenbases (Q_S, Q_A of the K-FAC-expand factors), Λ the corrected
+eigenvalues measured over (example, timestep, noise) pairs, M the calibrated projector's seeded mix, and
+λ = damping_ratio · mean(Λ) (or `config.damping`), never chosen on queries. `ekfac` uses the MC Fisher (GGN, the
+paper's default), `ekfac-empirical` the empirical Fisher.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+
+from ..curvature import PreconditionedProjector
+from ..featurize import Featurizer
+from .base import Method, register_method
+from .similarity import DotScorer
+
+
+class _EKFACMethod(Method):
+    default_output = "loss"
+    defaults = {"num_timesteps": 10, "damping_ratio": 0.1}
+    calibrated = True
+    fisher = "mc"
+
+    def check_config(self, config) -> None:
+        if config.projector != "factored" or not config.calibration_examples:
+            raise ValueError(f"method={config.method!r} measures its curvature like the calibrated factored "
+                             f"projection: it needs projector='factored' and calibration_examples > 0 (got "
+                             f"{config.projector!r}, {config.calibration_examples})")
+
+    def featurizer(self, pipe, config, store=None, **options):
+        if options:
+            raise TypeError(f"method {config.method!r} takes no featurizer options, got {sorted(options)}")
+        return EKFACFeaturizer(pipe, config, store.projection_state if store is not None else None, self.fisher)
+
+    def scorer(self, store, damping=None, damping_ratio=None):
+        """τ = Φ̃_q Φᵀ: the queries carry 1/(Λ + λ) with the store config's λ (`EKFACFeaturizer.featurize_queries`),
+        so another λ here would be silently ignored: it is an error instead."""
+        from ..curvature import MEAN_EIGENVALUE
+
+        state = store.projection_state or {}
+        if MEAN_EIGENVALUE not in state:
+            raise ValueError(f"the store of method {store.config.method!r} holds no EK-FAC curvature")
+        mean = float(state[MEAN_EIGENVALUE][0])
+        config = store.config
+
+        def resolve(value, ratio):
+            return float(value) if value is not None else float(ratio) * mean
+
+        stored = resolve(config.damping, config.damping_ratio)
+        asked = resolve(damping if damping is not None else (config.damping if damping_ratio is None else None),
+                        config.damping_ratio if damping_ratio is None else damping_ratio)
+        if abs(asked - stored) > 1e-9 * max(abs(stored), 1e-30):
+            raise ValueError(f"EK-FAC preconditions the queries with λ = {stored:.4g} (the store's config); for "
+                             f"λ = {asked:.4g} featurize them with featurize_queries(images, damping={asked:.4g}) "
+                             "and score with this scorer")
+        return DotScorer(store.features)
+
+
+@register_method
+class EKFAC(_EKFACMethod):
+    name = "ekfac"
+    aliases = ("ek-fac",)
+    title = "EK-FAC influence, MC Fisher (Mlodozeniec et al., ICLR 2025)"
+
+
+@register_method
+class EKFACEmpirical(_EKFACMethod):
+    name = "ekfac-empirical"
+    title = "EK-FAC influence, empirical Fisher (after Mlodozeniec et al., ICLR 2025)"
+    fisher = "empirical"
+
+
+class EKFACFeaturizer(Featurizer):
+    """Training features in EK-FAC eigenbases (mixed to k), queries preconditioned by 1 / (Λ + λ) first.
+
+    `fisher`: "mc" (one Monte-Carlo sample of the likelihood, the GGN; the paper's default) or "empirical"."""
+
+    def __init__(self, pipe, config, projection_state: dict[str, torch.Tensor] | None = None, fisher: str = "mc"):
+        super().__init__(pipe, config)
+        self.projector = PreconditionedProjector(
+            self.adapter.denoiser, self.parameters, config.projection_dim, config.projection_seed,
+            sketch_dim=config.sketch_dim, examples=config.calibration_examples, fisher=fisher,
+            damping_ratio=config.damping_ratio)
+        if projection_state is not None:
+            self.projector.load_state_dict(projection_state)
+
+    def damping(self, damping: float | None = None, damping_ratio: float | None = None) -> float:
+        """λ: `damping`, else `config.damping`, else ratio · mean(Λ) (ratio: the argument or `config.damping_ratio`)."""
+        if damping is None:
+            damping = self.config.damping
+        if damping is not None:
+            return float(damping)
+        ratio = self.config.damping_ratio if damping_ratio is None else damping_ratio
+        return float(ratio * self.projector.mean_eigenvalue)
+
+    def featurize_queries(self, images: Any, prompts: Sequence[str] | str | None = None, *,
+                          damping: float | None = None, damping_ratio: float | None = None) -> torch.Tensor:
+        """φ̃(q) = (H(q) ⊘ (Λ + λ)) M [n, k]: preconditioned before the mix, so scores are plain dot products."""
+        return self.projector.precondition(self.query_sketch(images, prompts), self.damping(damping, damping_ratio))
+
+    def query_sketch(self, images: Any, prompts: Sequence[str] | str | None = None) -> torch.Tensor:
+        """H(q) [n, k_mid]: the queries' rotated coordinates before preconditioning and mix (any λ from one pass)."""
+        train = self.projector
+        self.projector = train.sketch
+        try:
+            return super().featurize_queries(images, prompts)
+        finally:
+            self.projector = train
