@@ -449,3 +449,35 @@ def _fisher_in_process(directory) -> None:
     pipe, config, images = tiny_setup(method="fisher", projection_dim=16, calibration_examples=3)
     FisherFeaturizer(pipe, config).featurize_dataset(images, progress=False, output_dir=directory, shard_rows=3,
                                                      accelerator=PartialState(cpu=True))
+
+
+def test_lora_only_fisher_and_ekfac_on_a_stable_diffusion_unet(tmp_path):
+    """LoRA weights only, text conditioning: the pair path and the EK-FAC hooks run through cross-attention."""
+    from diffusers_attribution import enable_attribution
+    from diffusers_attribution.gradients.timesteps import timestep_features
+    from diffusers_attribution.methods.base import get_method
+    from tiny_pipelines import save_tiny_lora, tiny_stable_diffusion_pipeline
+
+    pipe = enable_attribution(tiny_stable_diffusion_pipeline())
+    pipe.load_lora_weights(save_tiny_lora(pipe, tmp_path / "lora"), adapter_name="tiny_lora")
+    images = torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    captions = ["a cat", "a dog", None]
+    data = [{"image": image, "text": caption} for image, caption in zip(images, captions)]
+    fields = {"parameters": "lora", "num_timesteps": 2, "projection_dim": 24, "calibration_examples": 3, "batch_size": 3}
+
+    fisher = get_method("fisher").featurizer(pipe, AttributionConfig(method="fisher", **fields))
+    store = fisher.featurize_dataset(data, progress=False)
+    assert all(".lora_" in name for name in fisher.parameters)
+    inputs = fisher.adapter.encode(images, captions, [0, 1, 2], fisher.config.noise_seed)
+    norms = timestep_features(fisher, inputs, [0, 1, 2], fisher.task.timesteps([0, 1, 2])).norms.double()
+    matrix = store.method_state["pair_fisher"]
+    torch.testing.assert_close(matrix, matrix.T)
+    assert float(matrix.trace()) == pytest.approx(float(norms.pow(2).sum() / 2), rel=1e-4)  # Σ ‖ψ‖² / (K·D)
+
+    ekfac = get_method("ekfac").featurizer(pipe, AttributionConfig(method="ekfac", **fields))
+    ekfac_store = ekfac.featurize_dataset(data, progress=False)
+    bases = ekfac.projector.bases
+    assert bases and all(".lora_" in name for name in bases)
+    assert all(values.min() >= 0 for values in ekfac.projector.eigenvalues.values())
+    result = pipe.attribute(images[:2], ekfac_store, prompts=["a cat", "a dog"])
+    assert result.scores.shape == (2, 3) and torch.isfinite(result.scores).all()
