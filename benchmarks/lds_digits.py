@@ -27,6 +27,8 @@ Two phases:
     # choosing the library defaults on the 32 validation queries only (λ, noise draws, k, ensembling), then timing:
     python benchmarks/lds_digits.py --choose-defaults [--only SETTINGS] [--projector P]
     python benchmarks/lds_digits.py --choose-timing
+    # the default method from the table run's validation curves (rows featurizing at most 2x D-TRAK K=10):
+    python benchmarks/lds_digits.py --choose-method
 
 Every LDS is reported as mean ± std over 3 attribution noise seeds (`AttributionConfig.noise_seed` = 0, 1, 2)
 with the mean of the per-seed 95 % bootstrap intervals over queries.
@@ -200,17 +202,19 @@ def method_rows(quick: bool) -> list[dict]:
 # Influence with pair-level curvature and DAS (docs/methods.md): λ chosen on the validation queries from the same
 # ratio grid as the kernel methods, each row's own scale (Fisher: tr(F)/k; EK-FAC: mean Λ; DAS: the kernel's).
 INFLUENCE_ROWS = (
-    ("EK-FAC K=10 (MC Fisher)", "ekfac"),
-    ("EK-FAC K=10 (empirical Fisher)", "ekfac-empirical"),
-    ("projected Fisher K=10", "fisher"),
-    ("DAS K=10", "das"),
+    ("EK-FAC K=10 (MC Fisher)", "ekfac", {}),
+    ("EK-FAC K=10 (empirical Fisher)", "ekfac-empirical", {}),
+    ("projected Fisher K=10", "fisher", {}),
+    ("projected Fisher K=20", "fisher", {"num_timesteps": 20}),
+    ("projected Fisher K=10 k=4096", "fisher", {"projection_dim": 4096}),
+    ("DAS K=10", "das", {}),
 )
 
 
 def influence_rows() -> list[dict]:
     return [{"name": name, "influence": method, "seeded": True,
-             "config": {"method": method, "num_timesteps": 10, "projector": "factored"}}
-            for name, method in INFLUENCE_ROWS]
+             "config": {"method": method, "num_timesteps": 10, "projector": "factored", **fields}}
+            for name, method, fields in INFLUENCE_ROWS]
 
 
 def evaluate_influence_row(pipe, row: dict, seed: int, gt: dict, images: torch.Tensor) -> dict:
@@ -470,6 +474,46 @@ def choose_by_rule(candidates: dict[str, dict]) -> str:
     return min(close, key=lambda name: candidates[name].get("timing_seconds", candidates[name]["seconds"]))
 
 
+def run_choose_method(args) -> None:
+    """The default method from the LDS table run (results.json), on its validation queries only: per row the λ
+    ratio with the best validation LDS averaged over seeds, then `choose_by_rule` (cost: the row's training
+    featurization time in that run) among the rows whose featurization costs at most 2× D-TRAK K=10's."""
+    import numpy as np
+
+    result = json.loads(Path(args.results).read_text())
+    rows = {row["name"]: row for row in result["rows"]}
+    reference = rows.get("D-TRAK K=10 factored", {}).get("train_seconds")
+    if reference is None:
+        raise SystemExit(f"{args.results} has no 'D-TRAK K=10 factored' row with train_seconds: rerun the table with it")
+    candidates, table = {}, []
+    for name, row in rows.items():
+        curves = [r["damping"]["validation_curve"] for r in row.get("per_seed", []) if "damping" in r]
+        if not curves or "train_seconds" not in row:
+            continue  # no λ to choose (similarity, TracIn) or not measured in this run
+        ratios = list(curves[0])
+        matrix = np.array([[c[r] for r in ratios] for c in curves], dtype=float)
+        mean = matrix.mean(0)
+        best = max(i for i, v in enumerate(mean) if v == np.nanmax(mean))
+        entry = {"mean": float(mean[best]), "std": float(matrix[:, best].std(ddof=1)) if len(curves) > 1 else 0.0,
+                 "ratio": float(ratios[best]), "seconds": row["train_seconds"], "cost": row["train_seconds"] / reference,
+                 "method": row["config"]["method"]}
+        table.append((name, entry))
+        if entry["cost"] <= 2.0:
+            candidates[name] = entry
+    choice = choose_by_rule(candidates)
+    out = {"rule": "among rows with training featurization <= 2x D-TRAK K=10 (same run): the cheapest whose mean "
+                   "validation LDS is within one std of the best", "results": args.results,
+           "rows": dict(table), "choice": choice}
+    path = DATA / "choose_method.json"
+    path.write_text(json.dumps(out, indent=2))
+    print("| row | validation LDS (best ratio, mean ± std over seeds) | ratio | featurization / D-TRAK K=10 |")
+    print("|---|---|---|---|")
+    for name, entry in sorted(table, key=lambda item: -item[1]["mean"]):
+        mark = " **(chosen)**" if name == choice else "" if name in candidates else " (over 2×)"
+        print(f"| {name}{mark} | {entry['mean']:.3f} ± {entry['std']:.3f} | {entry['ratio']:.3g} | {entry['cost']:.2f}× |")
+    print(f"\nchoice: {choice} (method {candidates[choice]['method']!r}); wrote {path}")
+
+
 def apply_rule(result: dict) -> None:
     """Per method: the choice within each comparison group and over all settings (`choose_by_rule`)."""
     summary = result["settings"]
@@ -626,8 +670,9 @@ def choice_table(out: dict) -> str:
 
 
 def run_counterfactual(args) -> None:
+    from diffusers_attribution.api import make_featurizer, make_scorer
     from diffusers_attribution.evaluation.counterfactual import counterfactual
-    from diffusers_attribution.api import make_featurizer
+    from diffusers_attribution.methods.base import get_method
 
     workdir = Path(args.workdir)
     pipe = enable_attribution(full_model(workdir))
@@ -640,7 +685,10 @@ def run_counterfactual(args) -> None:
     previous = json.loads(Path(args.results).read_text()) if Path(args.results).is_file() else {"rows": []}
     ratios = {row["name"]: row.get("damping_ratios", [None])[0] for row in previous["rows"]}
     shared_random: Path | None = None  # the random-removal control is the same for every method: train it once
-    for method, label in (("d-trak", "D-TRAK K=10 factored"), ("trak", "TRAK K=10 factored")):
+    labels = {"d-trak": "D-TRAK K=10 factored", "trak": "TRAK K=10 factored", "fisher": "projected Fisher K=10",
+              "das": "DAS K=10", "ekfac": "EK-FAC K=10 (MC Fisher)", "ekfac-empirical": "EK-FAC K=10 (empirical Fisher)"}
+    for method in args.counterfactual_methods.split(","):
+        label = labels[method]
         output_dir = workdir / f"counterfactual-{method}-k{args.counterfactual_k}"
         if shared_random is not None:
             reuse_random_removals(shared_random, output_dir, len(query_seeds))
@@ -648,8 +696,11 @@ def run_counterfactual(args) -> None:
                                    damping_ratio=ratios.get(label))  # None: the method default
         featurizer = make_featurizer(pipe, config)
         store = featurizer.featurize_dataset(images, progress=False)
-        path = KernelPath(store.features)
-        scores = path.scores(featurizer.featurize_queries(original), config.damping_ratio * path.mean_eigenvalue)
+        if get_method(method).kernel and method != "das":
+            path = KernelPath(store.features)
+            scores = path.scores(featurizer.featurize_queries(original), config.damping_ratio * path.mean_eigenvalue)
+        else:  # the method's own scorer, at the ratio the table chose on validation queries
+            scores = make_scorer(store).scores(featurizer.featurize_queries(original))
         result = counterfactual(DigitsTrainingRecipe(LDS_RECIPE), images, scores,
                                 query_seeds, args.counterfactual_k,
                                 output_dir, original=original,
@@ -700,6 +751,8 @@ def main() -> None:
     parser.add_argument("--counterfactual", action="store_true", help="the counterfactual experiment (retrains)")
     parser.add_argument("--choose-defaults", action="store_true",
                         help="compare λ, noise draws, k and ensembling on the validation queries only")
+    parser.add_argument("--choose-method", action="store_true",
+                        help="the default method from the table's validation curves (results.json; no featurization)")
     parser.add_argument("--choose-timing", action="store_true",
                         help="time each --choose-defaults setting once, back to back, and apply the rule again")
     parser.add_argument("--choose-methods", default="trak,d-trak", help="--choose-defaults: methods to compare")
@@ -717,6 +770,8 @@ def main() -> None:
     parser.add_argument("--results", default=str(DATA / "results.json"))
     parser.add_argument("--counterfactual-queries", type=int, default=8)
     parser.add_argument("--counterfactual-k", type=int, default=100)
+    parser.add_argument("--counterfactual-methods", default="d-trak,trak",
+                        help="comma-separated methods (d-trak, trak, fisher, das, ekfac, ekfac-empirical)")
     parser.add_argument("--smoke", action="store_true",
                         help="a tiny end-to-end run of every phase into <workdir>/smoke (checks the script, not LDS)")
     args = parser.parse_args()
@@ -729,6 +784,8 @@ def main() -> None:
         run_counterfactual(args)
     elif args.choose_defaults:
         run_choose_defaults(args)
+    elif args.choose_method:
+        run_choose_method(args)
     elif args.choose_timing:
         run_choose_timing(args)
     else:

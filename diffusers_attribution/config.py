@@ -51,7 +51,9 @@ class AttributionConfig:
         method: `"trak"` (output = training loss) or `"d-trak"` (output = squared norm of the denoiser output);
             `"journey-trak"` (TRAK features, plus per-sampling-step queries: `pipe.attribute_trajectory`);
             `"tracin"` / `"retrac"` (Diffusion-TracIn / -ReTrac, methods/tracin.py); the similarity baselines
-            `"pixel-dot"`, `"pixel-cosine"`, `"embedding-cosine"` (methods/similarity.py). docs/methods.md.
+            `"pixel-dot"`, `"pixel-cosine"`, `"embedding-cosine"` (methods/similarity.py); influence with pair-level
+            curvature `"fisher"` (the projected Fisher, methods/fisher.py), `"ekfac"` / `"ekfac-empirical"`
+            (methods/ekfac.py); `"das"` (methods/das.py). docs/methods.md.
         output: the per-sample output f(z, t, ε; θ) that is differentiated; defaults to the method's own
             (`loss` for TRAK, `squared-norm` for D-TRAK). Any of D-TRAK's variants: `loss`, `squared-norm`,
             `mean`, `l1-norm`, `l2-norm`, `linf-norm`, `weighted-mse`.

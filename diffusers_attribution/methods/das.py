@@ -29,6 +29,7 @@ class DAS(Method):
     name = "das"
     title = "DAS, the Diffusion Attribution Score (Lin et al., ICLR 2025)"
     default_output = "mean"
+    # damping_ratio: the grid ratio with the best mean validation LDS on the digits benchmark (docs/benchmarks.md)
     defaults = {"num_timesteps": 10, "damping_ratio": 0.00056}
     calibrated = True
     kernel = True

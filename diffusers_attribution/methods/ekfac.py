@@ -22,6 +22,8 @@ from .similarity import DotScorer
 
 
 class _EKFACMethod(Method):
+    """damping_ratio: the grid ratio with the best mean validation LDS on the digits benchmark (docs/benchmarks.md)."""
+
     default_output = "loss"
     defaults = {"num_timesteps": 10, "damping_ratio": 0.1}
     calibrated = True
@@ -73,6 +75,7 @@ class EKFAC(_EKFACMethod):
 class EKFACEmpirical(_EKFACMethod):
     name = "ekfac-empirical"
     title = "EK-FAC influence, empirical Fisher (after Mlodozeniec et al., ICLR 2025)"
+    defaults = {"num_timesteps": 10, "damping_ratio": 0.32}
     fisher = "empirical"
 
 
