@@ -481,3 +481,21 @@ def test_lora_only_fisher_and_ekfac_on_a_stable_diffusion_unet(tmp_path):
     assert all(values.min() >= 0 for values in ekfac.projector.eigenvalues.values())
     result = pipe.attribute(images[:2], ekfac_store, prompts=["a cat", "a dog"])
     assert result.scores.shape == (2, 3) and torch.isfinite(result.scores).all()
+
+
+def test_ekfac_with_the_squared_norm_measurement_keeps_the_loss_curvature(ekfac):
+    """D-TRAK's squared norm as the measurement (the paper's option): A, S and Λ stay those of the training loss."""
+    model, config, task, parameters, x, result, _, _ = ekfac
+    measured = AttributionTask(task.adapter, AttributionConfig(**{**config.to_dict(), "output": "squared-norm"}))
+    batches = [(ModelInputs(x[:3]), [0, 1, 2]), (ModelInputs(x[3:]), [3, 4])]
+    total = sum(p.numel() for p in parameters.values())
+    with gradients_only_for(model, parameters):
+        other = ekfac_calibrate(measured, model, parameters, batches, sketch_dim=total, seed=0, fisher="empirical",
+                                damping_ratio=0.1, rows_per_pass=7)
+    for name, values in other["eigenvalues"].items():  # the same Λ (on the rectangle the measurement keeps)
+        torch.testing.assert_close(values, result["eigenvalues"][name][tuple(slice(0, n) for n in values.shape)])
+    projector = PreconditionedProjector(model, parameters, 16, 0, other)
+    with gradients_only_for(model, parameters):
+        loss_h = PreconditionedProjector(model, parameters, 16, 0, result).sketch.features(task, parameters, ModelInputs(x[:1]), [0])
+        norm_h = projector.sketch.features(measured, parameters, ModelInputs(x[:1]), [0])
+    assert (loss_h - norm_h).abs().max() > 1e-3 * loss_h.abs().max()  # the measurement's gradient differs
