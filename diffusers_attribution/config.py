@@ -53,7 +53,8 @@ class AttributionConfig:
             `"tracin"` / `"retrac"` (Diffusion-TracIn / -ReTrac, methods/tracin.py); the similarity baselines
             `"pixel-dot"`, `"pixel-cosine"`, `"embedding-cosine"` (methods/similarity.py); influence with pair-level
             curvature `"fisher"` (the projected Fisher, methods/fisher.py), `"ekfac"` / `"ekfac-empirical"`
-            (methods/ekfac.py); `"das"` (methods/das.py). docs/methods.md.
+            (methods/ekfac.py); `"das"` (methods/das.py), the default since the validation-only choice of issue 14
+            (docs/benchmarks.md, "The default method"). docs/methods.md.
         output: the per-sample output f(z, t, ε; θ) that is differentiated; defaults to the method's own
             (`loss` for TRAK, `squared-norm` for D-TRAK). Any of D-TRAK's variants: `loss`, `squared-norm`,
             `mean`, `l1-norm`, `l2-norm`, `linf-norm`, `weighted-mse`.
@@ -111,7 +112,7 @@ class AttributionConfig:
             (docs/families.md).
     """
 
-    method: str = _field("feature", "d-trak")
+    method: str = _field("feature", "das")
     output: str | None = _field("feature")
     num_timesteps: int | None = _field("feature")
     timestep_schedule: str | None = _field("feature")

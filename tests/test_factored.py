@@ -284,7 +284,7 @@ def test_lora_only_attribution_on_a_stable_diffusion_unet(tmp_path):
 def test_end_to_end_featurize_and_attribute_on_a_tiny_ddpm(tmp_path):
     pipe = enable_attribution(tiny_ddpm_pipeline())
     assert AttributionConfig().projector == "factored"  # the default
-    config = AttributionConfig(num_timesteps=4, projection_dim=512, batch_size=3, timestep_chunk_size=3,
+    config = AttributionConfig(method="d-trak", num_timesteps=4, projection_dim=512, batch_size=3, timestep_chunk_size=3,
                              calibration_examples=0)
     images = torch.rand(5, 1, 8, 8, generator=torch.Generator().manual_seed(2)) * 2 - 1
     store = pipe.featurize(images, config, progress=False)
