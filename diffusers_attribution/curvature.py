@@ -52,7 +52,7 @@ from .gradients.hooks import attribution_hooks
 from .gradients.task import AttributionTask
 from .gradients.timesteps import PointTask, point_chunks, timestep_features
 from .objectives import OBJECTIVES, _rows
-from .projection.calibrated import MAX_SIDE, CalibratedProjector, _blocks, _eigenvectors, _keep_top, _reduced_sides
+from .projection.calibrated import MAX_SIDE, CalibratedProjector, _blocks, _eigenvectors, _keep_top, _progress, _reduced_sides
 from .projection.calibrated import bases_digest, bases_from_state_dict, bases_to_state_dict
 from .projection.factored import FactoredProjector, handled_parameters
 
@@ -174,7 +174,7 @@ def curvature_task(adapter, config, fisher: str, seed: int) -> PointTask:
 
 def ekfac_calibrate(task: AttributionTask, denoiser: nn.Module, parameters: dict[str, nn.Parameter],
                     batches: Iterable[tuple[ModelInputs, Sequence]], sketch_dim: int, seed: int, *,
-                    fisher: str = "mc", damping_ratio: float, rows_per_pass: int = 64) -> dict:
+                    fisher: str = "mc", damping_ratio: float, rows_per_pass: int = 64, progress: bool = False) -> dict:
     """EK-FAC bases and Λ from three passes over `batches` (a list of (inputs, keys) of training examples).
 
     1. Kronecker factors A, S over the pairs (hooks, `curvature_task`); their eigenvectors.
@@ -183,6 +183,7 @@ def ekfac_calibrate(task: AttributionTask, denoiser: nn.Module, parameters: dict
        task), λ = damping_ratio · mean(Λ), ranks the coordinates; the top `sketch_dim` are kept (`_keep_top`).
 
     Returns {"bases": {...}, "eigenvalues": {parameter: Λ of its kept rectangle}, "mean_eigenvalue": float}.
+    `progress`: a bar per pass.
     """
     batches = list(batches)
     if not batches:
@@ -197,7 +198,7 @@ def ekfac_calibrate(task: AttributionTask, denoiser: nn.Module, parameters: dict
     point = SimpleNamespace(adapter=task.adapter, config=task.config, parameters=parameters)
 
     with attribution_hooks(eligible, factors) as capture:  # pass 1: A, S
-        for inputs, keys in batches:
+        for inputs, keys in _progress(batches, "EK-FAC (pass 1/3: Kronecker factors)", progress):
             for _, _, chunk_inputs, chunk_keys in point_chunks(inputs, keys, task.timesteps(keys), task.noise_draws,
                                                                 rows_per_pass):
                 capture.backward(pairs.outputs(chunk_inputs, chunk_keys).sum())
@@ -224,7 +225,7 @@ def ekfac_calibrate(task: AttributionTask, denoiser: nn.Module, parameters: dict
         count += len(h)
 
     point.projector = rotated
-    for inputs, keys in batches:  # pass 2: Λ over pairs
+    for inputs, keys in _progress(batches, "EK-FAC (pass 2/3: eigenvalue correction)", progress):  # Λ over pairs
         timestep_features(point, inputs, keys, task.timesteps(keys), task.noise_draws, rows_per_pass=rows_per_pass,
                           on_rows=add_squares, task=pairs)
     eigenvalues = second / count
@@ -233,7 +234,7 @@ def ekfac_calibrate(task: AttributionTask, denoiser: nn.Module, parameters: dict
 
     energy = torch.zeros(rotated.dim, dtype=torch.float64)
     examples = 0
-    for inputs, keys in batches:  # pass 3: energy of the measurement's time-averaged gradients
+    for inputs, keys in _progress(batches, "EK-FAC (pass 3/3: energy)", progress):  # time-averaged measurement
         energy += rotated.features(task, parameters, inputs, keys).double().pow(2).sum(0).cpu()
         examples += len(keys)
     bases = _keep_top(rotated, eigen, energy / examples / (eigenvalues + damping), sketch_dim)
@@ -281,10 +282,10 @@ class PreconditionedProjector(CalibratedProjector):
         self.sketch_eigenvalues = scale
         self.digest = bases_digest({**bases, "ekfac::eigenvalues": {"dense": scale[:, None]}})
 
-    def fit(self, task: AttributionTask, parameters: dict, batches) -> None:
+    def fit(self, task: AttributionTask, parameters: dict, batches, progress: bool = False) -> None:
         result = ekfac_calibrate(task, self.denoiser, parameters, batches, self.sketch_dim, self.seed,
                                  fisher=self.fisher, damping_ratio=self.damping_ratio,
-                                 rows_per_pass=task.config.batch_size * task.num_columns)
+                                 rows_per_pass=task.config.batch_size * task.num_columns, progress=progress)
         self._use_curvature(result["bases"], result["eigenvalues"], result["mean_eigenvalue"])
 
     def for_queries(self, damping: float) -> "PreconditionedProjector":
