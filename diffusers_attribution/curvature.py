@@ -52,7 +52,7 @@ from .gradients.hooks import attribution_hooks
 from .gradients.task import AttributionTask
 from .gradients.timesteps import PointTask, point_chunks, timestep_features
 from .objectives import OBJECTIVES, _rows
-from .projection.calibrated import MAX_SIDE, CalibratedProjector, _blocks, _eigenvectors, _keep_top, _progress, _reduced_sides
+from .projection.calibrated import CalibratedProjector, _blocks, _eigenvectors, _keep_top, _progress, _reduced_sides
 from .projection.calibrated import bases_digest, bases_from_state_dict, bases_to_state_dict
 from .projection.factored import FactoredProjector, handled_parameters
 
@@ -329,4 +329,4 @@ class PreconditionedProjector(CalibratedProjector):
 
 
 __all__ = ["FisherAccumulator", "KroneckerFactors", "PreconditionedProjector", "SampledLoss", "ekfac_calibrate",
-           "fisher_damping", "kronecker_eligible", "layer_rows", "pair_features", "MAX_SIDE"]
+           "fisher_damping", "kronecker_eligible", "layer_rows", "pair_features"]

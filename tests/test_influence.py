@@ -1,7 +1,6 @@
 """Influence with pair-level curvature (curvature.py, methods/ekfac.py, methods/fisher.py) against explicit
 curvature matrices built from autograd per-pair gradients on tiny models."""
 
-import math
 from types import SimpleNamespace
 
 import pytest
@@ -13,7 +12,6 @@ from diffusers_attribution import AttributionConfig
 from diffusers_attribution.adapters import ModelInputs
 from diffusers_attribution.curvature import (
     FisherAccumulator,
-    KroneckerFactors,
     PreconditionedProjector,
     curvature_task,
     ekfac_calibrate,
