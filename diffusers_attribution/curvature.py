@@ -53,13 +53,12 @@ from .gradients.task import AttributionTask
 from .gradients.timesteps import PointTask, point_chunks, timestep_features
 from .objectives import OBJECTIVES, _rows
 from .projection.calibrated import CalibratedProjector, _blocks, _eigenvectors, _keep_top, _progress, _reduced_sides
-from .projection.calibrated import bases_digest, bases_from_state_dict, bases_to_state_dict
 from .projection.factored import FactoredProjector, handled_parameters
 
 VERSION = 1
 FISHERS = ("mc", "empirical")
 EIGENVALUES = "::eigenvalues"  # state-dict suffix of Λ (kept rectangle of each parameter)
-MEAN_EIGENVALUE = "ekfac::mean_eigenvalue"  # mean Λ over every coordinate before truncation (the λ rule's scale)
+MEAN_EIGENVALUE = "mean_eigenvalue"  # mean Λ over every coordinate before truncation (the λ rule's scale)
 
 
 # ---------------------------------------------------------------------------------------------- projected Fisher
@@ -254,7 +253,8 @@ def ekfac_calibrate(task: AttributionTask, denoiser: nn.Module, parameters: dict
 class PreconditionedProjector(CalibratedProjector):
     """`CalibratedProjector` in EK-FAC bases, with Λ: training features H M; queries (H ⊘ (Λ + λ)) M
     (`precondition`, `for_queries`). `fit` measures bases and Λ (`ekfac_calibrate`) on the `fit_examples`;
-    `state_dict` / `load_state_dict` carry both (projection.safetensors)."""
+    `state_dict` / `load_state_dict` carry the bases (projection.safetensors, like any calibrated projection),
+    `curvature_state` / `load_curvature` carry Λ (the store's method_state.safetensors)."""
 
     def __init__(self, denoiser: nn.Module, parameters: dict[str, nn.Parameter], dim: int, seed: int,
                  curvature: dict | None = None, *, sketch_dim: int | None = None, examples: int = 64,
@@ -265,31 +265,53 @@ class PreconditionedProjector(CalibratedProjector):
             raise ValueError(f"fisher={fisher!r} is not one of {list(FISHERS)}")
         super().__init__(denoiser, parameters, dim, seed, sketch_dim=sketch_dim, examples=examples)
         self.fisher, self.damping_ratio, self.damping = fisher, float(damping_ratio), None
+        self.eigenvalues: dict[str, torch.Tensor] | None = None
         if curvature is not None:
-            self._use_curvature(curvature["bases"], curvature["eigenvalues"], curvature["mean_eigenvalue"])
+            self._use(curvature["bases"])
+            self._set_eigenvalues(curvature["eigenvalues"], curvature["mean_eigenvalue"])
 
-    def _use_curvature(self, bases: dict, eigenvalues: dict[str, torch.Tensor], mean_eigenvalue: float) -> None:
-        if set(eigenvalues) != set(bases):
+    def _set_eigenvalues(self, eigenvalues: dict[str, torch.Tensor], mean_eigenvalue: float) -> None:
+        if set(eigenvalues) != set(self.bases):
             raise ValueError("EK-FAC eigenvalues and bases name different parameters")
-        self._use(bases)
-        self.eigenvalues, self.mean_eigenvalue = eigenvalues, float(mean_eigenvalue)
         scale = torch.zeros(self.sketch.dim, dtype=torch.float32)
         for block in _blocks(self.sketch):
             values = eigenvalues[block.name].flatten()
             if len(values) != block.k:
                 raise ValueError(f"EK-FAC eigenvalues of {block.name}: {len(values)} values for {block.k} coordinates")
             scale[block.offset : block.offset + block.k] = values
-        self.sketch_eigenvalues = scale
-        self.digest = bases_digest({**bases, "ekfac::eigenvalues": {"dense": scale[:, None]}})
+        self.eigenvalues, self.mean_eigenvalue, self.sketch_eigenvalues = eigenvalues, float(mean_eigenvalue), scale
 
     def fit(self, task: AttributionTask, parameters: dict, batches, progress: bool = False) -> None:
         result = ekfac_calibrate(task, self.denoiser, parameters, batches, self.sketch_dim, self.seed,
                                  fisher=self.fisher, damping_ratio=self.damping_ratio,
                                  rows_per_pass=task.config.batch_size * task.num_columns, progress=progress)
-        self._use_curvature(result["bases"], result["eigenvalues"], result["mean_eigenvalue"])
+        self._use(result["bases"])
+        self._set_eigenvalues(result["eigenvalues"], result["mean_eigenvalue"])
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """The bases only; Λ comes with `load_curvature` (dropped here: it belongs to the bases it was measured in)."""
+        super().load_state_dict(state)
+        self.eigenvalues = None
+
+    def curvature_state(self) -> dict[str, torch.Tensor]:
+        """{"<parameter>::eigenvalues": Λ of its kept rectangle (float32), "mean_eigenvalue": [1] float64}."""
+        if self.eigenvalues is None:
+            raise RuntimeError("no EK-FAC eigenvalues: fit the projector, or load_curvature a store's method_state")
+        state = {f"{name}{EIGENVALUES}": values.contiguous() for name, values in self.eigenvalues.items()}
+        state[MEAN_EIGENVALUE] = torch.tensor([self.mean_eigenvalue], dtype=torch.float64)
+        return state
+
+    def load_curvature(self, state: dict[str, torch.Tensor]) -> None:
+        if MEAN_EIGENVALUE not in state:
+            raise ValueError(f"not an EK-FAC curvature state (no {MEAN_EIGENVALUE!r}): the store was featurized by "
+                             "another method")
+        eigenvalues = {key[: -len(EIGENVALUES)]: value.float() for key, value in state.items() if key.endswith(EIGENVALUES)}
+        self._set_eigenvalues(eigenvalues, float(state[MEAN_EIGENVALUE][0]))
 
     def for_queries(self, damping: float) -> "PreconditionedProjector":
         """The same bases and mix, with features preconditioned by 1 / (Λ + λ) before the mix."""
+        if self.eigenvalues is None:
+            raise RuntimeError("no EK-FAC eigenvalues to precondition with: load_curvature the store's method_state")
         if damping < 0 or (damping == 0 and bool((self.sketch_eigenvalues <= 0).any())):
             raise ValueError(f"EK-FAC damping must be > 0 (some Λ are 0), got {damping}")
         query = PreconditionedProjector.__new__(PreconditionedProjector)
@@ -306,26 +328,13 @@ class PreconditionedProjector(CalibratedProjector):
     def precondition(self, sketch: torch.Tensor, damping: float | None) -> torch.Tensor:
         """(H ⊘ (Λ + λ)) M from the rotated coordinates H [n, k_mid] (H M for `damping=None`)."""
         if damping is not None:
+            if self.eigenvalues is None:
+                raise RuntimeError("no EK-FAC eigenvalues to precondition with: load_curvature the store's method_state")
             sketch = sketch / (self.sketch_eigenvalues.to(sketch.device, sketch.dtype) + damping)
         return sketch @ self.mix(sketch.device).to(sketch.dtype)
 
     def spec(self) -> dict:
         return {**super().spec(), "eigenvalue_correction": {"version": VERSION, "fisher": self.fisher}}
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        state = bases_to_state_dict(self.bases)
-        state.update({f"{name}{EIGENVALUES}": values.contiguous() for name, values in self.eigenvalues.items()})
-        state[MEAN_EIGENVALUE] = torch.tensor([self.mean_eigenvalue], dtype=torch.float64)
-        return state
-
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        if MEAN_EIGENVALUE not in state:
-            raise ValueError("not an EK-FAC projection state (no ekfac::mean_eigenvalue): the store was featurized "
-                             "by another method")
-        eigenvalues = {key[: -len(EIGENVALUES)]: value.float() for key, value in state.items() if key.endswith(EIGENVALUES)}
-        bases = bases_from_state_dict({key: value for key, value in state.items()
-                                       if not key.endswith(EIGENVALUES) and key != MEAN_EIGENVALUE})
-        self._use_curvature(bases, eigenvalues, float(state[MEAN_EIGENVALUE][0]))
 
 
 __all__ = ["FisherAccumulator", "KroneckerFactors", "PreconditionedProjector", "SampledLoss", "ekfac_calibrate",

@@ -11,14 +11,20 @@ paper's default), `ekfac-empirical` the empirical Fisher.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Sequence
 
 import torch
+from safetensors.torch import save_file
 
 from ..curvature import PreconditionedProjector
 from ..featurize import Featurizer
+from ..method_state import PARTS
+from ..store.files import atomic_write, open_shard
 from .base import Method, register_method
 from .similarity import DotScorer
+
+CURVATURE_PART = "ekfac-curvature.safetensors"  # Λ, in method_state_parts/ of a store featurized in a directory
 
 
 class _EKFACMethod(Method):
@@ -38,16 +44,18 @@ class _EKFACMethod(Method):
     def featurizer(self, pipe, config, store=None, **options):
         if options:
             raise TypeError(f"method {config.method!r} takes no featurizer options, got {sorted(options)}")
-        return EKFACFeaturizer(pipe, config, store.projection_state if store is not None else None, self.fisher)
+        if store is None:
+            return EKFACFeaturizer(pipe, config, fisher=self.fisher)
+        return EKFACFeaturizer(pipe, config, store.projection_state, store.method_state, fisher=self.fisher)
 
     def scorer(self, store, damping=None, damping_ratio=None):
         """τ = Φ̃_q Φᵀ: the queries carry 1/(Λ + λ) with the store config's λ (`EKFACFeaturizer.featurize_queries`),
         so another λ here would be silently ignored: it is an error instead."""
         from ..curvature import MEAN_EIGENVALUE
 
-        state = store.projection_state or {}
+        state = store.method_state or {}
         if MEAN_EIGENVALUE not in state:
-            raise ValueError(f"the store of method {store.config.method!r} holds no EK-FAC curvature")
+            raise ValueError(f"the store of method {store.config.method!r} holds no EK-FAC curvature (method_state)")
         mean = float(state[MEAN_EIGENVALUE][0])
         config = store.config
 
@@ -82,9 +90,14 @@ class EKFACEmpirical(_EKFACMethod):
 class EKFACFeaturizer(Featurizer):
     """Training features in EK-FAC eigenbases (mixed to k), queries preconditioned by 1 / (Λ + λ) first.
 
-    `fisher`: "mc" (one Monte-Carlo sample of the likelihood, the GGN; the paper's default) or "empirical"."""
+    `fisher`: "mc" (one Monte-Carlo sample of the likelihood, the GGN; the paper's default) or "empirical". The
+    bases travel like any calibrated projection (projection.safetensors); Λ goes into the store's method_state
+    (in a directory: written beside the shards when the curvature is fitted, so a resumed run keeps it)."""
 
-    def __init__(self, pipe, config, projection_state: dict[str, torch.Tensor] | None = None, fisher: str = "mc"):
+    _curvature_file: Path | None = None
+
+    def __init__(self, pipe, config, projection_state: dict[str, torch.Tensor] | None = None,
+                 method_state: dict[str, torch.Tensor] | None = None, fisher: str = "mc"):
         super().__init__(pipe, config)
         self.projector = PreconditionedProjector(
             self.adapter.denoiser, self.parameters, config.projection_dim, config.projection_seed,
@@ -92,6 +105,34 @@ class EKFACFeaturizer(Featurizer):
             damping_ratio=config.damping_ratio)
         if projection_state is not None:
             self.projector.load_state_dict(projection_state)
+        if method_state is not None:
+            self.projector.load_curvature(method_state)
+
+    def fit_projection(self, data, progress: bool = False) -> None:
+        super().fit_projection(data, progress)
+        if self._curvature_file is not None:  # a directory run: saved before any shard, beside them
+            self._curvature_file.parent.mkdir(parents=True, exist_ok=True)
+            tensors = self.projector.curvature_state()
+            atomic_write(self._curvature_file, lambda path: save_file(tensors, path))
+
+    def featurize_dataset(self, dataset: Any, progress: bool = True, **options):
+        data = self.training_data(dataset)
+        if options.get("output_dir") is None:
+            store = super().featurize_dataset(data, progress, **options)
+            store.method_state = self.projector.curvature_state()
+            return store
+        self._curvature_file = Path(options["output_dir"]) / PARTS / CURVATURE_PART
+        try:
+            store = super().featurize_dataset(data, progress, **options)
+        finally:
+            self._curvature_file = None
+        self.projector.load_curvature(store.method_state)  # this process may have loaded the bases only
+        return store
+
+    def method_state_from_parts(self, directory: Path, plan: list[dict]) -> dict[str, torch.Tensor]:
+        """Λ as saved when the curvature was fitted (called by the main process when it finalizes the store)."""
+        with open_shard(Path(directory) / PARTS / CURVATURE_PART) as handle:
+            return {key: handle.get_tensor(key) for key in handle.keys()}
 
     def damping(self, damping: float | None = None, damping_ratio: float | None = None) -> float:
         """λ: `damping`, else `config.damping`, else ratio · mean(Λ) (ratio: the argument or `config.damping_ratio`)."""

@@ -14,7 +14,7 @@ import torch
 
 from ..curvature import FisherAccumulator, fisher_damping, pair_features
 from ..method_state import ShardStateFeaturizer
-from ..scoring import StreamingScorer
+from ..scoring import StreamingScorer, check_damping, damped_inverse
 from .base import Method, register_method
 
 
@@ -79,9 +79,12 @@ class FisherScorer(StreamingScorer):
         if fisher.shape != (store.dim, store.dim):
             raise ValueError(f"the store's Fisher is {tuple(fisher.shape)}, expected {store.dim} × {store.dim}")
         ratio = store.config.damping_ratio if damping_ratio is None else damping_ratio
-        self.damping = fisher_damping(fisher, ratio) if damping is None else float(damping)
-        eye = torch.eye(store.dim, dtype=torch.float64)
-        self.inverse = torch.linalg.solve(fisher + self.damping * eye, eye)
+        if damping is None:
+            check_damping(ratio, "damping_ratio")
+        self.damping = check_damping(fisher_damping(fisher, ratio) if damping is None else damping)
+        self.inverse = damped_inverse(fisher, self.damping)
+        # F is not the Gram matrix of Φ: StreamingScorer's check tr K = ‖Φ‖²_F does not apply
+        self._trace, self._norms = float(fisher.trace()), 0.0
 
     @property
     def metadata(self) -> dict[str, Any]:
