@@ -10,6 +10,8 @@ On disk (format 2), a directory:
     kernel.safetensors                       "gram" float64: ΦᵀΦ [k, k] (N > k) or ΦΦᵀ [N, N] (N ≤ k)
     projection.safetensors                   calibrated factored projection only: its per-layer bases
                                              ("<parameter>::out" / "::in" / "::dense", projection/calibrated.py)
+    method_state.safetensors                 only for methods whose scorer needs tensors besides Φ (the projected
+                                             Fisher's F, DAS's residuals, EK-FAC's Λ; `method_state_file`)
     README.md                                a dataset card (hub.store_card)
 
 Every file is written to a temporary name, fsynced and renamed, and `config.json` is written last: a
