@@ -1,6 +1,12 @@
 """Featurization speed and fidelity: a training step, the per-sample-gradient recipe, and the factored hooks.
 
-Throughput, measured side by side on the same (example, timestep) rows (B examples × K timesteps), in
+End to end: the default featurization (`Featurizer.featurize_dataset`, calibration included, its time and
+share printed) of 1000 digits × K = 10 against training steps over the same pairs with the same rows per step
+(the featurizer's batch of 16 examples × K), in interleaved rounds. `--previous REV` adds the package as of
+git revision REV (from `git archive`, imported as `diffusers_attribution_previous`) to the end-to-end rounds,
+to the fidelity table and to the per-call rows, so that before and after are measured in one run.
+
+Per call, throughput measured side by side on the same (example, timestep) rows (B examples × K timesteps), in
 interleaved rounds (one call of each method per round) so that load on a shared machine hits all alike:
   train     forward + backward + AdamW step (what one training step costs; lr = 0 keeps the weights)
   vmap      the published recipe: torch.func vmap per-sample gradients of the attributed parameters (one
@@ -14,8 +20,9 @@ per query, between projected scores and exact scores (identity features, dual-fo
 (random per-layer matrices, and calibrated bases — the default, calibration.py) and dense `gaussian` at the
 same total k, over 3 projection seeds.
 
-    python benchmarks/featurize_speed.py            # 5-7 minutes on 2 shared CPU cores
-    python benchmarks/featurize_speed.py --quick    # under a minute
+    python benchmarks/featurize_speed.py                          # about 10 minutes on 2 shared CPU cores
+    python benchmarks/featurize_speed.py --previous 491d928       # before/after side by side (12 minutes)
+    python benchmarks/featurize_speed.py --quick                  # a few minutes
 
 Peak memory: each method's first call, on its own, caches included (the dense P). On CPU the growth of
 the process RSS above its value at the start of the call, sampled every 2 ms (freed memory is handed back
@@ -25,9 +32,14 @@ to the OS with malloc_trim before); on CUDA torch.cuda.max_memory_allocated abov
 from __future__ import annotations
 
 import argparse
+import importlib
+import io
 import platform
 import statistics
+import subprocess
 import sys
+import tarfile
+import tempfile
 import time
 from pathlib import Path
 
@@ -42,10 +54,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout, i
 from diffusers_attribution import AttributionConfig
 from diffusers_attribution.adapters import ModelInputs, PipelineAdapter, UnconditionalAdapter
 from peak_memory import PeakMemory  # noqa: E402  (benchmarks/, beside this script)
-from diffusers_attribution.projection.calibrated import CalibratedProjector, calibrate, calibration_indices
+from diffusers_attribution.projection.calibrated import (CALIBRATION_BATCH, CalibratedProjector, calibrate,
+                                                         calibration_count, calibration_indices)
 from diffusers_attribution.projection.factored import FactoredProjector
 from diffusers_attribution.gradients.reference import per_example_gradients
 from diffusers_attribution.projection.dense import DenseProjector
+from diffusers_attribution.featurize import Featurizer
 from diffusers_attribution.scoring import KernelScorer
 from diffusers_attribution.gradients.task import AttributionTask, gradients_only_for, select_parameters
 
@@ -143,7 +157,7 @@ def vmap_features(task, parameters, inputs, keys, projector, fallback):
 # ----------------------------------------------------------------------------- measurement
 
 
-def throughput(name, adapter, inputs, config, steps, device, budget_s=120.0):
+def throughput(name, adapter, inputs, config, steps, device, budget_s=120.0, previous=None):
     """Each method once (warm-up, peak memory growth measured, caches such as the dense P included), then
     `steps` interleaved rounds of one timed call per method (fewer past `budget_s`), so that a busy moment
     on a shared machine hits every method alike; the median seconds per call give pairs per second."""
@@ -162,12 +176,21 @@ def throughput(name, adapter, inputs, config, steps, device, budget_s=120.0):
         bases = calibrate(task, denoiser, parameters, [(inputs, keys)], config.sketch_dim, 0)
         calibration_s = time.perf_counter() - tic
         calibrated = CalibratedProjector(denoiser, parameters, config.projection_dim, 0, bases)
+        if previous is not None:  # the previous code on the same bases, and its calibration
+            tic = time.perf_counter()
+            previous.calibration.calibrate(task, denoiser, parameters, [(inputs, keys)], config.sketch_dim, 0)
+            previous_calibration_s = time.perf_counter() - tic
+            previous_calibrated = previous.calibration.CalibratedProjector(denoiser, parameters, config.projection_dim,
+                                                                          0, bases)
         methods = {
             "train step": lambda: train_step(task, parameters, inputs, keys, optimizer),
             "vmap + dense Gaussian": lambda: vmap_features(task, parameters, inputs, keys, dense, False),
             "factored hooks (random)": lambda: factored.features(task, parameters, inputs, keys),
             "factored hooks (calibrated, default)": lambda: calibrated.features(task, parameters, inputs, keys),
         }
+        if previous is not None:
+            methods[f"factored hooks (calibrated, previous {previous.revision})"] = (
+                lambda: previous_calibrated.features(task, parameters, inputs, keys))
         memory = {}
         for label in list(methods):
             try:
@@ -192,6 +215,10 @@ def throughput(name, adapter, inputs, config, steps, device, budget_s=120.0):
                     torch.cuda.synchronize()
                 times[label].append(time.perf_counter() - tic)
 
+        if previous is not None:  # the same bases: the same features up to float rounding (existing stores)
+            new, old = calibrated.features(task, parameters, inputs, keys), previous_calibrated.features(
+                task, parameters, inputs, keys)
+            difference = float((new - old).abs().max() / old.abs().max())
     rates = {label: pairs / statistics.median(seconds) for label, seconds in times.items()}
     print(f"\n{name}: {len(parameters)} attributed tensors, {sum(p.numel() for p in parameters.values()):,} values; "
           f"B={len(keys)} examples × K={config.num_timesteps} timesteps per call, k={config.projection_dim}, "
@@ -201,8 +228,107 @@ def throughput(name, adapter, inputs, config, steps, device, budget_s=120.0):
     for label, rate in rates.items():
         shown = f"{rate:,.0f}" if rate >= 100 else f"{rate:.3g}"
         print(f"| {label} | {shown} | {rate / rates['train step']:.2f} | {memory[label]:,.0f} |")
-    print(f"calibration (once per store; two passes over {len(keys)} examples here, 64 by default): "
-          f"{calibration_s:.1f} s; calibrated sketch k_mid = {calibrated.sketch.dim:,} coordinates mixed into k")
+    print(f"calibration (once per store; over the call's {len(keys)} examples here): {calibration_s:.1f} s"
+          + (f" (previous {previous.revision}: {previous_calibration_s:.1f} s)" if previous is not None else "")
+          + f"; calibrated sketch k_mid = {calibrated.sketch.dim:,} coordinates mixed into k. Each call mixes its "
+          f"own {len(keys)} rows; the featurization loop mixes {calibrated.finish_rows} rows at a time "
+          "(end-to-end section)")
+    if previous is not None:
+        print(f"calibrated features on the same bases, this checkout vs previous: max |difference| / max |φ| = "
+              f"{difference:.1e}", flush=True)
+
+
+# ----------------------------------------------------------------------------- before / after
+
+
+def previous_package(revision):
+    """`diffusers_attribution` as of git `revision`, importable as `diffusers_attribution_previous` (its
+    imports are relative), so that the previous implementation runs side by side with this one."""
+    if revision is None:
+        return None
+    root = Path(__file__).resolve().parents[1]
+    archive = subprocess.run(["git", "-C", str(root), "archive", revision, "diffusers_attribution"],
+                             check=True, capture_output=True).stdout
+    target = Path(tempfile.mkdtemp(prefix="featurize_speed_previous_"))
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        tar.extractall(target, filter="data")
+    (target / "diffusers_attribution").rename(target / "diffusers_attribution_previous")
+    sys.path.insert(0, str(target))
+    package = importlib.import_module("diffusers_attribution_previous")
+    importlib.import_module("diffusers_attribution_previous.featurize")
+    try:  # the calibrated projector's module, before and after the restructure of issue 12
+        package.calibration = importlib.import_module("diffusers_attribution_previous.projection.calibrated")
+    except ModuleNotFoundError:
+        package.calibration = importlib.import_module("diffusers_attribution_previous.calibration")
+    package.revision = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", revision], check=True,
+                                      capture_output=True, text=True).stdout.strip()
+    return package
+
+
+def end_to_end(pipe, images, previous, rounds):
+    """The default featurization (TRAK, K = 10, k = 2048, calibrated on the default examples) of `images`,
+    calibration included, against training steps over the same (example, timestep) pairs with the same
+    rows per step (batch_size examples × K), the data loading of both included; interleaved rounds."""
+    config = AttributionConfig(num_timesteps=10)
+    adapter = Featurizer(pipe, config).adapter
+    task = AttributionTask(adapter, config)
+    parameters = select_parameters(adapter.denoiser, config)
+    n, batch = len(images), config.batch_size
+
+    def train():
+        with gradients_only_for(adapter.denoiser, parameters):
+            optimizer = torch.optim.AdamW(parameters.values(), lr=0.0)
+            for start in range(0, n, batch):
+                keys = list(range(start, min(start + batch, n)))
+                inputs = adapter.encode(images[keys], [None] * len(keys), keys, config.noise_seed)
+                train_step(task, parameters, inputs, keys, optimizer)
+
+    def featurize(package):
+        def run():
+            featurizer = package.featurize.Featurizer(pipe, package.AttributionConfig(num_timesteps=10))
+            name = "fit_projection" if hasattr(featurizer, "fit_projection") else "calibrate"  # before issue 12
+            calibrate_method = getattr(featurizer, name)
+            spent = {}
+
+            def timed_calibrate(data):
+                tic = time.perf_counter()
+                calibrate_method(data)
+                spent["calibration"] = time.perf_counter() - tic
+
+            setattr(featurizer, name, timed_calibrate)
+            store = featurizer.featurize_dataset(images, progress=False)
+            return store, spent["calibration"], featurizer.projector.sketch.dim
+        return run
+
+    methods = {"train steps": train, "default featurize (this checkout)": featurize(sys.modules["diffusers_attribution"])}
+    if previous is not None:
+        methods[f"default featurize (previous, {previous.revision})"] = featurize(previous)
+    times = {label: [] for label in methods}
+    extra = {}
+    for _ in range(rounds):
+        for label, method in methods.items():
+            tic = time.perf_counter()
+            result = method()
+            times[label].append(time.perf_counter() - tic)
+            if result is not None:
+                extra.setdefault(label, []).append(result[1:])
+    count = calibration_count(n, config.calibration_examples)
+    print(f"\nend to end: {n} digits × K = {config.num_timesteps}, default config (method {config.method}, "
+          f"k = {config.projection_dim}, calibration on {count} examples here, {config.calibration_examples} requested), "
+          f"{batch} examples × {config.num_timesteps} timesteps = {batch * config.num_timesteps} rows per step, "
+          f"{rounds} interleaved round(s), median")
+    print("| path | seconds | × training throughput | calibration (s) | calibration share | × training without "
+          "calibration | k_mid |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    train_s = statistics.median(times["train steps"])
+    for label, seconds in times.items():
+        total = statistics.median(seconds)
+        if label in extra:
+            calibration = statistics.median(c for c, _ in extra[label])
+            print(f"| {label} | {total:.2f} | {train_s / total:.2f} | {calibration:.2f} | {calibration / total:.0%} | "
+                  f"{train_s / (total - calibration):.2f} | {extra[label][0][1]:,} |", flush=True)
+        else:
+            print(f"| {label} | {total:.2f} | 1.00 | – | – | – | – |")
 
 
 # ----------------------------------------------------------------------------- fidelity
@@ -215,7 +341,7 @@ def spearman(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (ra * rb).sum(1) / (ra.norm(dim=1) * rb.norm(dim=1))
 
 
-def fidelity(adapter, images, held_out, n_train, n_query, dims, num_timesteps, device, seeds=(0, 1, 2)):
+def fidelity(adapter, images, held_out, n_train, n_query, dims, num_timesteps, device, seeds=(0, 1, 2), previous=None):
     """Spearman of projected vs exact kernel scores per query, for the random and calibrated factored
     projections and a dense Gaussian at the same k, over projection seeds (calibration: the default 64
     training examples, `calibration_indices`; never the queries)."""
@@ -245,15 +371,25 @@ def fidelity(adapter, images, held_out, n_train, n_query, dims, num_timesteps, d
         print(f"\nfidelity on {n_train} training digits, {n_query} held-out query digits, K={num_timesteps}, "
               f"{flat['train'].shape[1]:,} parameters (exact features in {time.perf_counter() - start:.0f} s)")
         del flat
-        calibration = calibration_indices(n_train, 64, 0)
-        calibration_batches = [(ModelInputs(train[calibration[i : i + 4]]), calibration[i : i + 4])
-                               for i in range(0, len(calibration), 4)]
+        calibration = calibration_indices(n_train, calibration_count(n_train, 64), 0)  # what Featurizer uses
+        calibration_batches = [(ModelInputs(train[calibration[i : i + CALIBRATION_BATCH]]),
+                                calibration[i : i + CALIBRATION_BATCH])
+                               for i in range(0, len(calibration), CALIBRATION_BATCH)]
+        if previous is not None:  # the previous code's default: its own examples and batches
+            before = previous.calibration.calibration_indices(n_train, 64, 0)
+            step = previous.calibration.CALIBRATION_BATCH
+            previous_batches = [(ModelInputs(train[before[i : i + step]]), before[i : i + step])
+                                for i in range(0, len(before), step)]
         print(f"Spearman of projected vs exact scores: mean over {n_query} queries, then mean ± sd over projection "
-              f"seeds {list(seeds)}")
-        print("| k | factored, random | factored, calibrated (default) | dense gaussian |")
-        print("|---:|---:|---:|---:|")
+              f"seeds {list(seeds)}; calibrated on {len(calibration)} training examples"
+              + (f" (previous, {previous.revision}: {len(before)})" if previous is not None else ""))
+        columns = ["factored, random", "factored, calibrated (default)", "dense gaussian"]
+        if previous is not None:
+            columns.append(f"calibrated, previous ({previous.revision})")
+        print("| k | " + " | ".join(columns) + " |")
+        print("|---:|" + "---:|" * len(columns))
         for k in dims:
-            cells = {"random": [], "calibrated": [], "gaussian": []}
+            cells = {"random": [], "calibrated": [], "gaussian": []} | ({"previous": []} if previous else {})
             for seed in seeds:
                 dense = DenseProjector({n: p.shape for n, p in parameters.items()}, k, seed)
                 phis = {"gaussian": {name: dense.project(exact[name]) for name in sets}}
@@ -262,6 +398,12 @@ def fidelity(adapter, images, held_out, n_train, n_query, dims, num_timesteps, d
                 bases = calibrate(task, denoiser, parameters, calibration_batches,
                                   AttributionConfig(projection_dim=k).sketch_dim, seed)  # the default
                 phis["calibrated"] = featurize(CalibratedProjector(denoiser, parameters, k, seed, bases))
+                if previous is not None:
+                    calibration_module = previous.calibration
+                    bases = calibration_module.calibrate(task, denoiser, parameters, previous_batches,
+                                                         AttributionConfig(projection_dim=k).sketch_dim, seed)
+                    phis["previous"] = featurize(calibration_module.CalibratedProjector(denoiser, parameters, k, seed,
+                                                                                        bases))
                 for label, phi in phis.items():
                     rho = spearman(KernelScorer(phi["train"]).scores(phi["query"]), reference)
                     cells[label].append(float(rho.mean()))
@@ -277,6 +419,9 @@ def main():
     parser.add_argument("--quick", action="store_true", help="smaller SD model, fewer steps, N=200")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--skip-fidelity", action="store_true")
+    parser.add_argument("--previous", default=None, metavar="REV",
+                        help="also run the package as of this git revision, side by side (before/after)")
+    parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds of the end-to-end section")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch.set_num_threads; default 1 on CPU: on a shared machine OpenMP threads wait on "
                              "each other (a 2-thread forward ran 25× slower than a 1-thread one on 2 busy cores)")
@@ -288,11 +433,19 @@ def main():
     print(f"torch {torch.__version__}, device {device}, {torch.get_num_threads()} threads, "
           f"{psutil.cpu_count()} CPUs, {platform.processor() or platform.machine()}")
 
+    previous = previous_package(args.previous)
     adapter, images, held_out = digits_model(device)
     print(f"digits: the digits DDPM (DigitsRecipe) trained on {len(images)} digits")
+    from diffusers_attribution.demo.digits import load_digits_images
+
+    end_to_end(adapter.pipe, load_digits_images(200 if quick else 1000), previous, 1 if quick else args.rounds)
+    if not args.skip_fidelity:
+        n_train, n_query = (200, 8) if quick else (len(images), 16)
+        fidelity(adapter, images, held_out, n_train, n_query, (512, 2048), 5 if quick else 10, device,
+                 previous=previous)
     batch = images[:16].to(device)
     config = AttributionConfig(num_timesteps=10, projection_dim=2048)
-    throughput("digits DDPM (all parameters)", adapter, ModelInputs(batch), config, steps, device)
+    throughput("digits DDPM (all parameters)", adapter, ModelInputs(batch), config, steps, device, previous=previous)
 
     sd, note = sd_lora_model(device, quick)
     size = 16 if quick else 32
@@ -302,12 +455,7 @@ def main():
     text = torch.randn(len(latents), 16, 128, generator=generator).to(device)
     config = AttributionConfig(num_timesteps=4 if quick else 10, projection_dim=2048, parameters="lora")
     throughput("SD-shaped UNet, LoRA weights", sd, ModelInputs(latents, {"encoder_hidden_states": text}),
-               config, steps, device)
-    del sd
-
-    if not args.skip_fidelity:
-        n_train, n_query = (200, 8) if quick else (len(images), 16)
-        fidelity(adapter, images, held_out, n_train, n_query, (512, 2048), 5 if quick else 10, device)
+               config, steps, device, previous=previous)
 
 
 if __name__ == "__main__":

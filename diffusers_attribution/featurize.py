@@ -103,6 +103,13 @@ class Featurizer:
                 self._explain_non_finite(features, inputs, list(keys))
         return features
 
+    def partial_features(self, images: torch.Tensor, captions: Sequence[str | None], keys: Sequence) -> torch.Tensor:
+        """`projector.partial_features` of one batch, on the model's device (`projector.finish` gives φ); not
+        checked for non-finite values (`featurize_rows` checks each finished block)."""
+        inputs = self.adapter.encode(images, list(captions), list(keys), self.config.noise_seed)
+        with gradients_only_for(self.adapter.denoiser, self.parameters):
+            return self.projector.partial_features(self.task, self.parameters, inputs, list(keys))
+
     def _explain_non_finite(self, features: torch.Tensor, inputs, keys: list) -> None:
         """Raise `NonFiniteFeaturesError` naming the first example with a NaN / Inf feature and, found only now (a
         non-finite weight, else that example's autograd gradient per parameter), the parameter it comes from."""
@@ -172,15 +179,26 @@ class Featurizer:
         """(φ [stop - start, k], content hashes) of examples [start, stop), in batches counted from `start`.
 
         Batches always start at `start` (a shard's first row), so a shard's features never depend on
-        which process computes it or on whether the run was resumed.
+        which process computes it or on whether the run was resumed. The partial features stay on the device
+        until `projector.finish_rows` of them are finished together (one copy to the CPU per block); a block
+        with a non-finite value is explained by featurizing its first such example again on its own.
         """
         features = torch.empty(stop - start, self.projector.dim, dtype=torch.float32)
         hashes: list[str] = []
+        pending: list[torch.Tensor] = []
+        done = start  # rows before `done` are finished
         batches = training_batches(data, start, stop, self.config.batch_size, self.adapter.validate_images)
         for indices, images, captions, batch_hashes in batches:
             hashes.extend(batch_hashes)
-            first = indices[0]
-            features[first - start : first - start + len(indices)] = self.features(images, captions, indices)
+            pending.append(self.partial_features(images, captions, indices))
+            if indices[-1] + 1 - done >= self.projector.finish_rows or indices[-1] + 1 == stop:
+                block = self.projector.finish(torch.cat(pending)).float().cpu()
+                if not torch.isfinite(block).all():
+                    row = done + int((~torch.isfinite(block)).any(1).nonzero()[0])
+                    self.features(*data.batch([row]), [row])  # raises NonFiniteFeaturesError, naming the cause
+                    raise NonFiniteFeaturesError(f"example {row!r} has NaN or infinite features in its batch")
+                features[done - start : done - start + len(block)] = block
+                done, pending = done + len(block), []
             if bar is not None:
                 bar.update(len(indices))
         return features, hashes

@@ -8,7 +8,9 @@ from test_factored import Toy, ToyAdapter, assert_close_rel
 
 from diffusers_attribution import AttributionConfig, FeatureStore, enable_attribution
 from diffusers_attribution.adapters import ModelInputs
-from diffusers_attribution.projection.calibrated import CalibratedProjector, calibrate, calibration_indices
+from diffusers_attribution.projection import calibrated as calibration
+from diffusers_attribution.projection.calibrated import (CalibratedProjector, calibrate, calibration_count,
+                                                         calibration_indices, calibration_moments)
 from diffusers_attribution.featurize import Featurizer
 from diffusers_attribution.gradients.reference import per_example_gradients
 from diffusers_attribution.store import CorruptStoreError, StoreMismatchError
@@ -144,3 +146,57 @@ def test_bfloat16_forward_with_calibrated_bases_stays_close():
     phi32, phi16 = full.features(images, [None] * 4, [0, 1, 2, 3]), half.features(images, [None] * 4, [0, 1, 2, 3])
     assert phi16.dtype == torch.float32 and torch.isfinite(phi16).all()
     assert torch.nn.functional.cosine_similarity(phi16, phi32, dim=1).min() > 0.98
+
+
+def test_one_pass_equals_two_passes_and_calibration_is_deterministic(toy, monkeypatch):
+    """Energies from the kept pass-1 coordinates = from a second pass; same seeds → the same bases; the moments
+    do not depend on how the examples are batched (float64 sums of per-example coordinates)."""
+    model, task, parameters, x, bases, _ = toy
+    batches = [(ModelInputs(x[:3]), [0, 1, 2]), (ModelInputs(x[3:]), [3, 4, 5])]
+    with gradients_only_for(model, parameters), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        again = calibrate(task, model, parameters, batches, sketch_dim=120, seed=0)
+        monkeypatch.setattr(calibration, "KEEP_BYTES", 0)
+        assert calibration_moments(task, model, parameters, batches, 0)["coordinates"] is None
+        two_pass = calibrate(task, model, parameters, batches, sketch_dim=120, seed=0)
+        monkeypatch.undo()
+        by_two = calibration_moments(task, model, parameters, [(ModelInputs(x[i : i + 2]), [i, i + 1])
+                                                              for i in range(0, 6, 2)], 0)
+        by_six = calibration_moments(task, model, parameters, [(ModelInputs(x), list(range(6)))], 0)
+    assert bases.keys() == again.keys() == two_pass.keys()
+    for name in bases:
+        for side in bases[name]:
+            assert torch.equal(bases[name][side], again[name][side])
+            assert torch.equal(bases[name][side], two_pass[name][side]), (name, side)
+    assert by_two["count"] == by_six["count"] == 6 and by_six["coordinates"].shape == (6, by_six["projector"].dim)
+    for name, moments in by_six.items():
+        if isinstance(moments, tuple):
+            for a, b in zip(moments, by_two[name]):
+                assert_close_rel(a, b)
+
+
+def test_calibration_examples_are_capped_by_the_training_set():
+    assert [calibration_count(n, 64) for n in (5, 40, 200, 500, 1000, 10**6)] == [5, 16, 25, 62, 64, 64]
+    assert calibration_count(1000, 0) == 0 and calibration_count(10**6, 100) == 100
+    featurizer = Featurizer(tiny_ddpm_pipeline(), AttributionConfig(num_timesteps=2, projection_dim=32))
+    data = featurizer.training_data(torch.zeros(200, 1, 8, 8))
+    indices = featurizer.projector.fit_examples(len(data))
+    assert indices == calibration_indices(200, 25, 0) and len(set(indices)) == 25
+    assert list(featurizer.fit_identity(data)["examples"]) == [str(i) for i in indices]
+
+
+def test_featurization_loop_mixes_blocks_of_rows_like_single_batches(monkeypatch):
+    """featurize_rows finishes `finish_rows` sketch rows at once: the same φ as mixing batch by batch."""
+    pipe = tiny_ddpm_pipeline()
+    images = torch.rand(7, 1, 8, 8, generator=torch.Generator().manual_seed(4)) * 2 - 1
+    featurizer = Featurizer(pipe, AttributionConfig(num_timesteps=2, projection_dim=24, batch_size=2,
+                                                    calibration_examples=4))
+    data = featurizer.training_data(images)
+    featurizer.fit_projection(data)
+    assert featurizer.projector.finish_rows == 256  # FINISH_ROWS: the tiny sketch fits FINISH_BYTES
+    blocks, _ = featurizer.featurize_rows(data, 1, 7)
+    monkeypatch.setattr(CalibratedProjector, "partial_dim", 64 << 20)  # → one row per finish
+    per_batch, _ = featurizer.featurize_rows(data, 1, 7)
+    direct = torch.cat([featurizer.features(images[i : i + 2], [None] * 2, [i, i + 1]) for i in (1, 3, 5)])
+    assert_close_rel(blocks, per_batch)
+    assert_close_rel(blocks, direct)

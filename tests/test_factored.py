@@ -312,3 +312,49 @@ def test_mixed_precision_forward_is_projected_in_float32():
     assert phi.dtype == torch.float32 and torch.isfinite(phi).all()
     cosine = torch.nn.functional.cosine_similarity(phi, expected, dim=1)
     assert cosine.min() > 0.98  # bf16 forward noise only
+
+
+@pytest.mark.parametrize("order", ["both", "out", "in"])
+def test_every_contraction_order_matches_autograd(monkeypatch, order):
+    """`_weight` computes the same P_outᵀ G P_in in each order (random and identity sides alike)."""
+    import diffusers_attribution.projection.factored as factored
+
+    monkeypatch.setattr(factored, "_order", lambda block, positions, groups, conv=False: order)
+    model, task, parameters, projector, inputs = toy_setup(layer_dims=GRIDS)
+    keys = list(range(len(inputs.x0)))
+    assert_close_rel(*factored_and_reference(model, task, parameters, projector, inputs, keys))
+    with warnings.catch_warnings():  # given identity sides (calibration's start) are skipped, not multiplied
+        warnings.simplefilter("ignore")
+        identity = FactoredProjector(model, parameters, None, bases={
+            "conv_in.weight": {"out": torch.eye(8), "in": torch.eye(18)},
+            "tokens.weight": {"out": torch.eye(6), "in": torch.linalg.qr(torch.randn(6, 4)).Q},
+            "strided.weight": {"out": torch.linalg.qr(torch.randn(6, 3)).Q, "in": torch.eye(36)}})
+    assert identity.block("conv_in.weight").identity("in") and not identity.block("tokens.weight").identity("in")
+    assert_close_rel(*factored_and_reference(model, task, parameters, identity, inputs, keys))
+
+
+class SamePadding(nn.Module):
+    """Convs with padding="same" (an even kernel: the extra pixel goes right/bottom) and "valid"."""
+
+    def __init__(self):
+        super().__init__()
+        self.same = nn.Conv2d(2, 5, 4, padding="same", dilation=2)
+        self.valid = nn.Conv2d(5, 2, 3, padding="valid")
+
+    def forward(self, x, t, return_dict=False):
+        return (torch.nn.functional.interpolate(self.valid(torch.tanh(self.same(x))), size=x.shape[-2:]),)
+
+
+@pytest.mark.parametrize("order", ["both", "out", "in"])
+def test_string_padding_in_every_order(monkeypatch, order):
+    import diffusers_attribution.projection.factored as factored
+
+    monkeypatch.setattr(factored, "_order", lambda block, positions, groups, conv=False: order)
+    torch.manual_seed(0)
+    model = SamePadding()
+    config = AttributionConfig(method="trak", num_timesteps=2, projection_dim=40, calibration_examples=0)
+    task = AttributionTask(ToyAdapter(model), config)
+    parameters = select_parameters(model, config)
+    projector = FactoredProjector(model, parameters, 40, seed=2, layer_dims={"same.weight": [3, 6]})
+    inputs = ModelInputs(torch.randn(3, 2, 8, 8, generator=torch.Generator().manual_seed(1)))
+    assert_close_rel(*factored_and_reference(model, task, parameters, projector, inputs, [0, 1, 2]))

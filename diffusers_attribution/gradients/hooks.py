@@ -5,10 +5,12 @@ so (a, δ) per layer is all a projector needs; the per-sample gradient itself is
 
 The hooks go through diffusers' `HookRegistry` (`diffusers.hooks`), next to any hooks already there:
 `pre_forward` keeps a reference to the module's input (autograd saves that tensor for the weight
-gradient anyway, so this costs no memory), `post_forward` adds a zero "anchor" scalar to the output and
-registers a tensor hook on it that receives δ during backward. `capture.backward(F)` differentiates F
-with respect to the anchor only: every hooked output lies on that path, so all tensor hooks fire, while
-autograd skips the parameter gradients nobody asked for (and `.grad` is never touched).
+gradient anyway, so this costs no memory), `post_forward` passes the output through `Tap`, an identity
+autograd function that also takes a zero "anchor" scalar: its backward hands δ to the hook and gives the
+anchor no gradient. `capture.backward(F)` differentiates F with respect to the anchor only: every hooked
+output lies on that path, so every tap runs, while autograd skips the parameter gradients nobody asked
+for (and `.grad` is never touched). (An earlier version added the anchor to each output and registered a
+tensor hook: the same δ, plus an add in the forward and a sum over δ in the backward per hooked call.)
 
     with attribution_hooks({"conv_in": unet.conv_in}, on_gradient=None) as capture:
         capture.backward(task.outputs(inputs, keys).sum())
@@ -56,21 +58,33 @@ class CaptureHook(ModelHook):
         self.calls += 1
         if not (torch.is_grad_enabled() and isinstance(output, torch.Tensor) and output.is_floating_point()):
             return output
-        output = output + self.anchors.get(output.device)  # exact: x + 0 = x; puts y on the anchor's path
-        output.register_hook(lambda delta: self._received(module, a, delta))
-        return output
+        return Tap.apply(output, self.anchors.get(output.device), lambda delta: self._received(module, a, delta))
 
     def _received(self, module, a, delta):
         if self.on_gradient is None:
-            self.captured.append((a, delta.detach()))
+            self.captured.append((a, delta))
         else:
-            self.on_gradient(self.name, module, a, delta.detach())
-        # returning None leaves the gradient unchanged
+            self.on_gradient(self.name, module, a, delta)
 
     def clear(self) -> None:
         self.captured.clear()
         self.calls = 0
         self._input = None
+
+
+class Tap(torch.autograd.Function):
+    """y ↦ y (the same values, a new autograd node on the anchor's path); backward: δ to `receive`, δ through."""
+
+    @staticmethod
+    def forward(ctx, output, anchor, receive):
+        ctx.receive = receive
+        return output.detach()  # shares storage and version counter with y: in-place changes stay checked
+
+    @staticmethod
+    def backward(ctx, delta):
+        receive, ctx.receive = ctx.receive, None  # drop the closure (it holds a) once δ arrived
+        receive(delta.detach())
+        return delta, None, None
 
 
 class Anchors:

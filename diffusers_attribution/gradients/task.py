@@ -79,8 +79,8 @@ class AttributionTask:
                              for key, row in zip(keys, timesteps) for t, column in zip(row, selected)])
         rows = inputs.repeat_rows(per_example)
         device = rows.x0.device
-        t = timesteps.flatten().to(device)
-        noise = noise.to(device, rows.x0.dtype)
+        t = _to_device(timesteps.flatten(), device)
+        noise = _to_device(noise, device).to(rows.x0.dtype)
         x_t = self.adapter.add_noise(rows.x0, noise, t)
         with self._autocast(device):
             prediction = self.adapter.predict(x_t, t, rows.conditioning)
@@ -92,6 +92,13 @@ class AttributionTask:
         if self.config.dtype == "float32":
             return contextlib.nullcontext()
         return torch.autocast(device.type, dtype=getattr(torch, self.config.dtype))
+
+
+def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A CPU-drawn tensor on `device`; to CUDA through pinned memory without blocking the host (no sync)."""
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 def draw_noise(shape, seed: int, noise_mode: str, key, t: int, draw: int = 0, cache: dict | None = None) -> torch.Tensor:

@@ -21,6 +21,7 @@ from ..gradients.reference import per_example_gradients
 from ..gradients.task import AttributionTask
 
 BLOCK_ROWS = 4096  # rows of P generated from one seed; part of the projection's definition, never change it
+FINISH_ROWS, FINISH_BYTES = 256, 64 << 20  # `Projector.finish_rows`
 
 
 class Projector:
@@ -45,6 +46,28 @@ class Projector:
 
     def project(self, gradients: dict[str, torch.Tensor]) -> torch.Tensor:
         raise NotImplementedError
+
+    # ------------------------------------------------------------------ the featurization loop's two steps
+
+    def partial_features(self, task: AttributionTask, parameters: dict, inputs: ModelInputs,
+                         keys: Sequence) -> torch.Tensor:
+        """Per batch: what `finish` turns into φ row by row; features = finish(partial_features). A projector
+        whose last step is one linear map, such as the calibrated mix, runs it on `finish_rows` rows at once."""
+        return self.features(task, parameters, inputs, keys)
+
+    def finish(self, partial: torch.Tensor) -> torch.Tensor:
+        return partial
+
+    @property
+    def partial_dim(self) -> int:
+        """Columns of `partial_features`."""
+        return self.dim
+
+    @property
+    def finish_rows(self) -> int:
+        """Rows of `partial_features` the featurization loop keeps on the device before one `finish` and one
+        copy to the CPU (FINISH_ROWS, fewer if they would take more than FINISH_BYTES)."""
+        return max(1, min(FINISH_ROWS, FINISH_BYTES // (4 * max(1, self.partial_dim))))
 
     # ------------------------------------------------------------------ projectors fitted on data
 

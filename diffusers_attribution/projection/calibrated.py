@@ -20,6 +20,12 @@ of the kept coordinates like any Gaussian projection, and the truncation drops a
 JL noise to the kernel scores but little signal. Sides wider than `MAX_SIDE` are first reduced to MAX_SIDE
 orthonormal random directions (seeded), so calibration costs O(MAX_SIDE²) per layer and side.
 
+Cost: one factored pass over the calibration examples (identity sides are not multiplied, so a weight's
+coordinates are its per-example gradient), in batches of CALIBRATION_BATCH; the moments are summed per
+batch in float64, and the energies E[(H_p)_ij²] come from the kept coordinates of that same pass (a second
+pass only when they exceed KEEP_BYTES). n is `calibration_examples` capped by the training set size
+(`calibration_count`). The mix runs once per example, on blocks of rows (`CalibratedProjector.finish`).
+
 The bases depend on the model and the calibration examples, not only on seeds: they are saved with the
 features (`projection.safetensors` in a store) and queries are always projected with the saved ones.
 """
@@ -41,9 +47,19 @@ from .base import BLOCK_ROWS, Projector
 from .factored import FactoredProjector, handled_parameters
 from .registry import register_projector
 
-VERSION = 1  # bump if the definition of the calibration changes
+VERSION = 1  # bump if the definition of the features changes (the stored bases define them; see `calibrate`)
 MAX_SIDE = 1024  # sides wider than this are reduced to MAX_SIDE random orthonormal directions first
-CALIBRATION_BATCH = 4  # examples per calibration step (fixed: sums in float64 in this order)
+CALIBRATION_BATCH = 16  # examples per calibration step (fixed: sums in float64 in this order)
+KEEP_BYTES = 1 << 30  # pass 1's coordinates are kept for the energies up to this size, else pass 2 recomputes them
+CAP_FRACTION = 8  # at most N / CAP_FRACTION calibration examples (but up to 16 whatever N)
+
+
+def calibration_count(num_examples: int, requested: int) -> int:
+    """How many examples calibrate a training set of N: `requested`, at most max(16, N // 8), at most N.
+
+    A calibration example costs more than a featurized one (a per-example gradient of every layer and its
+    moments): on a small training set the default 64 would be most of the time (docs/benchmarks.md)."""
+    return min(requested, num_examples, max(16, num_examples // CAP_FRACTION))
 
 
 def calibration_indices(num_examples: int, count: int, seed: int) -> list[int]:
@@ -85,7 +101,8 @@ class CalibratedProjector(Projector):
         return self.bases is not None
 
     def fit_examples(self, num_examples: int) -> list[int]:
-        return calibration_indices(num_examples, self.examples, self.seed)
+        """`examples` (calibration_examples) capped by the training set: `calibration_count`."""
+        return calibration_indices(num_examples, calibration_count(num_examples, self.examples), self.seed)
 
     def fit(self, task: AttributionTask, parameters: dict, batches, progress: bool = False) -> None:
         self._use(calibrate(task, self.denoiser, parameters, batches, self.sketch_dim, self.seed, progress=progress))
@@ -104,14 +121,28 @@ class CalibratedProjector(Projector):
             self._mix[key] = torch.cat(blocks).div_(math.sqrt(self.dim)).to(device)
         return self._mix[key]
 
+    @property
+    def partial_dim(self) -> int:
+        """k_mid: the featurization loop keeps `finish_rows` sketches, so that one product [rows, k_mid] @ M
+        reads M (k_mid × k floats, 85 MB on the digits UNet) from memory once for all of them."""
+        return self.sketch.dim if self.fitted else self.dim
+
     def features(self, task: AttributionTask, parameters: dict, inputs: ModelInputs, keys: Sequence) -> torch.Tensor:
+        return self.finish(self.partial_features(task, parameters, inputs, keys))
+
+    def partial_features(self, task: AttributionTask, parameters: dict, inputs: ModelInputs,
+                         keys: Sequence) -> torch.Tensor:
+        """The sketch [B, k_mid]: each example's coordinates, summed over its timesteps and noise draws."""
         if not self.fitted:
             raise RuntimeError(
                 f"this factored projection is calibrated on training examples (calibration_examples={self.examples}): "
                 "featurize the training set first, or build the featurizer from the store "
                 "(get_method(store.config.method).featurizer(pipe, store.config, store=store))")
-        sketch = self.sketch.features(task, parameters, inputs, keys)
-        return sketch @ self.mix(sketch.device)
+        return self.sketch.features(task, parameters, inputs, keys)
+
+    def finish(self, partial: torch.Tensor) -> torch.Tensor:
+        """φ = sketch @ M, once per example: M is linear, so mixing the averaged sketch is mixing each row."""
+        return partial @ self.mix(partial.device)
 
     def spec(self) -> dict:
         return {"kind": self.kind, "calibrated": True, "version": VERSION, "dim": self.dim, "seed": self.seed,
@@ -126,42 +157,87 @@ class CalibratedProjector(Projector):
 
 def calibrate(task: AttributionTask, denoiser: nn.Module, parameters: dict[str, nn.Parameter],
               batches: Iterable[tuple[ModelInputs, Sequence]], sketch_dim: int, seed: int, progress: bool = False) -> dict:
-    """The calibrated bases {parameter: {"out", "in"} or {"dense"}} from two passes over `batches`.
+    """The calibrated bases {parameter: {"out", "in"} or {"dense"}} from the examples of `batches`.
 
-    Pass 1 accumulates S, A (or C) from the coordinates of G in the (possibly reduced) full sides; pass 2
-    measures E[H_ij²] in the eigenbases; then the top `sketch_dim` entries choose each rectangle.
-    `batches` must be re-iterable (a list): both passes read the same examples. `progress`: a bar per pass.
+    Pass 1 (`calibration_moments`) accumulates S, A (or C) from the coordinates of G in the (possibly
+    reduced) full sides; their eigenvectors are the bases; then E[H_ij²] in the eigenbases, from pass 1's
+    coordinates when they fit in KEEP_BYTES, else from a second pass; the top `sketch_dim` entries choose
+    each rectangle. `batches` must be re-iterable (a list): a second pass reads the same examples.
+    `progress`: a bar per pass.
+    """
+    batches = list(batches)
+    moments = calibration_moments(task, denoiser, parameters, batches, seed, progress)
+    full, count, kept = moments.pop("projector"), moments.pop("count"), moments.pop("coordinates")
+    reduced, eigen = {}, {}
+    for block in _blocks(full):
+        sides = ("out", "in") if block.role == "weight" else ("dense",)
+        reduced[block.name] = {side: _eigenvectors(m / count) for side, m in zip(sides, moments[block.name])}
+        eigen[block.name] = {side: vectors if block.identity(side) else full.matrix(block.name, side, torch.float64) @ vectors
+                             for side, vectors in reduced[block.name].items()}
+    if kept is not None:  # the rotated coordinates U_rᵀ H V_r of the kept H: no second pass
+        energy = _energies(full, reduced, kept) / count
+    else:
+        rotated = FactoredProjector(denoiser, parameters, None, seed, bases=eigen)
+        energy = torch.zeros(rotated.dim, dtype=torch.float64)
+        for inputs, keys in _progress(batches, "calibrating projection (pass 2/2: energy in the eigenbases)", progress):
+            energy += rotated.features(task, parameters, inputs, keys).double().pow(2).sum(0).cpu()
+        energy /= count
+    return _keep_top(full, eigen, energy, sketch_dim)
+
+
+def calibration_moments(task: AttributionTask, denoiser: nn.Module, parameters: dict[str, nn.Parameter],
+                        batches: Iterable[tuple[ModelInputs, Sequence]], seed: int, progress: bool = False) -> dict:
+    """Pass 1: {parameter: (Σ_n H_n H_nᵀ, Σ_n H_nᵀ H_n) for a weight, (Σ_n h_n h_nᵀ,) otherwise} in float64,
+    H_n = Q_outᵀ G_n Q_in the coordinates of example n's gradient in the reduced sides (`_reduced_sides`: I, or
+    MAX_SIDE orthonormal directions), plus "count" (examples), "projector" (the factored projector with those
+    sides) and "coordinates" (every H_n in its layout, [n, dim] float32 on the CPU, when that fits in
+    KEEP_BYTES, else None).
+
+    Sums run in float64 in batch order; identity sides are never multiplied (factored.py), so a weight's H_n
+    is its per-example gradient Σ_pos δ_pos a_posᵀ, summed over the example's timesteps and noise draws.
     """
     batches = list(batches)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # left-out parameters: warned about once, by the caller's projector
         full = FactoredProjector(denoiser, parameters, None, seed, bases=_reduced_sides(denoiser, parameters, seed))
-    moments = {b.name: _zero_moments(b) for b in _blocks(full)}
-    count = 0
-    for inputs, keys in _progress(batches, "calibrating projection (pass 1/2: gradient moments)", progress):
-        coordinates = full.features(task, parameters, inputs, keys).double().cpu()
-        count += len(keys)
+    count = sum(len(keys) for _, keys in batches)
+    if count == 0:
+        raise ValueError("calibration needs at least one training example")
+    keep = count * full.dim * 4 <= KEEP_BYTES
+    moments, kept = None, []
+    description = "calibrating projection (gradient moments" + (")" if keep else ", pass 1/2)")
+    for inputs, keys in _progress(batches, description, progress):
+        coordinates = full.features(task, parameters, inputs, keys)
+        device = coordinates.device if coordinates.device.type in ("cpu", "cuda") else torch.device("cpu")  # float64
+        if moments is None:
+            moments = {b.name: _zero_moments(b, device) for b in _blocks(full)}
         for block in _blocks(full):
-            h = coordinates[:, block.offset : block.offset + block.k]
+            h = coordinates[:, block.offset : block.offset + block.k].to(device, torch.float64)
             if block.role == "weight":
                 h = h.reshape(len(h), block.k_out, block.k_in)
                 moments[block.name][0].add_(torch.einsum("bij,bkj->ik", h, h))
                 moments[block.name][1].add_(torch.einsum("bji,bjk->ik", h, h))
             else:
                 moments[block.name][0].add_(h.T @ h)
-    if count == 0:
-        raise ValueError("calibration needs at least one training example")
+        if keep:
+            kept.append(coordinates.float().cpu())
+    return {**{name: tuple(m.cpu() for m in ms) for name, ms in moments.items()}, "count": count, "projector": full,
+            "coordinates": torch.cat(kept) if keep else None}
 
-    eigen = {}
+
+def _energies(full: FactoredProjector, reduced: dict, coordinates: torch.Tensor, chunk: int = 16) -> torch.Tensor:
+    """Σ_n (U_rᵀ H_n V_r)² entry by entry (float64), laid out as `full`'s blocks (the rotated projector's too)."""
+    energy = torch.zeros(full.dim, dtype=torch.float64)
     for block in _blocks(full):
-        sides = ("out", "in") if block.role == "weight" else ("dense",)
-        eigen[block.name] = {side: full.matrix(block.name, side, torch.float64) @ _eigenvectors(m / count)
-                             for side, m in zip(sides, moments[block.name])}
-    rotated = FactoredProjector(denoiser, parameters, None, seed, bases=eigen)
-    energy = torch.zeros(rotated.dim, dtype=torch.float64)
-    for inputs, keys in _progress(batches, "calibrating projection (pass 2/2: energy in the eigenbases)", progress):
-        energy += rotated.features(task, parameters, inputs, keys).double().pow(2).sum(0).cpu()
-    return _keep_top(rotated, eigen, energy / count, sketch_dim)
+        sides = reduced[block.name]
+        for start in range(0, len(coordinates), chunk):
+            h = coordinates[start : start + chunk, block.offset : block.offset + block.k].double()
+            if block.role == "weight":
+                h = sides["out"].T @ h.reshape(len(h), block.k_out, block.k_in) @ sides["in"]
+            else:
+                h = h @ sides["dense"]
+            energy[block.offset : block.offset + block.k] += h.pow(2).sum(0).flatten()
+    return energy
 
 
 def _progress(batches: list, description: str, enabled: bool):
@@ -176,7 +252,8 @@ def _progress(batches: list, description: str, enabled: bool):
 
 
 def _keep_top(rotated: FactoredProjector, eigen: dict, energy: torch.Tensor, sketch_dim: int) -> dict:
-    """Per parameter, the smallest rectangle of leading eigen-directions holding its share of the top entries."""
+    """Per parameter, the smallest rectangle of leading eigen-directions holding its share of the top entries
+    (`rotated`: a projector with the blocks' layout in the full eigenbases, or the reduced sides: the same)."""
     chosen = torch.zeros_like(energy, dtype=torch.bool)
     chosen[torch.topk(energy, min(sketch_dim, len(energy))).indices] = True
     # A parameter whose gradient is zero (an unused module) gets no features, nor does a direction whose energy is
@@ -216,11 +293,9 @@ def _reduced_sides(denoiser: nn.Module, parameters: dict, seed: int) -> dict:
     return sides
 
 
-def _zero_moments(block) -> tuple[torch.Tensor, ...]:
-    if block.role == "weight":
-        return (torch.zeros(block.k_out, block.k_out, dtype=torch.float64),
-                torch.zeros(block.k_in, block.k_in, dtype=torch.float64))
-    return (torch.zeros(block.k, block.k, dtype=torch.float64),)
+def _zero_moments(block, device) -> tuple[torch.Tensor, ...]:
+    sizes = (block.k_out, block.k_in) if block.role == "weight" else (block.k,)
+    return tuple(torch.zeros(size, size, dtype=torch.float64, device=device) for size in sizes)
 
 
 def _eigenvectors(matrix: torch.Tensor) -> torch.Tensor:

@@ -37,6 +37,7 @@ given (`bases=`): calibrated.py measures eigenbases on training examples, the de
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import math
 import warnings
@@ -54,6 +55,7 @@ from ..seeding import seed_from
 from .base import Projector
 
 VERSION = 1  # bump if the definition of the projection changes
+CONV_OUT_ADVANTAGE = 2.0  # see `_order`
 
 
 @dataclass
@@ -88,6 +90,19 @@ class Block:
         """P_out = I: every output dimension kept, unless that would leave entries of G out entirely (both
         sides full but k < d_out·d_in): then P_out stays Gaussian and the columns are estimated instead."""
         return self.k_out == self.d_out and (not self.exact_in or self.k == self.d_out * self.d_in)
+
+    def __post_init__(self):
+        self._orders: dict[tuple, str] = {}  # `_order`, by (positions, groups, conv)
+        if self.basis is not None:  # checked once: a given side may be I (calibration's starting sides)
+            self._identity = {role: _is_identity(matrix) for role, matrix in self.basis.items()}
+        elif self.role == "weight":
+            self._identity = {"in": self.exact_in, "out": self.exact_out}
+        else:
+            self._identity = {"dense": False}
+
+    def identity(self, role: str) -> bool:
+        """The side's matrix is I (an exact side, or a given identity basis): it is never multiplied."""
+        return self._identity[role]
 
     def entry_scale(self) -> torch.Tensor:
         """s [k] with E⟨s ⊙ e, s ⊙ e'⟩ = ⟨G, G'⟩ for the kept entries e = vec(P_outᵀ G P_in)[:k].
@@ -230,41 +245,88 @@ class FactoredProjector(Projector):
                 f"{module_name} ran on {a.shape[0]} rows, expected {batch}×{per_example} (example-major); "
                 "the factored projector needs every hooked layer to see one row per (example, timestep)"
             )
-        with torch.autocast(a.device.type, enabled=False):
+        autocast = torch.is_autocast_enabled(a.device.type)
+        with torch.autocast(a.device.type, enabled=False) if autocast else contextlib.nullcontext():
             a, delta = (a if isinstance(module, nn.Embedding) else a.float()), delta.float()
             for block in self.blocks[module_name]:
                 value = _PROJECT[block.role](self, block, module, a, delta, batch)
                 self._out[:, block.offset : block.offset + block.k] += value
 
     def _weight(self, block, module, a, delta, batch):
-        """Σ_pos (P_outᵀ δ_pos)(P_inᵀ a_pos)ᵀ per example, first k entries row-major."""
-        p_out = self._matrix(block, "out", a.device)
-        if isinstance(module, nn.Linear):  # a [R, ..., d_in], δ [R, ..., d_out]: positions in the middle
-            p_in = self._matrix(block, "in", a.device)
-            pa = a.reshape(batch, -1, block.d_in) @ p_in  # [B, n, k_in], n = K'·positions
-            pd = delta.reshape(batch, -1, block.d_out) @ p_out  # [B, n, k_out]
-            product = pd.transpose(1, 2) @ pa
-        elif isinstance(module, nn.Embedding):  # a: indices [R, ...], δ [R, ..., dim]; W rows are "out"
+        """Σ_pos (P_outᵀ δ_pos)(P_inᵀ a_pos)ᵀ per example, first k entries row-major.
+
+        The same product in the cheapest of three orders (`_order`, multiply-adds): both sides projected per
+        position, then one outer product per position ("both"); δ projected, Σ_pos (P_outᵀ δ_pos) a_posᵀ
+        [k_out, d_in], then · P_in once per example ("out"; for a conv the weight gradient of a convolution
+        grouped by example, K' rows as its batch); or a projected, Σ_pos δ_pos (P_inᵀ a_pos)ᵀ [d_out, k_in],
+        then P_outᵀ · ("in"). A side whose matrix is I (an exact side, or a given identity basis, such as
+        calibration's starting sides) is never multiplied; a conv with P_in = I uses the unfolded patches.
+        The orders agree to float rounding (tests/test_factored.py checks each against autograd).
+        """
+        if isinstance(module, nn.Embedding):  # a: indices [R, ...], δ [R, ..., dim]; W rows are "out"
+            p_out = self._matrix(block, "out", a.device)
             looked_up = p_out[a.reshape(batch, -1)]  # [B, n, k_out]: P_outᵀ e_idx
             if module.padding_idx is not None:  # autograd gives the padding row no gradient
                 looked_up = looked_up * (a.reshape(batch, -1, 1) != module.padding_idx)
             pd = delta.reshape(batch, -1, block.d_in) @ self._matrix(block, "in", a.device)  # [B, n, k_in]
             product = looked_up.transpose(1, 2) @ pd
+        elif isinstance(module, nn.Linear):  # a [R, ..., d_in], δ [R, ..., d_out]: positions in the middle
+            a, delta = a.reshape(batch, -1, block.d_in), delta.reshape(batch, -1, block.d_out)  # n = K'·positions
+            order = _order(block, a.shape[1], 1)
+            if order == "out":
+                product = self._out_side(block, delta, a.device).transpose(1, 2) @ a  # [B, k_out, d_in]
+                product = self._in_side(block, product, a.device)
+            elif order == "in":
+                product = delta.transpose(1, 2) @ self._in_side(block, a, a.device)  # [B, d_out, k_in]
+                product = self._out_side(block, product.transpose(1, 2), a.device).transpose(1, 2)
+            else:
+                pa, pd = self._in_side(block, a, a.device), self._out_side(block, delta, a.device)
+                product = pd.transpose(1, 2) @ pa
         else:  # Conv2d: a [R, C_in, H, W], δ [R, C_out, H', W']
-            groups, rows = module.groups, a.shape[0]
-            kernel = self._matrix(block, "kernel", a.device, groups)
-            padding = module.padding
-            if module.padding_mode != "zeros":
-                a, padding = F.pad(a, module._reversed_padding_repeated_twice, mode=module.padding_mode), 0
-            pa = F.conv2d(a, kernel, None, module.stride, padding, module.dilation, groups)
-            pa = pa.reshape(rows, groups, block.k_in, -1)  # [R, g, k_in, positions]
-            pd = torch.einsum(
-                "gck,rgcp->rgkp",
-                p_out.reshape(groups, block.d_out // groups, block.k_out),
-                delta.reshape(rows, groups, block.d_out // groups, -1),
-            )
-            product = torch.einsum("rgkp,rgip->rki", pd, pa).reshape(batch, -1, block.k_out, block.k_in).sum(1)
+            groups, rows, output_shape = module.groups, a.shape[0], delta.shape[2:]
+            delta = delta.reshape(rows, groups, block.d_out // groups, -1)  # [R, g, d_out/g, positions]
+            a, padding = _explicit_padding(module, a)
+            order = _order(block, delta.shape[-1] * rows // batch, groups, conv=True)
+            if order == "out":  # Σ_pos (P_outᵀ δ) aᵀ per example: the weight gradient of a conv with groups B·g
+                pd = self._conv_out_side(block, delta, groups, a.device)  # [R, g, k_out, positions]
+                per_row = rows // batch
+                pd = pd.reshape(batch, per_row, -1, *output_shape).transpose(0, 1)  # [K', B, g·k_out, H', W']
+                x = a.reshape(batch, per_row, *a.shape[1:]).transpose(0, 1)  # [K', B, C_in, H, W]
+                weight_shape = (batch * groups * block.k_out, a.shape[1] // groups, *module.kernel_size)
+                product = torch.nn.grad.conv2d_weight(
+                    x.reshape(per_row, -1, *a.shape[2:]), weight_shape, pd.reshape(per_row, -1, *pd.shape[3:]),
+                    module.stride, padding, module.dilation, batch * groups,
+                ).reshape(batch, groups, block.k_out, block.d_in).sum(1)
+                product = self._in_side(block, product, a.device)
+            else:
+                if block.identity("in"):  # the patches themselves: [R, g, d_in, positions]
+                    pa = F.unfold(a, module.kernel_size, module.dilation, padding, module.stride)
+                else:  # P_inᵀ a_pos at every position: a convolution with P_in as kernel, per group
+                    kernel = self._matrix(block, "kernel", a.device, groups)
+                    pa = F.conv2d(a, kernel, None, module.stride, padding, module.dilation, groups)
+                pa = pa.reshape(rows, groups, block.k_in, -1)
+                if order == "in":  # Σ_pos δ (P_inᵀ a)ᵀ [B, d_out, k_in], then P_outᵀ
+                    product = (delta @ pa.transpose(2, 3)).reshape(batch, -1, block.d_out, block.k_in).sum(1)
+                    product = self._out_side(block, product.transpose(1, 2), a.device).transpose(1, 2)
+                else:  # both projected: Σ_pos (P_outᵀ δ)(P_inᵀ a)ᵀ
+                    product = self._conv_out_side(block, delta, groups, a.device) @ pa.transpose(2, 3)
+                    product = product.reshape(batch, -1, block.k_out, block.k_in).sum(1)
         return product.flatten(1)[:, : block.k] * self._matrix(block, "scale", a.device)
+
+    def _in_side(self, block, x, device):
+        """x [..., d_in] · P_in (nothing on an exact side)."""
+        return x if block.identity("in") else x @ self._matrix(block, "in", device)
+
+    def _out_side(self, block, x, device):
+        """x [..., d_out] · P_out (nothing on an exact side)."""
+        return x if block.identity("out") else x @ self._matrix(block, "out", device)
+
+    def _conv_out_side(self, block, delta, groups, device):
+        """δ [R, g, d_out/g, positions] → P_out[group rows]ᵀ δ per group: [R, g, k_out, positions]."""
+        if block.identity("out") and groups == 1:
+            return delta
+        p_out = self._matrix(block, "out", device).reshape(groups, block.d_out // groups, block.k_out)
+        return p_out.transpose(1, 2) @ delta
 
     def _bias(self, block, module, a, delta, batch):
         """P_bᵀ Σ_pos δ_pos."""
@@ -291,6 +353,59 @@ _PROJECT = {
     "norm-weight": FactoredProjector._norm,
     "norm-bias": FactoredProjector._norm,
 }
+
+
+def _order(block: Block, positions: int, groups: int, conv: bool = False) -> str:
+    key = (positions, groups, conv)
+    if key not in block._orders:
+        block._orders[key] = _cheapest(block, positions, groups, conv)
+    return block._orders[key]
+
+
+def _cheapest(block: Block, positions: int, groups: int, conv: bool = False) -> str:
+    costs = weight_costs(block.d_out, block.d_in, block.k_out, block.k_in, positions, groups, conv,
+                         block.identity("in"), block.identity("out"))
+    return min(costs, key=costs.get)  # ties: the first, "both"
+
+
+def weight_costs(d_out: int, d_in: int, k_out: int, k_in: int, positions: int, groups: int = 1, conv: bool = False,
+                 identity_in: bool = False, identity_out: bool = False) -> dict[str, float]:
+    """Multiply-adds per example of each order of `FactoredProjector._weight` ("both", "out", "in") for a
+    k_out × k_in grid, `positions` positions per example (K' rows × positions per row), `groups` conv groups.
+
+    For a conv, "out" is a grouped weight-gradient convolution, which ran 2-4× slower per multiply-add than
+    the projecting convolution on one CPU core (a scratch timing of the digits UNet's layers, not a
+    benchmark): its count is multiplied by CONV_OUT_ADVANTAGE, so that it is chosen only when it needs that
+    many times fewer. The choice changes speed only, never the features (beyond float rounding).
+    """
+    project_in = 0 if identity_in else groups * d_in * k_in
+    project_out = 0 if identity_out else d_out * k_out
+    costs = {
+        "both": positions * (project_in + project_out + groups * k_out * k_in),
+        "out": positions * (project_out + groups * k_out * d_in) + (0 if identity_in else k_out * d_in * k_in),
+        "in": positions * (project_in + d_out * k_in) + (0 if identity_out else d_out * k_out * k_in),
+    }
+    if conv and not identity_in:
+        costs["out"] *= CONV_OUT_ADVANTAGE
+    return costs
+
+
+def _is_identity(matrix: torch.Tensor) -> bool:
+    return matrix.shape[0] == matrix.shape[1] and torch.equal(matrix, torch.eye(len(matrix), dtype=matrix.dtype,
+                                                                                 device=matrix.device))
+
+
+def _explicit_padding(module: nn.Conv2d, a: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+    """(a, padding) such that the conv is `conv2d(a, W, padding=padding)`: a non-zero padding mode, or the
+    strings "same" (stride 1; the extra pixel right/bottom, as conv2d does) and "valid", applied to a."""
+    if module.padding_mode != "zeros":
+        return F.pad(a, module._reversed_padding_repeated_twice, mode=module.padding_mode), (0, 0)
+    if isinstance(module.padding, str):
+        if module.padding == "same":
+            total = [d * (k - 1) for d, k in zip(module.dilation, module.kernel_size)]
+            a = F.pad(a, (total[1] // 2, total[1] - total[1] // 2, total[0] // 2, total[0] - total[0] // 2))
+        return a, (0, 0)
+    return a, tuple(module.padding)
 
 
 def _per_example(delta: torch.Tensor, batch: int, channels_last: bool) -> torch.Tensor:
