@@ -1,6 +1,11 @@
 """A store written by diffusers-attribution 0.1.0 before the restructuring (tests/fixtures/store_v0_1_0, made
 from `tiny_ddpm_pipeline()` with D-TRAK, K=3, calibrated factored k=16, shards of 5 rows, one torch thread as in
-these tests) loads and scores exactly as it did, and featurizing the same data with its bases gives the same bits."""
+these tests) loads bit for bit and scores as it did, and featurizing the same data with its bases gives its features.
+
+Since issue 17 (contraction orders chosen per layer by cost, the mix on blocks of rows) new projections agree
+with 0.1.0 to float rounding, not bit for bit: the stored features still load bit for bit; scores and features
+computed again are compared at 1e-5 of their scale (measured differences: 1.1e-6 for the scores, 1.5e-7 for
+the features)."""
 
 from __future__ import annotations
 
@@ -17,26 +22,30 @@ from diffusers_attribution.featurize import Featurizer
 FIXTURES = Path(__file__).parent / "fixtures"
 
 
+def assert_rounding_close(actual, expected, tol=1e-5):
+    torch.testing.assert_close(actual, expected, rtol=tol, atol=tol * float(expected.abs().max()))
+
+
 def test_store_written_before_the_restructuring_scores_identically():
     expected = load_file(str(FIXTURES / "store_v0_1_0_expected.safetensors"))
     store = FeatureStore.from_pretrained(FIXTURES / "store_v0_1_0", verify=True)
     assert torch.equal(store.features, expected["features"])
     pipe = enable_attribution(tiny_ddpm_pipeline())
     result = pipe.attribute(expected["queries"], store, progress=False)
-    assert torch.equal(result.scores, expected["scores"])  # bit-identical, not just close
+    assert_rounding_close(result.scores, expected["scores"])
 
 
 def test_featurizing_again_gives_the_stored_features_bit_for_bit(tmp_path):
     """Calibrated bases are canonical since issue 13 (eigenvector signs fixed, projection/calibrated.py): a fresh
     calibration gives the stored bases up to the sign of each column, and with the stored bases the features are
-    the stored ones, bit for bit."""
+    the stored ones (to float rounding since issue 17)."""
     expected = load_file(str(FIXTURES / "store_v0_1_0_expected.safetensors"))
     store = FeatureStore.from_pretrained(FIXTURES / "store_v0_1_0", verify=True)
     pipe = enable_attribution(tiny_ddpm_pipeline())
     featurizer = Featurizer(pipe, store.config, projection_state=store.projection_state)
     data = as_training_data(expected["train"])
     features = torch.cat([featurizer.featurize_rows(data, e["start"], e["stop"])[0] for e in store.shards])
-    assert torch.equal(features, expected["features"])  # same shards, so the same batches
+    assert_rounding_close(features, expected["features"])  # same shards, so the same batches
 
     config = AttributionConfig(method="d-trak", num_timesteps=3, projection_dim=16, calibration_examples=4)
     fresh = pipe.featurize(expected["train"], config, progress=False, output_dir=tmp_path / "store", shard_rows=5)
