@@ -157,6 +157,13 @@ def vmap_features(task, parameters, inputs, keys, projector, fallback):
 # ----------------------------------------------------------------------------- measurement
 
 
+def in_round_order(methods: dict, index: int) -> list:
+    """Round `index`'s order: as given on even rounds, reversed on odd ones, so that no method always runs
+    right after the same other one (on a loaded CPU the second of two similar calls often ran faster)."""
+    items = list(methods.items())
+    return items if index % 2 == 0 else items[::-1]
+
+
 def throughput(name, adapter, inputs, config, steps, device, budget_s=120.0, previous=None):
     """Each method once (warm-up, peak memory growth measured, caches such as the dense P included), then
     `steps` interleaved rounds of one timed call per method (fewer past `budget_s`), so that a busy moment
@@ -208,7 +215,7 @@ def throughput(name, adapter, inputs, config, steps, device, budget_s=120.0, pre
         times = {label: [] for label in methods}
         start = time.perf_counter()
         while len(times["train step"]) < steps and (not times["train step"] or time.perf_counter() - start < budget_s):
-            for label, method in methods.items():
+            for label, method in in_round_order(methods, len(times["train step"])):
                 tic = time.perf_counter()
                 method()
                 if torch.device(device).type == "cuda":
@@ -305,8 +312,8 @@ def end_to_end(pipe, images, previous, rounds):
         methods[f"default featurize (previous, {previous.revision})"] = featurize(previous)
     times = {label: [] for label in methods}
     extra = {}
-    for _ in range(rounds):
-        for label, method in methods.items():
+    for index in range(rounds):
+        for label, method in in_round_order(methods, index):
             tic = time.perf_counter()
             result = method()
             times[label].append(time.perf_counter() - tic)
