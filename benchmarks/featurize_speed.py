@@ -297,9 +297,9 @@ def end_to_end(pipe, images, previous, rounds):
             calibrate_method = getattr(featurizer, name)
             spent = {}
 
-            def timed_calibrate(data):
+            def timed_calibrate(*args, **kwargs):
                 tic = time.perf_counter()
-                calibrate_method(data)
+                calibrate_method(*args, **kwargs)
                 spent["calibration"] = time.perf_counter() - tic
 
             setattr(featurizer, name, timed_calibrate)

@@ -205,7 +205,8 @@ def calibration_moments(task: AttributionTask, denoiser: nn.Module, parameters: 
         raise ValueError("calibration needs at least one training example")
     keep = count * full.dim * 4 <= KEEP_BYTES
     moments, kept = None, []
-    description = "calibrating projection (gradient moments" + (")" if keep else ", pass 1/2)")
+    description = ("calibrating projection (one pass: gradient moments, energies)" if keep
+                   else "calibrating projection (pass 1/2: gradient moments)")
     for inputs, keys in _progress(batches, description, progress):
         coordinates = full.features(task, parameters, inputs, keys)
         device = coordinates.device if coordinates.device.type in ("cpu", "cuda") else torch.device("cpu")  # float64
