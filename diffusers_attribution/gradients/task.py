@@ -85,7 +85,8 @@ class AttributionTask:
         with self._autocast(device):
             prediction = self.adapter.predict(x_t, t, rows.conditioning)
         target = self.adapter.target(rows.x0, noise, t)
-        values = self.objective(prediction, target, self.adapter.timestep_weight(t))
+        weight = _to_device(self.adapter.timestep_weight(timesteps.flatten()), device)  # from the CPU timesteps
+        values = self.objective(prediction, target, weight)
         return values.view(batch, per_example).sum(1) / self.num_columns
 
     def _autocast(self, device: torch.device):
