@@ -273,10 +273,10 @@ def previous_package(revision):
 
 
 def end_to_end(pipe, images, previous, rounds):
-    """The default featurization (TRAK, K = 10, k = 2048, calibrated on the default examples) of `images`,
-    calibration included, against training steps over the same (example, timestep) pairs with the same
+    """D-TRAK's featurization (K = 10, k = 2048, calibrated on the default examples; the package's default when
+    issue 17 was filed) of `images`, calibration included, against training steps over the same (example, timestep) pairs with the same
     rows per step (batch_size examples × K), the data loading of both included; interleaved rounds."""
-    config = AttributionConfig(num_timesteps=10)
+    config = AttributionConfig(method="d-trak", num_timesteps=10)  # the default when issue 17 was filed
     adapter = Featurizer(pipe, config).adapter
     task = AttributionTask(adapter, config)
     parameters = select_parameters(adapter.denoiser, config)
@@ -292,7 +292,8 @@ def end_to_end(pipe, images, previous, rounds):
 
     def featurize(package):
         def run():
-            featurizer = package.featurize.Featurizer(pipe, package.AttributionConfig(num_timesteps=10))
+            config = package.AttributionConfig(method="d-trak", num_timesteps=10)
+            featurizer = package.featurize.Featurizer(pipe, config)
             name = "fit_projection" if hasattr(featurizer, "fit_projection") else "calibrate"  # before issue 12
             calibrate_method = getattr(featurizer, name)
             spent = {}
