@@ -25,7 +25,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         help="train the digits DDPM by its recipe (about 75 s on 2 cores) instead of loading the shipped weights")
     parser.add_argument("--cache-dir", default=None, help="with --retrain: where the trained DDPM is cached")
     parser.add_argument("--threads", type=int, default=None,
-                        help="torch intra-op threads (default: 1, the fastest for this tiny model on a busy machine)")
+                        help="torch intra-op threads (default: torch's own; 1 is faster when other jobs keep the cores busy)")
     add_config_arguments(parser)
     return parser
 

@@ -23,10 +23,10 @@ DATASET_NAME = "scikit-learn digits (sklearn.datasets.load_digits, 1797 8x8 imag
 # D-TRAK with K = 10 timesteps, not the method's default K = 30, so that the demo answers within a minute on
 # two CPU cores: measured on one thread, the whole demo took 25 s of CPU with K = 10 and 51 s with K = 30.
 DEMO_CONFIG = {"method": "d-trak", "num_timesteps": 10}
-# The digits UNet is tiny (164k parameters, 8x8 images): one intra-op thread. Measured on a 2-core machine
-# shared with other jobs: 35 s wall with one thread, 430 s with torch's default two (threads waiting on
-# each other when the cores are busy).
-DEMO_THREADS = 1
+# torch's own thread count unless asked (`threads=`). Measured on an idle 2-core machine, the whole demo (shipped
+# weights): 15.9 s wall with torch's default two threads, 21.2 s with one; on a machine whose cores other jobs
+# keep busy a 2-thread pool can be many times slower (threads waiting on each other): pass threads=1 there.
+DEMO_THREADS = None
 
 
 def run_demo(
