@@ -24,6 +24,11 @@ from .store.format import FeatureStore
 REFERENCE_FIELDS = {"checkpoints": "checkpoints", "encoder": "encoder"}  # field: the featurizer option passing it
 
 
+def is_store(train_data: Any) -> bool:
+    """A `FeatureStore`, or a location one is read from (a folder or a Hub repo id), rather than a training set."""
+    return isinstance(train_data, (FeatureStore, str, os.PathLike))
+
+
 def make_featurizer(pipe, config: AttributionConfig, store: FeatureStore | None = None, **options):
     """The featurizer of `config.method` for `pipe` (`options`: `checkpoints=` for TracIn/ReTrac, `encoder=` /
     `processor=` for embedding-cosine); `store`: the store queries will be scored against (its fitted projection)."""
@@ -45,7 +50,7 @@ def featurize(pipe, train_dataset: Any, config: AttributionConfig | None = None,
     """
     config = config or AttributionConfig()
     return make_featurizer(pipe, config).featurize_dataset(train_dataset, progress=progress, output_dir=output_dir,
-                                        accelerator=accelerator, **store_kwargs)
+                                                           accelerator=accelerator, **store_kwargs)
 
 
 def check_references(store: FeatureStore, config: AttributionConfig | None, options: dict,
@@ -104,7 +109,7 @@ def attribute(pipe, images: Any, train_data: Any, config: AttributionConfig | No
                                             progress=progress, trust_remote_references=trust_remote_references,
                                             **options)
     score_fields = {}  # the query config's score-role fields override the store's: they never change features
-    if config is not None and isinstance(train_data, (FeatureStore, str, os.PathLike)):
+    if config is not None and is_store(train_data):
         score_fields = {name: getattr(config, name) for name in config.fields_with_role("score")}
     query_features = featurizer.featurize_queries(images, prompts)
     scorer = make_scorer(store, **score_fields)

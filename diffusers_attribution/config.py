@@ -37,6 +37,8 @@ HASHED_ROLES = ("feature", "projection")
 
 
 def _field(role: str, default: Any = None, *, omit: tuple = (), factory=None):
+    if role not in ROLES:
+        raise ValueError(f"unknown config field role {role!r}; roles: {ROLES}")
     metadata = {"role": role, "omit": omit}
     if factory is not None:
         return field(default_factory=factory, metadata=metadata)

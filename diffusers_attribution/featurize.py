@@ -6,7 +6,6 @@ set is read in batches (`data.training_batches`), and queries go through the sam
 
 from __future__ import annotations
 
-import hashlib
 import os
 import warnings
 from pathlib import Path

@@ -63,13 +63,11 @@ class AttributionMixin:
         them passed (`checkpoints=`, `encoder=`) or `trust_remote_references=True`. A list of stores (or store
         directories) is an ensemble: the mean of the scores against each (methods/ensemble.py).
         """
-        if isinstance(train_data, (list, tuple)) and train_data and all(
-            isinstance(item, (FeatureStore, str, os.PathLike)) for item in train_data
-        ):
+        if isinstance(train_data, (list, tuple)) and train_data and all(api.is_store(item) for item in train_data):
             from .methods.ensemble import ensemble_attribute
 
             return ensemble_attribute([(self, store) for store in train_data], images, prompts=prompts, progress=progress)
-        if not isinstance(train_data, (FeatureStore, str, os.PathLike)):
+        if not api.is_store(train_data):
             config = self._attribution_config(config)
         return api.attribute(self, images, train_data, config, prompts=prompts, progress=progress,
                              check_compatibility=check_compatibility, trust_remote_references=trust_remote_references,

@@ -67,6 +67,18 @@ class Method:
         """An object with `scores(query_features) -> Tensor [n, N]` and `metadata` for the store's features."""
         raise NotImplementedError
 
+    def projected_featurizer(self, featurizer_class, pipe, config, store, options: dict):
+        """`featurizer_class(pipe, config, projection_state=...)` for a method whose featurizer takes no options:
+        queries are projected with the store's fitted projection, if it has one."""
+        refuse_options(config, options)
+        return featurizer_class(pipe, config, projection_state=store.projection_state if store is not None else None)
+
+
+def refuse_options(config, options: dict) -> None:
+    """A method whose featurizer takes no options: any given is a `TypeError` naming them."""
+    if options:
+        raise TypeError(f"method {config.method!r} takes no featurizer options, got {sorted(options)}")
+
 
 _REGISTRY: dict[str, Method] = {}
 _ALIASES: dict[str, str] = {}

@@ -35,9 +35,7 @@ class DAS(Method):
     kernel = True
 
     def featurizer(self, pipe, config, store=None, **options):
-        if options:
-            raise TypeError(f"method {config.method!r} takes no featurizer options, got {sorted(options)}")
-        return DASFeaturizer(pipe, config, projection_state=store.projection_state if store is not None else None)
+        return self.projected_featurizer(DASFeaturizer, pipe, config, store, options)
 
     def scorer(self, store, damping=None, damping_ratio=None):
         return DASScorer(store, damping, damping_ratio)

@@ -21,7 +21,7 @@ from ..curvature import PreconditionedProjector
 from ..featurize import Featurizer
 from ..method_state import PARTS
 from ..store.files import atomic_write, open_shard
-from .base import Method, register_method
+from .base import Method, refuse_options, register_method
 from .similarity import DotScorer
 
 CURVATURE_PART = "ekfac-curvature.safetensors"  # Λ, in method_state_parts/ of a store featurized in a directory
@@ -42,8 +42,7 @@ class _EKFACMethod(Method):
                              f"{config.projector!r}, {config.calibration_examples})")
 
     def featurizer(self, pipe, config, store=None, **options):
-        if options:
-            raise TypeError(f"method {config.method!r} takes no featurizer options, got {sorted(options)}")
+        refuse_options(config, options)
         if store is None:
             return EKFACFeaturizer(pipe, config, fisher=self.fisher)
         return EKFACFeaturizer(pipe, config, store.projection_state, store.method_state, fisher=self.fisher)

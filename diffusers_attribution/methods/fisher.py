@@ -34,9 +34,7 @@ class ProjectedFisher(Method):
                              f"gradients (output='loss'), not output={config.output!r}")
 
     def featurizer(self, pipe, config, store=None, **options):
-        if options:
-            raise TypeError(f"method {config.method!r} takes no featurizer options, got {sorted(options)}")
-        return FisherFeaturizer(pipe, config, projection_state=store.projection_state if store is not None else None)
+        return self.projected_featurizer(FisherFeaturizer, pipe, config, store, options)
 
     def scorer(self, store, damping=None, damping_ratio=None):
         return FisherScorer(store, damping, damping_ratio)

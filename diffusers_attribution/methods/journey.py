@@ -29,7 +29,6 @@ from ..featurize import Featurizer
 from ..gradients.timesteps import timestep_features
 from ..result import AttributionResult
 from ..scoring import StreamingScorer
-from ..store.format import FeatureStore
 from .base import get_method, register_method
 from .trak import KernelMethod
 

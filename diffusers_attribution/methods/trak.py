@@ -11,8 +11,6 @@ evaluation queries (docs/benchmarks.md, "Choosing the defaults").
 
 from __future__ import annotations
 
-from typing import Any
-
 from .base import Method, register_method
 
 
@@ -25,14 +23,14 @@ class KernelMethod(Method):
     def featurizer(self, pipe, config, store=None, **options):
         from ..featurize import Featurizer
 
-        if options:
-            raise TypeError(f"method {config.method!r} takes no featurizer options, got {sorted(options)}")
-        return Featurizer(pipe, config, projection_state=store.projection_state if store is not None else None)
+        return self.projected_featurizer(Featurizer, pipe, config, store, options)
 
     def scorer(self, store, damping=None, damping_ratio=None):
+        from ..scoring import StreamingScorer
+
         config = store.config
-        return TrakScorer(store, config.damping if damping is None else damping,
-                          config.damping_ratio if damping_ratio is None else damping_ratio)
+        return StreamingScorer(store, config.damping if damping is None else damping,
+                               config.damping_ratio if damping_ratio is None else damping_ratio)
 
 
 @register_method
@@ -51,9 +49,3 @@ class DTRAK(KernelMethod):
     default_output = "squared-norm"
     defaults = {"damping_ratio": 0.0018, "num_timesteps": 30}
 
-
-def TrakScorer(store, damping: float | None = None, damping_ratio: float | None = None) -> Any:
-    """`scoring.StreamingScorer` over a store (kept under its historical name)."""
-    from ..scoring import StreamingScorer
-
-    return StreamingScorer(store, damping, damping_ratio)
