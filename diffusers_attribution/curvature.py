@@ -98,11 +98,6 @@ def pair_features(featurizer, inputs: ModelInputs, keys: Sequence, accumulator: 
                              on_rows=accumulator).features
 
 
-def fisher_damping(fisher: torch.Tensor, ratio: float) -> float:
-    """λ = ratio · tr(F) / k: a fixed fraction of F's mean eigenvalue (never looks at queries)."""
-    return float(ratio * fisher.diagonal().sum() / fisher.shape[0])
-
-
 # ---------------------------------------------------------------------------------------------- EK-FAC factors
 
 
@@ -338,4 +333,4 @@ class PreconditionedProjector(CalibratedProjector):
 
 
 __all__ = ["FisherAccumulator", "KroneckerFactors", "PreconditionedProjector", "SampledLoss", "ekfac_calibrate",
-           "fisher_damping", "kronecker_eligible", "layer_rows", "pair_features"]
+           "kronecker_eligible", "layer_rows", "pair_features"]

@@ -59,6 +59,15 @@ def damped_inverse(gram: torch.Tensor, damping: float) -> torch.Tensor:
     return torch.linalg.solve(gram + damping * eye, eye)
 
 
+def resolve_damping(damping: float | None, ratio: float, trace, num_examples: int, dim: int) -> float:
+    """λ: `damping` if given, else `damping_from_trace(trace, N, k, ratio)`; either way checked by `check_damping`
+    (the ratio too, when it is used)."""
+    if damping is not None:
+        return check_damping(damping)
+    check_damping(ratio, "damping_ratio")
+    return check_damping(damping_from_trace(trace, num_examples, dim, ratio))
+
+
 def default_damping(features: torch.Tensor, ratio: float) -> float:
     """`damping_from_trace` of features Φ [N, k]."""
     n, k = features.shape
@@ -70,10 +79,8 @@ class KernelScorer:
 
     def __init__(self, train_features: torch.Tensor, damping: float | None = None, damping_ratio: float = 0.1):
         self.train_features = train_features.double()
-        if damping is None:
-            check_damping(damping_ratio, "damping_ratio")
-        self.damping = check_damping(default_damping(train_features, damping_ratio) if damping is None else damping)
         n, k = self.train_features.shape
+        self.damping = resolve_damping(damping, damping_ratio, self.train_features.pow(2).sum(), n, k)
         self.dual = n <= k
         phi = self.train_features
         kernel = phi @ phi.T if self.dual else phi.T @ phi
@@ -140,9 +147,7 @@ class StreamingScorer:
         expected = n if self.dual else k
         if gram.shape != (expected, expected):
             raise ValueError(f"the store's kernel is {tuple(gram.shape)}, expected {expected} × {expected}")
-        if damping is None:
-            check_damping(damping_ratio, "damping_ratio")
-        self.damping = check_damping(damping_from_trace(gram.trace(), n, k, damping_ratio) if damping is None else damping)
+        self.damping = resolve_damping(damping, damping_ratio, gram.trace(), n, k)
         self.inverse = damped_inverse(gram, self.damping)
         # tr K = ‖Φ‖²_F: checked against the features as they are streamed (a kernel that is not theirs is refused)
         self._trace, self._norms = float(gram.trace()), None

@@ -1,6 +1,6 @@
 """DAS, the Diffusion Attribution Score (Lin et al., ICLR 2025), with λ from the library's non-oracle rule:
 
-    s_i(q) = φ(q) (ΦᵀΦ + λI)⁻¹ φ_iᵀ · r_i,      λ = damping_ratio · tr(ΦᵀΦ) / min(N, k)   (scoring.default_damping)
+    s_i(q) = φ(q) (ΦᵀΦ + λI)⁻¹ φ_iᵀ · r_i,      λ = damping_ratio · tr(ΦᵀΦ) / min(N, k)   (scoring.resolve_damping)
     φ_i = (1/(K·D)) Σ_{t,d} ψ_{i,t,d} / ‖ψ_{i,t,d}‖,  ψ = P ∇θ mean(ε_θ(x_t, t, c_i))    (queries alike)
     r_i = mean_t sqrt(ℓ_{i,t}) / ‖(sqrt(ℓ_{i,t}))_t‖₂,   ℓ_{i,t} = the training loss of z_i at (t, ε_t)
 

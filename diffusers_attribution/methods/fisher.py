@@ -12,9 +12,9 @@ from typing import Any
 
 import torch
 
-from ..curvature import FisherAccumulator, fisher_damping, pair_features
+from ..curvature import FisherAccumulator, pair_features
 from ..method_state import ShardStateFeaturizer
-from ..scoring import StreamingScorer, check_damping, damped_inverse
+from ..scoring import StreamingScorer, damped_inverse, resolve_damping
 from .base import Method, register_method
 
 
@@ -77,9 +77,7 @@ class FisherScorer(StreamingScorer):
         if fisher.shape != (store.dim, store.dim):
             raise ValueError(f"the store's Fisher is {tuple(fisher.shape)}, expected {store.dim} × {store.dim}")
         ratio = store.config.damping_ratio if damping_ratio is None else damping_ratio
-        if damping is None:
-            check_damping(ratio, "damping_ratio")
-        self.damping = check_damping(fisher_damping(fisher, ratio) if damping is None else damping)
+        self.damping = resolve_damping(damping, ratio, fisher.diagonal().sum(), store.dim, store.dim)  # λ = ratio·tr F/k
         self.inverse = damped_inverse(fisher, self.damping)
         # F is not the Gram matrix of Φ: StreamingScorer's check tr K = ‖Φ‖²_F does not apply
         self._trace, self._norms = float(fisher.trace()), 0.0
