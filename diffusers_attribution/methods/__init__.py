@@ -13,7 +13,7 @@ Names below are imported on first use (nothing is imported with the package).
 
 from __future__ import annotations
 
-import importlib
+from ..lazy import lazy_getattr
 
 _PUBLIC = {
     "CheckpointSet": "..checkpoints", "load_checkpoint": "..checkpoints",
@@ -27,7 +27,4 @@ _PUBLIC = {
 __all__ = sorted(_PUBLIC)
 
 
-def __getattr__(name: str):
-    if name not in _PUBLIC:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(_PUBLIC[name], __name__), name)
+__getattr__ = lazy_getattr(__name__, _PUBLIC)
