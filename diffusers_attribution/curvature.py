@@ -30,7 +30,7 @@ model's Gaussian likelihood (the GGN of the MSE, the paper's default), `"empiric
 
 The calibrated projector's machinery then does the rest: in the EK-FAC eigenbases the coordinates
 H = Q_Sᵀ G Q_A are one factored pass (no per-sample gradient), the top `sketch_dim` coordinates by their
-preconditioned energy E_i[H̄_i²] / (Λ + λ) are kept, and a seeded Gaussian M mixes them into k features.
+preconditioned energy E_i[H̄_i²] / (Λ + λ) are kept, and the seeded mix M (calibrated.py) maps them to k features.
 Training features are H(z) M; a query is preconditioned *before* the mix, φ̃(q) = (H(q) ⊘ (Λ + λ)) M, so that
 E_M[φ̃(q) · φ(z)] = Σ H(q) H(z) / (Λ + λ), the EK-FAC influence over the kept coordinates. The bases and Λ are
 saved in the store's projection.safetensors, so a store from the Hub scores new queries without training data.
@@ -283,9 +283,9 @@ class PreconditionedProjector(CalibratedProjector):
         self._use(result["bases"])
         self._set_eigenvalues(result["eigenvalues"], result["mean_eigenvalue"])
 
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+    def load_state_dict(self, state: dict[str, torch.Tensor], spec: dict | None = None) -> None:
         """The bases only; Λ comes with `load_curvature` (dropped here: it belongs to the bases it was measured in)."""
-        super().load_state_dict(state)
+        super().load_state_dict(state, spec)
         self.eigenvalues = None
 
     def curvature_state(self) -> dict[str, torch.Tensor]:
@@ -326,7 +326,7 @@ class PreconditionedProjector(CalibratedProjector):
             if self.eigenvalues is None:
                 raise RuntimeError("no EK-FAC eigenvalues to precondition with: load_curvature the store's method_state")
             sketch = sketch / (self.sketch_eigenvalues.to(sketch.device, sketch.dtype) + damping)
-        return sketch @ self.mix(sketch.device).to(sketch.dtype)
+        return self.finish(sketch)
 
     def spec(self) -> dict:
         return {**super().spec(), "eigenvalue_correction": {"version": VERSION, "fisher": self.fisher}}

@@ -46,10 +46,12 @@ class Featurizer:
     """Everything fixed for one (pipeline, config): adapter, task, parameters, projector.
 
     A calibrated factored projection (`config.calibration_examples > 0`, projection/calibrated.py) is measured on the
-    training set by `featurize_dataset`, or taken from a store's `projection_state` (`projection_state=`).
+    training set by `featurize_dataset`, or taken from a store (`projection_state=store.projection_state`, and
+    `projection_spec=store.metadata["projection"]`, which says which version of the projection made it).
     """
 
-    def __init__(self, pipe, config: AttributionConfig, projection_state: dict[str, torch.Tensor] | None = None):
+    def __init__(self, pipe, config: AttributionConfig, projection_state: dict[str, torch.Tensor] | None = None,
+                 projection_spec: dict[str, Any] | None = None):
         if config.device is not None:
             pipe.to(config.device)
         self.config = config
@@ -58,7 +60,7 @@ class Featurizer:
         self.parameters = select_parameters(self.adapter.denoiser, config)
         self.projector: Projector = make_projector(config, self.adapter.denoiser, self.parameters)
         if projection_state is not None:
-            self.projector.load_state_dict(projection_state)
+            self.projector.load_state_dict(projection_state, projection_spec)
 
     def fit_projection(self, data: TrainingData, progress: bool = False) -> None:
         """Fit a projector fitted on data (the calibrated bases) on the training examples it picks; `progress`:

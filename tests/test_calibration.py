@@ -84,6 +84,42 @@ def test_features_equal_rotated_autograd_gradients_times_the_mix(toy):
     assert not torch.equal(CalibratedProjector(model, parameters, 40, 4, bases).mix("cpu"), projector.mix("cpu"))
 
 
+def test_signed_partition_mix_puts_each_coordinate_in_one_feature(toy):
+    """Version 2's mix: every sketch coordinate goes, with sign ±1, to exactly one feature, each feature sums
+    ⌊k_mid/k⌋ or ⌈k_mid/k⌉ of them; `finish` (a gather) equals the product with that dense matrix, and over
+    seeds E⟨φ, φ'⟩ = ⟨h, h'⟩ (checked against the closed form of the variance)."""
+    model, _, parameters, _, bases, _ = toy
+    projector = CalibratedProjector(model, parameters, 40, 3, bases)
+    assert projector.version == 2 and projector.spec()["mix"] == "signed-partition"
+    mix, rows = projector.mix("cpu"), projector.sketch.dim
+    assert torch.equal(mix.abs().sum(1), torch.ones(rows)) and set(mix.unique().tolist()) == {-1.0, 0.0, 1.0}
+    per_feature = (mix != 0).sum(0)
+    assert int(per_feature.min()) == rows // 40 and int(per_feature.max()) == -(-rows // 40)
+    h = torch.randn(5, rows, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(projector.finish(h), h @ mix, rtol=1e-6, atol=1e-6)
+    # unbiased inner products: the mean over 400 seeds lies within 4 standard errors of ⟨h0, h1⟩
+    estimates = torch.tensor([float(torch.dot(*CalibratedProjector(model, parameters, 40, seed, bases).finish(h[:2])))
+                              for seed in range(400)])
+    exact = float(torch.dot(h[0], h[1]))
+    assert abs(float(estimates.mean()) - exact) < 4 * float(estimates.std()) / 20
+    assert float(estimates.std()) > 0  # a real estimate, not the identity
+
+
+def test_version_1_stores_keep_the_gaussian_mix_and_unknown_versions_are_refused(toy):
+    model, _, parameters, _, bases, _ = toy
+    new = CalibratedProjector(model, parameters, 40, 3, bases)
+    old = CalibratedProjector(model, parameters, 40, 3)
+    old.load_state_dict(new.state_dict(), {**new.spec(), "version": 1})
+    assert old.version == 1 and "mix" not in old.spec()
+    gaussian = old.mix("cpu")
+    assert (gaussian != 0).float().mean() > 0.99  # dense
+    assert abs(float(gaussian.var()) * 40 - 1) < 0.1  # N(0, 1/k)
+    h = torch.randn(3, new.sketch.dim, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(old.finish(h), h @ gaussian)
+    with pytest.raises(ValueError, match="version 3.*upgrade"):
+        old.load_state_dict(new.state_dict(), {**new.spec(), "version": 3})
+
+
 def test_config_defaults_and_errors():
     config = AttributionConfig()
     assert (config.projector, config.calibration_examples, config.sketch_dim) == ("factored", 64, 2 * 2048)

@@ -42,7 +42,8 @@ def test_featurizing_again_gives_the_stored_features_bit_for_bit(tmp_path):
     expected = load_file(str(FIXTURES / "store_v0_1_0_expected.safetensors"))
     store = FeatureStore.from_pretrained(FIXTURES / "store_v0_1_0", verify=True)
     pipe = enable_attribution(tiny_ddpm_pipeline())
-    featurizer = Featurizer(pipe, store.config, projection_state=store.projection_state)
+    featurizer = Featurizer(pipe, store.config, projection_state=store.projection_state,
+                            projection_spec=store.metadata["projection"])
     data = as_training_data(expected["train"])
     features = torch.cat([featurizer.featurize_rows(data, e["start"], e["stop"])[0] for e in store.shards])
     assert_rounding_close(features, expected["features"])  # same shards, so the same batches

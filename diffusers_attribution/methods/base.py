@@ -68,10 +68,13 @@ class Method:
         raise NotImplementedError
 
     def projected_featurizer(self, featurizer_class, pipe, config, store, options: dict):
-        """`featurizer_class(pipe, config, projection_state=...)` for a method whose featurizer takes no options:
-        queries are projected with the store's fitted projection, if it has one."""
+        """`featurizer_class(pipe, config, projection_state=..., projection_spec=...)` for a method whose
+        featurizer takes no options: queries are projected with the store's fitted projection, if it has one."""
         refuse_options(config, options)
-        return featurizer_class(pipe, config, projection_state=store.projection_state if store is not None else None)
+        if store is None:
+            return featurizer_class(pipe, config)
+        return featurizer_class(pipe, config, projection_state=store.projection_state,
+                                projection_spec=store.metadata.get("projection"))
 
 
 def refuse_options(config, options: dict) -> None:

@@ -4,9 +4,9 @@ ICLR 2025), with stored training features and query-side preconditioning (curvat
     τ(z, q) = Σ_coordinates H(q) H(z) / (Λ + λ)  ≈  φ̃(q) · φ(z),   φ(z) = H(z) M,  φ̃(q) = (H(q) ⊘ (Λ + λ)) M
 
 with H the gradient in the per-layer EK-FAC eigenbases (Q_S, Q_A of the K-FAC-expand factors), Λ the corrected
-eigenvalues measured over (example, timestep, noise) pairs, M the calibrated projector's seeded mix, and
-λ = damping_ratio · mean(Λ) (or `config.damping`), never chosen on queries. `ekfac` uses the MC Fisher (GGN, the
-paper's default), `ekfac-empirical` the empirical Fisher.
+eigenvalues measured over (example, timestep, noise) pairs, M the calibrated projector's seeded mix (a signed
+partition), and λ = damping_ratio · mean(Λ) (or `config.damping`), never chosen on queries. `ekfac` uses the MC
+Fisher (GGN, the paper's default), `ekfac-empirical` the empirical Fisher.
 """
 
 from __future__ import annotations
@@ -45,7 +45,8 @@ class _EKFACMethod(Method):
         refuse_options(config, options)
         if store is None:
             return EKFACFeaturizer(pipe, config, fisher=self.fisher)
-        return EKFACFeaturizer(pipe, config, store.projection_state, store.method_state, fisher=self.fisher)
+        return EKFACFeaturizer(pipe, config, store.projection_state, store.method_state, fisher=self.fisher,
+                               projection_spec=store.metadata.get("projection"))
 
     def scorer(self, store, damping=None, damping_ratio=None):
         """τ = Φ̃_q Φᵀ: the queries carry 1/(Λ + λ) with the store config's λ (`EKFACFeaturizer.featurize_queries`),
@@ -96,14 +97,15 @@ class EKFACFeaturizer(Featurizer):
     _curvature_file: Path | None = None
 
     def __init__(self, pipe, config, projection_state: dict[str, torch.Tensor] | None = None,
-                 method_state: dict[str, torch.Tensor] | None = None, fisher: str = "mc"):
+                 method_state: dict[str, torch.Tensor] | None = None, fisher: str = "mc",
+                 projection_spec: dict | None = None):
         super().__init__(pipe, config)
         self.projector = PreconditionedProjector(
             self.adapter.denoiser, self.parameters, config.projection_dim, config.projection_seed,
             sketch_dim=config.sketch_dim, examples=config.calibration_examples, fisher=fisher,
             damping_ratio=config.damping_ratio)
         if projection_state is not None:
-            self.projector.load_state_dict(projection_state)
+            self.projector.load_state_dict(projection_state, projection_spec)
         if method_state is not None:
             self.projector.load_curvature(method_state)
 

@@ -92,5 +92,6 @@ class Projector:
         """What `fit` measured (saved in the store as projection.safetensors); None for seeded projectors."""
         return None
 
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+    def load_state_dict(self, state: dict[str, torch.Tensor], spec: dict | None = None) -> None:
+        """Restore `state_dict()`; `spec`: the store's `spec()` of the projection that made it (its version)."""
         raise TypeError(f"the {self.kind} projector is a function of seeds; it has no saved state")

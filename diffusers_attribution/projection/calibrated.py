@@ -10,14 +10,20 @@ examples (a seeded subset, `calibration_indices`), for every weight G_p (d_out �
 H_p = U_pᵀ G_p V_p hold the gradient's energy in few entries. Their second moments E[(H_p)_ij²], measured
 on the same examples, rank every (parameter, i, j) in one pool; the top `sketch_dim` entries are kept, as
 per parameter the smallest rectangle U_p[:, :s_out]ᵀ G_p V_p[:, :s_in] that holds its chosen entries. That
-first stage is one factored pass (the hooks of factored.py, no per-sample gradient), k_mid features. A
-seeded dense Gaussian M [k_mid, k] ~ N(0, 1/k) then mixes them into k features:
+first stage is one factored pass (the hooks of factored.py, no per-sample gradient), k_mid features h. A
+seeded mix M [k_mid, k] then maps them to k features, φ(z) = h(z) M, h(z) = [vec(U_pᵀ G_p(z) V_p[:, :s])]_p:
 
-    φ(z) = [vec(U_pᵀ G_p(z) V_p[:, :s]) for every p] M.
+    version 2 (`mix_version`, the default): a signed partition. A seeded permutation π of the k_mid coordinates
+        and signs σ_c = ±1; coordinate π(r) goes to feature r mod k:  φ_j = Σ_{r ≡ j (mod k)} σ_π(r) h_π(r).
+        Each feature sums ⌈k_mid / k⌉ or ⌊k_mid / k⌋ coordinates, so E⟨φ, φ'⟩ = ⟨h, h'⟩ and, unlike a
+        Gaussian, no coordinate's own square enters another's error: Var⟨φ, φ'⟩ = Σ_{c ≠ c' same feature}
+        (h_c² h'_c'² + h_c h'_c h_c' h'_c'), which is small when the energy sits in few coordinates, as it
+        does in the eigenbases. O(k_mid) per row instead of O(k_mid · k).
+    version 1 (stores written before it): a dense Gaussian M ~ N(0, 1/k), seeded in row blocks.
 
-Why it beats a dense Gaussian at the same k (docs/projection.md, Fidelity): the mix preserves the geometry
-of the kept coordinates like any Gaussian projection, and the truncation drops a low-energy tail that adds
-JL noise to the kernel scores but little signal. Sides wider than `MAX_SIDE` are first reduced to MAX_SIDE
+Why the calibrated features beat a dense Gaussian at the same k (docs/projection.md, Fidelity): the mix keeps
+the geometry of the kept coordinates, and the truncation drops a low-energy tail that adds JL noise to the
+kernel scores but little signal. Sides wider than `MAX_SIDE` are first reduced to MAX_SIDE
 orthonormal random directions (seeded), so calibration costs O(MAX_SIDE²) per layer and side.
 
 Cost: one factored pass over the calibration examples (identity sides are not multiplied, so a weight's
@@ -47,7 +53,8 @@ from .base import BLOCK_ROWS, Projector
 from .factored import FactoredProjector, handled_parameters
 from .registry import register_projector
 
-VERSION = 1  # bump if the definition of the features changes (the stored bases define them; see `calibrate`)
+VERSION = 2  # bump if the definition of the features changes (the stored bases define them; see `calibrate`)
+MIX_VERSIONS = {1: "gaussian", 2: "signed-partition"}  # what each version mixes with (module docstring)
 MAX_SIDE = 1024  # sides wider than this are reduced to MAX_SIDE random orthonormal directions first
 CALIBRATION_BATCH = 16  # examples per calibration step (fixed: sums in float64 in this order)
 KEEP_BYTES = 1 << 30  # pass 1's coordinates are kept for the energies up to this size, else pass 2 recomputes them
@@ -78,12 +85,14 @@ class CalibratedProjector(Projector):
 
     def __init__(self, denoiser: nn.Module, parameters: dict[str, nn.Parameter], dim: int, seed: int,
                  bases: dict[str, dict[str, torch.Tensor]] | None = None, *, sketch_dim: int | None = None,
-                 examples: int = 64):
+                 examples: int = 64, version: int = VERSION):
+        """`version`: the projection's definition (`MIX_VERSIONS`); a store's own is taken by `load_state_dict`."""
         self.denoiser, self.parameters = denoiser, parameters
         self.sketch_dim, self.examples = sketch_dim or 2 * dim, examples
         super().__init__({name: p.shape for name, p in parameters.items()}, dim, seed)
-        self._mix: dict[str, torch.Tensor] = {}
+        self._mix: dict[tuple, torch.Tensor | tuple[torch.Tensor, torch.Tensor]] = {}
         self.bases = None
+        self.version = check_version(version)
         if bases is not None:
             self._use(bases)
 
@@ -107,18 +116,49 @@ class CalibratedProjector(Projector):
     def fit(self, task: AttributionTask, parameters: dict, batches, progress: bool = False) -> None:
         self._use(calibrate(task, self.denoiser, parameters, batches, self.sketch_dim, self.seed, progress=progress))
 
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+    def load_state_dict(self, state: dict[str, torch.Tensor], spec: dict | None = None) -> None:
+        """The bases of `state`; `spec` (the store's projection spec) gives the version they were mixed with."""
+        if spec is not None:
+            self.version = check_version(spec.get("version"))
         self._use(bases_from_state_dict(state))
 
     def mix(self, device) -> torch.Tensor:
-        """M [k_mid, k] ~ N(0, 1/k), generated on the CPU in row blocks from (seed, k_mid, k, block), cached."""
-        key = str(device)
+        """M [k_mid, k] as a dense matrix (what `finish` multiplies by; version 2 never forms it): version 1
+        N(0, 1/k), generated on the CPU in row blocks from (seed, k_mid, k, block); version 2 the signed
+        partition, one ±1 per row (`partition`). Cached per device."""
+        key = ("dense", str(device))
         if key not in self._mix:
-            rows, blocks = self.sketch.dim, []
-            for index, start in enumerate(range(0, rows, BLOCK_ROWS)):
-                generator = torch.Generator().manual_seed(seed_from(self.seed, "mix", rows, self.dim, index))
-                blocks.append(torch.randn(min(BLOCK_ROWS, rows - start), self.dim, generator=generator))
-            self._mix[key] = torch.cat(blocks).div_(math.sqrt(self.dim)).to(device)
+            rows = self.sketch.dim
+            if self.version == 1:
+                blocks = []
+                for index, start in enumerate(range(0, rows, BLOCK_ROWS)):
+                    generator = torch.Generator().manual_seed(seed_from(self.seed, "mix", rows, self.dim, index))
+                    blocks.append(torch.randn(min(BLOCK_ROWS, rows - start), self.dim, generator=generator))
+                matrix = torch.cat(blocks).div_(math.sqrt(self.dim))
+            else:
+                index, signs = self.partition("cpu")
+                matrix = torch.zeros(rows + 1, self.dim)  # row k_mid: the padding entries, dropped
+                matrix[index, torch.arange(self.dim).expand_as(index)] = signs
+                matrix = matrix[:rows]
+            self._mix[key] = matrix.to(device)
+        return self._mix[key]
+
+    def partition(self, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Version 2's mix as (index, signs), both [m, k] with m = ⌈k_mid / k⌉: feature j sums
+        signs[q, j] · h[index[q, j]] over q; index[q, j] = π(q·k + j), or k_mid (a zero column) past the end.
+        π and σ come from (seed, k_mid, k), generated on the CPU; cached per device."""
+        key = ("partition", str(device))
+        if key not in self._mix:
+            rows, k = self.sketch.dim, self.dim
+            generator = torch.Generator().manual_seed(seed_from(self.seed, "mix-partition", rows, k))
+            order = torch.randperm(rows, generator=generator)
+            sign = torch.randint(0, 2, (rows,), generator=generator, dtype=torch.float32).mul_(2).sub_(1)
+            width = max(1, math.ceil(rows / k))
+            index = torch.full((width * k,), rows, dtype=torch.long)
+            index[:rows] = order
+            signs = torch.zeros(width * k)
+            signs[:rows] = sign[order]
+            self._mix[key] = (index.view(width, k).to(device), signs.view(width, k).to(device))
         return self._mix[key]
 
     @property
@@ -141,15 +181,34 @@ class CalibratedProjector(Projector):
         return self.sketch.features(task, parameters, inputs, keys)
 
     def finish(self, partial: torch.Tensor) -> torch.Tensor:
-        """φ = sketch @ M, once per example: M is linear, so mixing the averaged sketch is mixing each row."""
-        return partial @ self.mix(partial.device)
+        """φ = sketch @ M, once per example: M is linear, so mixing the averaged sketch is mixing each row.
+        Version 2 sums the signed coordinates of each feature in a fixed order (the same on every device)."""
+        if self.version == 1:
+            return partial @ self.mix(partial.device).to(partial.dtype)
+        index, signs = self.partition(partial.device)
+        padded = torch.nn.functional.pad(partial, (0, 1))  # column k_mid: zero, for the padding entries
+        out = padded[:, index[0]] * signs[0].to(partial.dtype)
+        for row in range(1, len(index)):
+            out.addcmul_(padded[:, index[row]], signs[row].to(partial.dtype))
+        return out
 
     def spec(self) -> dict:
-        return {"kind": self.kind, "calibrated": True, "version": VERSION, "dim": self.dim, "seed": self.seed,
+        spec = {"kind": self.kind, "calibrated": True, "version": self.version, "dim": self.dim, "seed": self.seed,
                 "sketch_dim": self.sketch.dim, "bases_sha256": self.digest, "sketch": self.sketch.spec()}
+        if self.version >= 2:
+            spec["mix"] = MIX_VERSIONS[self.version]
+        return spec
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return bases_to_state_dict(self.bases)
+
+
+def check_version(version) -> int:
+    """A calibrated projection version this package can compute (`MIX_VERSIONS`), else a `ValueError`."""
+    if version not in MIX_VERSIONS:
+        raise ValueError(f"calibrated projection version {version!r}: this package computes versions "
+                         f"{sorted(MIX_VERSIONS)}; a newer diffusers-attribution wrote it, upgrade to score against it")
+    return version
 
 
 # ------------------------------------------------------------------------------------------- calibration
