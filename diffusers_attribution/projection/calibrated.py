@@ -385,9 +385,15 @@ def canonical_eigenvectors(matrix: torch.Tensor) -> torch.Tensor:
     probe = torch.randn(size, size, generator=torch.Generator().manual_seed(seed_from(0, "canonical-basis", size)),
                         dtype=torch.float64)
     scale = max(float(values.abs().max()), 1e-300)
-    bounds = [0] + [i + 1 for i in range(size - 1) if values[i] - values[i + 1] > CLUSTER_TOLERANCE * scale] + [size]
-    out = torch.empty_like(vectors)
+    gaps = (values[:-1] - values[1:] > CLUSTER_TOLERANCE * scale).nonzero().flatten().add(1).tolist()
+    bounds = [0] + gaps + [size]
+    # single eigenvalues (most of them), all at once: v · sign(vᵀg)
+    signs = torch.sign((vectors * probe).sum(0))
+    signs[signs == 0] = 1
+    out = vectors * signs
     for start, stop in zip(bounds[:-1], bounds[1:]):
+        if stop - start == 1:
+            continue
         basis = vectors[:, start:stop]
         q, r = torch.linalg.qr(basis @ (basis.T @ probe[:, start:stop]))
         signs = torch.sign(torch.diagonal(r))

@@ -55,7 +55,9 @@ from ..seeding import seed_from
 from .base import Projector
 
 VERSION = 1  # bump if the definition of the projection changes
-CONV_OUT_ADVANTAGE = 2.0  # see `_order`
+CONV_OUT_ADVANTAGE = 1.5  # see `weight_costs`
+UNFOLD_PENALTY = 3.0  # see `weight_costs`
+GROUPED_CHANNELS = 8  # see `_grouped_width`
 
 
 @dataclass
@@ -289,14 +291,17 @@ class FactoredProjector(Projector):
             order = _order(block, delta.shape[-1] * rows // batch, groups, conv=True)
             if order == "out":  # Σ_pos (P_outᵀ δ) aᵀ per example: the weight gradient of a conv with groups B·g
                 pd = self._conv_out_side(block, delta, groups, a.device)  # [R, g, k_out, positions]
+                width = _grouped_width(block.k_out)  # zero channels up to a multiple of 8: the fast kernel
+                if width > block.k_out:
+                    pd = F.pad(pd, (0, 0, 0, width - block.k_out))
                 per_row = rows // batch
-                pd = pd.reshape(batch, per_row, -1, *output_shape).transpose(0, 1)  # [K', B, g·k_out, H', W']
+                pd = pd.reshape(batch, per_row, -1, *output_shape).transpose(0, 1)  # [K', B, g·width, H', W']
                 x = a.reshape(batch, per_row, *a.shape[1:]).transpose(0, 1)  # [K', B, C_in, H, W]
-                weight_shape = (batch * groups * block.k_out, a.shape[1] // groups, *module.kernel_size)
+                weight_shape = (batch * groups * width, a.shape[1] // groups, *module.kernel_size)
                 product = torch.nn.grad.conv2d_weight(
                     x.reshape(per_row, -1, *a.shape[2:]), weight_shape, pd.reshape(per_row, -1, *pd.shape[3:]),
                     module.stride, padding, module.dilation, batch * groups,
-                ).reshape(batch, groups, block.k_out, block.d_in).sum(1)
+                ).reshape(batch, groups, width, block.d_in)[:, :, : block.k_out].sum(1)
                 product = self._in_side(block, product, a.device)
             else:
                 if block.identity("in"):  # the patches themselves: [R, g, d_in, positions]
@@ -373,10 +378,14 @@ def weight_costs(d_out: int, d_in: int, k_out: int, k_in: int, positions: int, g
     """Multiply-adds per example of each order of `FactoredProjector._weight` ("both", "out", "in") for a
     k_out × k_in grid, `positions` positions per example (K' rows × positions per row), `groups` conv groups.
 
-    For a conv, "out" is a grouped weight-gradient convolution, which ran 2-4× slower per multiply-add than
-    the projecting convolution on one CPU core (a scratch timing of the digits UNet's layers, not a
-    benchmark): its count is multiplied by CONV_OUT_ADVANTAGE, so that it is chosen only when it needs that
-    many times fewer. The choice changes speed only, never the features (beyond float rounding).
+    For a conv, "out" is a grouped weight-gradient convolution on k_out rounded up to a multiple of 8
+    (`_grouped_width`), slower per multiply-add than the projecting convolution on CPU: its count is
+    multiplied by CONV_OUT_ADVANTAGE, so that it is chosen only when it needs that many times fewer (1.5 gave
+    the least summed time of the digits UNet's 25 calibrated convs among 1, 1.25, 1.5 and 2: 21.4 ms per
+    batch of 160 rows against 20.9 ms for the best order of each; a scratch timing on one core). With P_in = I (calibration's starting sides) "both" and "in" unfold the patches instead,
+    which ran 3.2× slower in all than that grouped convolution over the digits UNet's convs (69 against 22 ms
+    per batch of 160 rows, one CPU core; a scratch timing): their counts are multiplied by UNFOLD_PENALTY.
+    The choice changes speed only, never the features (beyond float rounding).
     """
     project_in = 0 if identity_in else groups * d_in * k_in
     project_out = 0 if identity_out else d_out * k_out
@@ -385,9 +394,23 @@ def weight_costs(d_out: int, d_in: int, k_out: int, k_in: int, positions: int, g
         "out": positions * (project_out + groups * k_out * d_in) + (0 if identity_in else k_out * d_in * k_in),
         "in": positions * (project_in + d_out * k_in) + (0 if identity_out else d_out * k_out * k_in),
     }
+    if conv:  # the grouped weight-gradient conv runs on k_out rounded up to a multiple of 8 (`_grouped_width`)
+        costs["out"] = positions * (project_out + groups * _grouped_width(k_out) * d_in) + (
+            0 if identity_in else k_out * d_in * k_in)
     if conv and not identity_in:
         costs["out"] *= CONV_OUT_ADVANTAGE
+    elif conv:
+        costs["both"] *= UNFOLD_PENALTY
+        costs["in"] *= UNFOLD_PENALTY
     return costs
+
+
+def _grouped_width(channels: int) -> int:
+    """Output channels per group for the grouped weight-gradient conv ("out" order): `channels` rounded up to
+    a multiple of GROUPED_CHANNELS. On CPU (oneDNN, torch 2.13) other widths ran 3-5× slower than the next
+    multiple of 8 (7 channels: 3.4 ms, 8: 0.8 ms, 28: 4.3 ms, 32: 1.7 ms for 16 examples × 10 rows of
+    32 × 8 × 8, one core; a scratch timing); the extra channels are zero and dropped."""
+    return -(-channels // GROUPED_CHANNELS) * GROUPED_CHANNELS
 
 
 def _is_identity(matrix: torch.Tensor) -> bool:
