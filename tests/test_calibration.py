@@ -212,12 +212,12 @@ def test_one_pass_equals_two_passes_and_calibration_is_deterministic(toy, monkey
 
 
 def test_calibration_examples_are_capped_by_the_training_set():
-    assert [calibration_count(n, 64) for n in (5, 40, 200, 500, 1000, 10**6)] == [5, 16, 25, 62, 64, 64]
+    assert [calibration_count(n, 64) for n in (5, 40, 200, 1000, 1500, 2048, 10**6)] == [5, 32, 32, 32, 46, 64, 64]
     assert calibration_count(1000, 0) == 0 and calibration_count(10**6, 100) == 100
     featurizer = Featurizer(tiny_ddpm_pipeline(), AttributionConfig(num_timesteps=2, projection_dim=32))
     data = featurizer.training_data(torch.zeros(200, 1, 8, 8))
     indices = featurizer.projector.fit_examples(len(data))
-    assert indices == calibration_indices(200, 25, 0) and len(set(indices)) == 25
+    assert indices == calibration_indices(200, 32, 0) and len(set(indices)) == 32
     assert list(featurizer.fit_identity(data)["examples"]) == [str(i) for i in indices]
 
 
