@@ -190,22 +190,23 @@ class Featurizer:
         done = start  # rows before `done` are finished
         batches = training_batches(data, start, stop, self.config.batch_size, self.adapter.validate_images)
         own_features = type(self).features is not Featurizer.features  # a method's featurizer (DAS, Fisher)
-        for indices, images, captions, batch_hashes in batches:
-            hashes.extend(batch_hashes)
-            if own_features:  # its `features` is φ itself, batch by batch
-                features[indices[0] - start : indices[-1] + 1 - start] = self.features(images, captions, indices)
-            else:
-                pending.append(self.partial_features(images, captions, indices))
-            if pending and (indices[-1] + 1 - done >= self.projector.finish_rows or indices[-1] + 1 == stop):
-                block = self.projector.finish(torch.cat(pending)).float().cpu()
-                if not torch.isfinite(block).all():
-                    row = done + int((~torch.isfinite(block)).any(1).nonzero()[0])
-                    self.features(*data.batch([row]), [row])  # raises NonFiniteFeaturesError, naming the cause
-                    raise NonFiniteFeaturesError(f"example {row!r} has NaN or infinite features in its batch")
-                features[done - start : done - start + len(block)] = block
-                done, pending = done + len(block), []
-            if bar is not None:
-                bar.update(len(indices))
+        with gradients_only_for(self.adapter.denoiser, self.parameters):  # once, not per batch
+            for indices, images, captions, batch_hashes in batches:
+                hashes.extend(batch_hashes)
+                if own_features:  # its `features` is φ itself, batch by batch
+                    features[indices[0] - start : indices[-1] + 1 - start] = self.features(images, captions, indices)
+                else:
+                    pending.append(self.partial_features(images, captions, indices))
+                if pending and (indices[-1] + 1 - done >= self.projector.finish_rows or indices[-1] + 1 == stop):
+                    block = self.projector.finish(torch.cat(pending)).float().cpu()
+                    if not torch.isfinite(block).all():
+                        row = done + int((~torch.isfinite(block)).any(1).nonzero()[0])
+                        self.features(*data.batch([row]), [row])  # raises NonFiniteFeaturesError, naming the cause
+                        raise NonFiniteFeaturesError(f"example {row!r} has NaN or infinite features in its batch")
+                    features[done - start : done - start + len(block)] = block
+                    done, pending = done + len(block), []
+                if bar is not None:
+                    bar.update(len(indices))
         return features, hashes
 
     def featurize_queries(self, images: Any, prompts: Sequence[str] | str | None = None) -> torch.Tensor:

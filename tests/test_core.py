@@ -341,3 +341,27 @@ def test_image_inputs_pil_numpy_and_datasets(images):
     torch.testing.assert_close(from_ds.features, from_pil.features)
     grid = from_numpy.to_image_grid(ds, k=3)
     assert grid.size[0] > grid.size[1] > 0
+
+
+def test_gradients_only_for_nests_and_restores_the_model_exactly():
+    """Nested in one for the same parameters it changes nothing; for other parameters it switches and restores
+    the outer block's state; on exit the flags and train/eval modes are what they were before."""
+    from diffusers_attribution.gradients.task import gradients_only_for
+
+    unet = tiny_ddpm_pipeline().unet.train()
+    unet.conv_in.weight.requires_grad_(False)
+    before = ({n: p.requires_grad for n, p in unet.named_parameters()}, {n: m.training for n, m in unet.named_modules()})
+    first = {"conv_out.weight": unet.conv_out.weight}
+    second = {"conv_in.weight": unet.conv_in.weight}
+    flags = lambda: {n for n, p in unet.named_parameters() if p.requires_grad}
+    with gradients_only_for(unet, first):
+        assert flags() == {"conv_out.weight"} and not unet.training
+        with gradients_only_for(unet, first):
+            assert flags() == {"conv_out.weight"}
+        assert flags() == {"conv_out.weight"}
+        with gradients_only_for(unet, second):
+            assert flags() == {"conv_in.weight"}
+            with gradients_only_for(unet, second):
+                assert flags() == {"conv_in.weight"}
+        assert flags() == {"conv_out.weight"} and not unet.training
+    assert ({n: p.requires_grad for n, p in unet.named_parameters()}, {n: m.training for n, m in unet.named_modules()}) == before

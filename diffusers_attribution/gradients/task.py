@@ -177,21 +177,35 @@ def _active_adapter(denoiser: torch.nn.Module) -> str:
     return active[0]
 
 
+_ACTIVE: dict[int, frozenset] = {}  # id(denoiser) → the parameter ids of the `gradients_only_for` it is inside
+
+
 @contextlib.contextmanager
 def gradients_only_for(denoiser: torch.nn.Module, parameters: dict[str, torch.nn.Parameter]):
     """Inside: eval mode, and `requires_grad` only on `parameters`. On exit, both restored exactly.
 
-    Set after any peft `set_adapter` call, which turns `requires_grad` back on for active adapters.
+    Set after any peft `set_adapter` call, which turns `requires_grad` back on for active adapters. Nested in
+    one for the same denoiser and parameters (the featurization loop around its per-batch calls) it does
+    nothing: the state is already that one, and the outer block restores it.
     """
+    chosen = frozenset(id(p) for p in parameters.values())
+    if _ACTIVE.get(id(denoiser)) == chosen:
+        yield
+        return
     saved_flags = {name: p.requires_grad for name, p in denoiser.named_parameters()}
     saved_training = {name: m.training for name, m in denoiser.named_modules()}
-    chosen = {id(p) for p in parameters.values()}
+    outer = _ACTIVE.get(id(denoiser))
     try:
         denoiser.eval()
         for p in denoiser.parameters():
             p.requires_grad_(id(p) in chosen)
+        _ACTIVE[id(denoiser)] = chosen
         yield
     finally:
+        if outer is None:
+            _ACTIVE.pop(id(denoiser), None)
+        else:
+            _ACTIVE[id(denoiser)] = outer
         for name, p in denoiser.named_parameters():
             p.requires_grad_(saved_flags[name])
         for name, module in denoiser.named_modules():
