@@ -6,7 +6,7 @@
 
 The public code (Jinxu-Lin/DAS) normalizes the full gradient at each timestep before projecting and measures
 ℓ at 1000 timesteps; here ψ is normalized after the projection (‖P g‖ = ‖g‖ (1 ± O(1/sqrt(k))), as for ReTrac)
-and ℓ at the featurization's own (t, ε) pairs (one forward pass more, no backward). Its scoring script picks λ
+and ℓ at the featurization's own (t, ε) pairs, from the same forward pass as ψ. Its scoring script picks λ
 on the evaluation ground truth; here λ follows the rule above, whose ratio is chosen on validation queries only.
 """
 
@@ -16,10 +16,8 @@ from typing import Any
 
 import torch
 
-from ..gradients.task import gradients_only_for
-from ..gradients.timesteps import PointTask, point_chunks, timestep_features
+from ..gradients.timesteps import PointTask, timestep_features
 from ..method_state import ShardStateFeaturizer
-from ..objectives import OBJECTIVES
 from ..scoring import StreamingScorer
 from .base import Method, register_method
 
@@ -52,27 +50,26 @@ class DASFeaturizer(ShardStateFeaturizer):
     examples in `store.method_state["residuals"]` (collected per shard in a directory)."""
 
     _residuals: list[torch.Tensor] | None = None
+    _point_task: PointTask | None = None
 
     def features(self, images, captions, keys) -> torch.Tensor:
+        """φ [B, k]; while collecting, also r [B] from the losses ℓ [B, K·D] of the same forward passes."""
         inputs = self.adapter.encode(images, list(captions), list(keys), self.config.noise_seed)
         keys = list(keys)
-        timesteps = self.task.timesteps(keys)
-        phi = timestep_features(self, inputs, keys, timesteps, self.task.noise_draws, normalize=True,
-                                rows_per_pass=self.config.batch_size * self.task.num_columns).features
-        if self._residuals is not None:
-            self._residuals.append(das_residuals(self.pair_losses(inputs, keys, timesteps)))
+        if self._point_task is None:  # one task for every batch: its shared-mode noise is drawn once
+            self._point_task = PointTask(self.adapter, self.config)
+        task = self._point_task
+        task.loss_rows = [] if self._residuals is not None else None
+        try:
+            phi = timestep_features(self, inputs, keys, self.task.timesteps(keys), self.task.noise_draws,
+                                    normalize=True, rows_per_pass=self.config.batch_size * self.task.num_columns,
+                                    task=task).features
+            if task.loss_rows is not None:
+                losses = torch.cat(task.loss_rows).double().cpu().view(len(keys), -1)
+                self._residuals.append(das_residuals(losses))
+        finally:
+            task.loss_rows = None
         return phi
-
-    def pair_losses(self, inputs, keys, timesteps) -> torch.Tensor:
-        """ℓ [B, K·D]: the training loss at every (t, d) pair of each example (forward only)."""
-        task = PointTask(self.adapter, self.config)
-        task.objective = OBJECTIVES["loss"]
-        out = torch.empty(len(keys) * timesteps.shape[1] * self.task.noise_draws, dtype=torch.float64)
-        with torch.no_grad(), gradients_only_for(self.adapter.denoiser, self.parameters):
-            for rows, _, chunk_inputs, chunk_keys in point_chunks(inputs, keys, timesteps, self.task.noise_draws,
-                                                                  self.config.batch_size * self.task.num_columns):
-                out[rows] = task.outputs(chunk_inputs, chunk_keys).double().cpu()
-        return out.view(len(keys), -1)
 
     def start_collecting(self) -> None:
         self._residuals = []
