@@ -222,8 +222,8 @@ def throughput(name, adapter, inputs, config, steps, device, budget_s=120.0, pre
                     torch.cuda.synchronize()
                 times[label].append(time.perf_counter() - tic)
 
-        if previous is not None:  # the same bases: the same features up to float rounding (existing stores)
-            new, old = calibrated.features(task, parameters, inputs, keys), previous_calibrated.features(
+        if previous is not None:  # the same bases: the same sketch up to float rounding (the mix changed: version 2)
+            new, old = calibrated.sketch.features(task, parameters, inputs, keys), previous_calibrated.sketch.features(
                 task, parameters, inputs, keys)
             difference = float((new - old).abs().max() / old.abs().max())
     rates = {label: pairs / statistics.median(seconds) for label, seconds in times.items()}
@@ -241,8 +241,8 @@ def throughput(name, adapter, inputs, config, steps, device, budget_s=120.0, pre
           f"own {len(keys)} rows; the featurization loop mixes {calibrated.finish_rows} rows at a time "
           "(end-to-end section)")
     if previous is not None:
-        print(f"calibrated features on the same bases, this checkout vs previous: max |difference| / max |φ| = "
-              f"{difference:.1e}", flush=True)
+        print(f"calibrated sketch (before the mix) on the same bases, this checkout vs previous: max |difference| / "
+              f"max |h| = {difference:.1e}", flush=True)
 
 
 # ----------------------------------------------------------------------------- before / after
@@ -290,10 +290,14 @@ def end_to_end(pipe, images, previous, rounds):
                 inputs = adapter.encode(images[keys], [None] * len(keys), keys, config.noise_seed)
                 train_step(task, parameters, inputs, keys, optimizer)
 
-    def featurize(package):
+    def featurize(package, method="d-trak"):
         def run():
-            config = package.AttributionConfig(method="d-trak", num_timesteps=10)
-            featurizer = package.featurize.Featurizer(pipe, config)
+            config = package.AttributionConfig(method=method, num_timesteps=10)
+            if method == "d-trak":
+                featurizer = package.featurize.Featurizer(pipe, config)
+            else:  # a method with its own featurizer (DAS, the default since issue 14)
+                featurizer = importlib.import_module(f"{package.__name__}.methods.base").get_method(method).featurizer(
+                    pipe, config)
             name = "fit_projection" if hasattr(featurizer, "fit_projection") else "calibrate"  # before issue 12
             calibrate_method = getattr(featurizer, name)
             spent = {}
@@ -308,9 +312,17 @@ def end_to_end(pipe, images, previous, rounds):
             return store, spent["calibration"], featurizer.projector.sketch.dim
         return run
 
-    methods = {"train steps": train, "default featurize (this checkout)": featurize(sys.modules["diffusers_attribution"])}
+    this = sys.modules["diffusers_attribution"]
+    methods = {"train steps": train, "D-TRAK featurize (this checkout)": featurize(this)}
     if previous is not None:
-        methods[f"default featurize (previous, {previous.revision})"] = featurize(previous)
+        methods[f"D-TRAK featurize (previous, {previous.revision})"] = featurize(previous)
+    methods["DAS featurize, the default since issue 14 (this checkout)"] = featurize(this, "das")
+    if previous is not None and hasattr(previous, "methods"):
+        try:
+            importlib.import_module(f"{previous.__name__}.methods.das")
+            methods[f"DAS featurize (previous, {previous.revision})"] = featurize(previous, "das")
+        except ModuleNotFoundError:  # before issue 14
+            pass
     times = {label: [] for label in methods}
     extra = {}
     for index in range(rounds):
@@ -321,8 +333,9 @@ def end_to_end(pipe, images, previous, rounds):
             if result is not None:
                 extra.setdefault(label, []).append(result[1:])
     count = calibration_count(n, config.calibration_examples)
-    print(f"\nend to end: {n} digits × K = {config.num_timesteps}, default config (method {config.method}, "
-          f"k = {config.projection_dim}, calibration on {count} examples here, {config.calibration_examples} requested), "
+    print(f"\nend to end: {n} digits × K = {config.num_timesteps}, default config of D-TRAK (the default method when "
+          f"issue 17 was filed) and of DAS (the default now; it mixes every (example, timestep) pair), "
+          f"k = {config.projection_dim}, calibration on {count} examples here, {config.calibration_examples} requested, "
           f"{batch} examples × {config.num_timesteps} timesteps = {batch * config.num_timesteps} rows per step, "
           f"{rounds} interleaved round(s), median")
     print("| path | seconds | × training throughput | calibration (s) | calibration share | × training without "
@@ -353,7 +366,7 @@ def fidelity(adapter, images, held_out, n_train, n_query, dims, num_timesteps, d
     """Spearman of projected vs exact kernel scores per query, for the random and calibrated factored
     projections and a dense Gaussian at the same k, over projection seeds (calibration: the default 64
     training examples, `calibration_indices`; never the queries)."""
-    config = AttributionConfig(num_timesteps=num_timesteps, projector="identity")
+    config = AttributionConfig(method="d-trak", num_timesteps=num_timesteps, projector="identity")  # as in issue 17
     task = AttributionTask(adapter, config)
     denoiser = adapter.denoiser
     parameters = select_parameters(denoiser, config)
