@@ -1,6 +1,6 @@
 """Featurization speed and fidelity: a training step, the per-sample-gradient recipe, and the factored hooks.
 
-End to end: the default featurization (`Featurizer.featurize_dataset`, calibration included, its time and
+End to end: D-TRAK's and DAS's default featurization (`featurize_dataset`, calibration included, its time and
 share printed) of 1000 digits × K = 10 against training steps over the same pairs with the same rows per step
 (the featurizer's batch of 16 examples × K), in interleaved rounds. `--previous REV` adds the package as of
 git revision REV (from `git archive`, imported as `diffusers_attribution_previous`) to the end-to-end rounds,
@@ -20,8 +20,8 @@ per query, between projected scores and exact scores (identity features, dual-fo
 (random per-layer matrices, and calibrated bases — the default, calibration.py) and dense `gaussian` at the
 same total k, over 3 projection seeds.
 
-    python benchmarks/featurize_speed.py                          # about 10 minutes on 2 shared CPU cores
-    python benchmarks/featurize_speed.py --previous 491d928       # before/after side by side (12 minutes)
+    python benchmarks/featurize_speed.py                          # about 11 minutes on 2 CPU cores
+    python benchmarks/featurize_speed.py --previous 491d928       # before/after side by side (13 minutes)
     python benchmarks/featurize_speed.py --quick                  # a few minutes
 
 Peak memory: each method's first call, on its own, caches included (the dense P). On CPU the growth of
