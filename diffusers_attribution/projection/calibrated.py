@@ -13,7 +13,7 @@ per parameter the smallest rectangle U_p[:, :s_out]ᵀ G_p V_p[:, :s_in] that ho
 first stage is one factored pass (the hooks of factored.py, no per-sample gradient), k_mid features h. A
 seeded mix M [k_mid, k] then maps them to k features, φ(z) = h(z) M, h(z) = [vec(U_pᵀ G_p(z) V_p[:, :s])]_p:
 
-    version 2 (`mix_version`, the default): a signed partition. A seeded permutation π of the k_mid coordinates
+    version 2 (`VERSION`, the default): a signed partition. A seeded permutation π of the k_mid coordinates
         and signs σ_c = ±1; coordinate π(r) goes to feature r mod k:  φ_j = Σ_{r ≡ j (mod k)} σ_π(r) h_π(r).
         Each feature sums ⌈k_mid / k⌉ or ⌊k_mid / k⌋ coordinates, so E⟨φ, φ'⟩ = ⟨h, h'⟩ and, unlike a
         Gaussian, no coordinate's own square enters another's error: Var⟨φ, φ'⟩ = Σ_{c ≠ c' same feature}

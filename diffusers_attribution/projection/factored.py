@@ -382,21 +382,20 @@ def weight_costs(d_out: int, d_in: int, k_out: int, k_in: int, positions: int, g
     (`_grouped_width`), slower per multiply-add than the projecting convolution on CPU: its count is
     multiplied by CONV_OUT_ADVANTAGE, so that it is chosen only when it needs that many times fewer (1.5 gave
     the least summed time of the digits UNet's 25 calibrated convs among 1, 1.25, 1.5 and 2: 21.4 ms per
-    batch of 160 rows against 20.9 ms for the best order of each; a scratch timing on one core). With P_in = I (calibration's starting sides) "both" and "in" unfold the patches instead,
-    which ran 3.2× slower in all than that grouped convolution over the digits UNet's convs (69 against 22 ms
-    per batch of 160 rows, one CPU core; a scratch timing): their counts are multiplied by UNFOLD_PENALTY.
+    batch of 160 rows against 20.9 ms for the best order of each; a scratch timing on one core). With P_in = I
+    (calibration's starting sides) "both" and "in" unfold the patches instead, which ran 3.2× slower in all
+    than that grouped convolution over the digits UNet's convs (69 against 22 ms per batch of 160 rows, one
+    CPU core; a scratch timing): their counts are multiplied by UNFOLD_PENALTY.
     The choice changes speed only, never the features (beyond float rounding).
     """
     project_in = 0 if identity_in else groups * d_in * k_in
     project_out = 0 if identity_out else d_out * k_out
+    out_width = _grouped_width(k_out) if conv else k_out  # the grouped conv's zero-padded channels
     costs = {
         "both": positions * (project_in + project_out + groups * k_out * k_in),
-        "out": positions * (project_out + groups * k_out * d_in) + (0 if identity_in else k_out * d_in * k_in),
+        "out": positions * (project_out + groups * out_width * d_in) + (0 if identity_in else k_out * d_in * k_in),
         "in": positions * (project_in + d_out * k_in) + (0 if identity_out else d_out * k_out * k_in),
     }
-    if conv:  # the grouped weight-gradient conv runs on k_out rounded up to a multiple of 8 (`_grouped_width`)
-        costs["out"] = positions * (project_out + groups * _grouped_width(k_out) * d_in) + (
-            0 if identity_in else k_out * d_in * k_in)
     if conv and not identity_in:
         costs["out"] *= CONV_OUT_ADVANTAGE
     elif conv:
