@@ -139,15 +139,14 @@ class CalibratedProjector(Projector):
                 matrix = torch.cat(blocks).div_(math.sqrt(self.dim))
             else:
                 index, signs = self.partition("cpu")
-                matrix = torch.zeros(rows + 1, self.dim)  # row k_mid: the padding entries, dropped
-                matrix[index, torch.arange(self.dim).expand_as(index)] = signs
-                matrix = matrix[:rows]
+                matrix = torch.zeros(rows, self.dim)  # the padding entries add 0
+                matrix.index_put_((index, torch.arange(self.dim).expand_as(index)), signs, accumulate=True)
             self._mix[key] = matrix.to(device)
         return self._mix[key]
 
     def partition(self, device) -> tuple[torch.Tensor, torch.Tensor]:
         """Version 2's mix as (index, signs), both [m, k] with m = ⌈k_mid / k⌉: feature j sums
-        signs[q, j] · h[index[q, j]] over q; index[q, j] = π(q·k + j), or k_mid (a zero column) past the end.
+        signs[q, j] · h[index[q, j]] over q; index[q, j] = π(q·k + j), or 0 with sign 0 past the end.
         π and σ come from (seed, k_mid, k), generated on the CPU; cached per device."""
         key = ("partition", str(device))
         if key not in self._mix:
@@ -156,7 +155,7 @@ class CalibratedProjector(Projector):
             order = torch.randperm(rows, generator=generator)
             sign = torch.randint(0, 2, (rows,), generator=generator, dtype=torch.float32).mul_(2).sub_(1)
             width = max(1, math.ceil(rows / k))
-            index = torch.full((width * k,), rows, dtype=torch.long)
+            index = torch.zeros(width * k, dtype=torch.long)
             index[:rows] = order
             signs = torch.zeros(width * k)
             signs[:rows] = sign[order]
@@ -184,15 +183,13 @@ class CalibratedProjector(Projector):
 
     def finish(self, partial: torch.Tensor) -> torch.Tensor:
         """φ = sketch @ M, once per example: M is linear, so mixing the averaged sketch is mixing each row.
-        Version 2 sums the signed coordinates of each feature in a fixed order (the same on every device)."""
+        Version 2 gathers each feature's ⌈k_mid / k⌉ signed coordinates and sums them (no atomics: the same
+        result for any batch of rows)."""
         if self.version == 1:
             return partial @ self.mix(partial.device).to(partial.dtype)
         index, signs = self.partition(partial.device)
-        padded = torch.nn.functional.pad(partial, (0, 1))  # column k_mid: zero, for the padding entries
-        out = padded[:, index[0]] * signs[0].to(partial.dtype)
-        for row in range(1, len(index)):
-            out.addcmul_(padded[:, index[row]], signs[row].to(partial.dtype))
-        return out
+        gathered = partial.index_select(1, index.flatten()).view(len(partial), *index.shape)  # [rows, m, k]
+        return (gathered * signs.to(partial.dtype)).sum(1)
 
     def spec(self) -> dict:
         spec = {"kind": self.kind, "calibrated": True, "version": self.version, "dim": self.dim, "seed": self.seed,
