@@ -23,6 +23,9 @@ same total k, over 3 projection seeds.
     python benchmarks/featurize_speed.py                          # about 11 minutes on 2 CPU cores
     python benchmarks/featurize_speed.py --previous 491d928       # before/after side by side (13 minutes)
     python benchmarks/featurize_speed.py --quick                  # a few minutes
+    python benchmarks/featurize_speed.py --only sd --sd-size full --dtype bfloat16 --sd-batch 16   # the GPU check:
+        # SD 1.5's UNet dimensions (random weights, no download) with a rank-16 LoRA, bf16 autocast, fast path vs
+        # the vmap recipe (in bf16 weights) in the same rounds, and calibration's cost
 
 Peak memory: each method's first call, on its own, caches included (the dense P). On CPU the growth of
 the process RSS above its value at the start of the call, sampled every 2 ms (freed memory is handed back
@@ -92,16 +95,24 @@ class LatentAdapter(PipelineAdapter):
         return {"sample": x_t, "timestep": t, "encoder_hidden_states": conditioning["encoder_hidden_states"]}
 
 
-def sd_lora_model(device, quick):
-    """A scaled-down SD 1.x UNet (4 resolutions, cross-attention, 4-channel latents) with a rank-16 LoRA."""
+SD_SIZES = {  # UNet2DConditionModel configs: a scaled-down SD 1.x, and SD 1.5's own (random weights, no download)
+    "small": {"channels": (32, 64, 128, 128), "cross_attention_dim": 128, "latent": 32, "tokens": 16},
+    "full": {"channels": (320, 640, 1280, 1280), "cross_attention_dim": 768, "latent": 64, "tokens": 77},
+}
+
+
+def sd_lora_model(device, quick, size="small"):
+    """An SD 1.x-shaped UNet (4 resolutions, cross-attention, 4-channel latents) with a rank-16 LoRA: scaled down
+    ("small"), or with SD 1.5's dimensions ("full", 860M parameters, for a GPU)."""
     from peft import LoraConfig
 
     torch.manual_seed(0)
-    channels = (32, 64, 128, 128)
+    shape = SD_SIZES[size]
+    channels = shape["channels"]
     unet = UNet2DConditionModel(
-        sample_size=32, in_channels=4, out_channels=4, block_out_channels=channels, layers_per_block=1 if quick else 2,
-        cross_attention_dim=128, attention_head_dim=8, norm_num_groups=32,
-        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        sample_size=shape["latent"], in_channels=4, out_channels=4, block_out_channels=channels,
+        layers_per_block=1 if quick else 2, cross_attention_dim=shape["cross_attention_dim"], attention_head_dim=8,
+        norm_num_groups=32, down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
         up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
     )
     unet.add_adapter(LoraConfig(r=16, lora_alpha=16, init_lora_weights="gaussian",
@@ -127,20 +138,26 @@ def train_step(task, parameters, inputs, keys, optimizer):
     optimizer.step()
 
 
-def vmap_features(task, parameters, inputs, keys, projector, fallback):
-    """Σ_k per-sample gradients (torch.func, one vmap over examples per timestep), then dense projection."""
+def vmap_features(task, parameters, inputs, keys, projector, fallback, low_precision=None):
+    """Σ_k per-sample gradients (torch.func, one vmap over examples per timestep), then dense projection.
+
+    `low_precision`: a copy of the denoiser in the config's dtype (--dtype): vmap's batching rules do not go
+    through autocast (an autocast run failed with "expected scalar type BFloat16 but found Float"), so the
+    recipe runs in that dtype outright, its gradients summed in float32."""
     adapter, K = task.adapter, task.config.num_timesteps
     if fallback:  # ordinary autograd, one example at a time
         return projector.project(per_example_gradients(task, parameters, inputs, keys))
-    params = {name: p.detach() for name, p in parameters.items()}
+    denoiser = low_precision or adapter.denoiser
+    dtype = next(denoiser.parameters()).dtype
+    params = {name: p.detach().to(dtype) for name, p in parameters.items()}
     timesteps = task.timesteps(keys)
     total = {name: torch.zeros(len(keys), *p.shape, device=p.device) for name, p in params.items()}
 
     def row_output(p, x0, noise, t, cond):
         x0, noise, t = x0[None], noise[None], t[None]
-        x_t = adapter.add_noise(x0, noise, t)
-        call = lambda **kwargs: functional_call(adapter.denoiser, p, args=(), kwargs=kwargs)
-        prediction = adapter.predict(x_t, t, {k: v[None] for k, v in cond.items()}, denoiser=call)
+        x_t = adapter.add_noise(x0, noise, t).to(dtype)
+        call = lambda **kwargs: functional_call(denoiser, p, args=(), kwargs=kwargs)
+        prediction = adapter.predict(x_t, t, {k: v[None].to(dtype) for k, v in cond.items()}, denoiser=call).float()
         return task.objective(prediction, adapter.target(x0, noise, t), adapter.timestep_weight(t)).sum() / K
 
     per_sample = vmap(grad(row_output), in_dims=(None, 0, 0, 0, 0))
@@ -189,9 +206,15 @@ def throughput(name, adapter, inputs, config, steps, device, budget_s=120.0, pre
             previous_calibration_s = time.perf_counter() - tic
             previous_calibrated = previous.calibration.CalibratedProjector(denoiser, parameters, config.projection_dim,
                                                                           0, bases)
+        low = None
+        if config.dtype != "float32":  # the recipe in the config's dtype (vmap_features)
+            import copy
+
+            low = copy.deepcopy(denoiser).to(getattr(torch, config.dtype))
         methods = {
             "train step": lambda: train_step(task, parameters, inputs, keys, optimizer),
-            "vmap + dense Gaussian": lambda: vmap_features(task, parameters, inputs, keys, dense, False),
+            "vmap + dense Gaussian" + (f" ({config.dtype} weights)" if low is not None else ""):
+                lambda: vmap_features(task, parameters, inputs, keys, dense, False, low),
             "factored hooks (random)": lambda: factored.features(task, parameters, inputs, keys),
             "factored hooks (calibrated, default)": lambda: calibrated.features(task, parameters, inputs, keys),
         }
@@ -443,6 +466,14 @@ def main():
     parser.add_argument("--previous", default=None, metavar="REV",
                         help="also run the package as of this git revision, side by side (before/after)")
     parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds of the end-to-end section")
+    parser.add_argument("--only", choices=("all", "digits", "sd"), default="all",
+                        help="sd: only the SD-shaped LoRA rows (a GPU check: python benchmarks/featurize_speed.py "
+                             "--only sd --sd-size full --dtype bfloat16 --sd-batch 16)")
+    parser.add_argument("--sd-size", choices=tuple(SD_SIZES), default="small",
+                        help="full: SD 1.5's UNet dimensions, 64×64 latents, 77 tokens of width 768 (for a GPU)")
+    parser.add_argument("--sd-batch", type=int, default=4, help="examples per call in the SD section (× K rows)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                        help="autocast dtype of the SD section's forward passes (training step and featurizers alike)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch.set_num_threads; default 1 on CPU: on a shared machine OpenMP threads wait on "
                              "each other (a 2-thread forward ran 25× slower than a 1-thread one on 2 busy cores)")
@@ -455,28 +486,33 @@ def main():
           f"{psutil.cpu_count()} CPUs, {platform.processor() or platform.machine()}")
 
     previous = previous_package(args.previous)
-    adapter, images, held_out = digits_model(device)
-    print(f"digits: the digits DDPM (DigitsRecipe) trained on {len(images)} digits")
-    from diffusers_attribution.demo.digits import load_digits_images
+    if args.only in ("all", "digits"):
+        adapter, images, held_out = digits_model(device)
+        print(f"digits: the digits DDPM (DigitsRecipe) trained on {len(images)} digits")
+        from diffusers_attribution.demo.digits import load_digits_images
 
-    end_to_end(adapter.pipe, load_digits_images(200 if quick else 1000), previous, 1 if quick else args.rounds)
-    if not args.skip_fidelity:
-        n_train, n_query = (200, 8) if quick else (len(images), 16)
-        fidelity(adapter, images, held_out, n_train, n_query, (512, 2048), 5 if quick else 10, device,
-                 previous=previous)
-    batch = images[:16].to(device)
-    config = AttributionConfig(num_timesteps=10, projection_dim=2048)
-    throughput("digits DDPM (all parameters)", adapter, ModelInputs(batch), config, steps, device, previous=previous)
-
-    sd, note = sd_lora_model(device, quick)
-    size = 16 if quick else 32
-    print(f"\nsd-lora: {note}; latents 4×{size}×{size}, 16 text tokens of width 128")
-    generator = torch.Generator().manual_seed(0)
-    latents = torch.randn(4, 4, size, size, generator=generator).to(device)
-    text = torch.randn(len(latents), 16, 128, generator=generator).to(device)
-    config = AttributionConfig(num_timesteps=4 if quick else 10, projection_dim=2048, parameters="lora")
-    throughput("SD-shaped UNet, LoRA weights", sd, ModelInputs(latents, {"encoder_hidden_states": text}),
-               config, steps, device, previous=previous)
+        end_to_end(adapter.pipe, load_digits_images(200 if quick else 1000), previous, 1 if quick else args.rounds)
+        if not args.skip_fidelity:
+            n_train, n_query = (200, 8) if quick else (len(images), 16)
+            fidelity(adapter, images, held_out, n_train, n_query, (512, 2048), 5 if quick else 10, device,
+                     previous=previous)
+        batch = images[:16].to(device)
+        config = AttributionConfig(num_timesteps=10, projection_dim=2048)
+        throughput("digits DDPM (all parameters)", adapter, ModelInputs(batch), config, steps, device,
+                   previous=previous)
+    if args.only in ("all", "sd"):
+        sd, note = sd_lora_model(device, quick, args.sd_size)
+        shape = SD_SIZES[args.sd_size]
+        size = shape["latent"] // (2 if quick else 1)
+        print(f"\nsd-lora: {note}; latents 4×{size}×{size}, {shape['tokens']} text tokens of width "
+              f"{shape['cross_attention_dim']}, autocast {args.dtype}")
+        generator = torch.Generator().manual_seed(0)
+        latents = torch.randn(args.sd_batch, 4, size, size, generator=generator).to(device)
+        text = torch.randn(len(latents), shape["tokens"], shape["cross_attention_dim"], generator=generator).to(device)
+        config = AttributionConfig(num_timesteps=4 if quick else 10, projection_dim=2048, parameters="lora",
+                                   dtype=args.dtype)
+        throughput("SD-shaped UNet, LoRA weights", sd, ModelInputs(latents, {"encoder_hidden_states": text}),
+                   config, steps, device, previous=previous)
 
 
 if __name__ == "__main__":
