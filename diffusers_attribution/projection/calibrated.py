@@ -164,8 +164,9 @@ class CalibratedProjector(Projector):
 
     @property
     def partial_dim(self) -> int:
-        """k_mid: the featurization loop keeps `finish_rows` sketches, so that one product [rows, k_mid] @ M
-        reads M (k_mid × k floats, 85 MB on the digits UNet) from memory once for all of them."""
+        """k_mid: the featurization loop keeps `finish_rows` sketches and mixes them in one `finish` (for
+        version 1 one product [rows, k_mid] @ M reads M, 85 MB on the digits UNet, once for all of them; for
+        version 2 one gather and one copy to the CPU per block)."""
         return self.sketch.dim if self.fitted else self.dim
 
     def features(self, task: AttributionTask, parameters: dict, inputs: ModelInputs, keys: Sequence) -> torch.Tensor:
