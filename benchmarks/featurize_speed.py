@@ -35,6 +35,7 @@ to the OS with malloc_trim before); on CUDA torch.cuda.max_memory_allocated abov
 from __future__ import annotations
 
 import argparse
+import copy
 import importlib
 import io
 import platform
@@ -210,8 +211,6 @@ def throughput(name, adapter, inputs, config, steps, device, budget_s=120.0, pre
                                                                           0, bases)
         low = None
         if config.dtype != "float32":  # the recipe in the config's dtype (vmap_features)
-            import copy
-
             low = copy.deepcopy(denoiser).to(getattr(torch, config.dtype))
         methods = {
             "train step": lambda: train_step(task, parameters, inputs, keys, optimizer),
