@@ -14,6 +14,9 @@ interleaved rounds (one call of each method per round) so that load on a shared 
             then a dense Gaussian projection (its matrix cached in memory)
   factored  FactoredProjector: one batched forward/backward with attribution hooks (random per-layer
             matrices), and CalibratedProjector (the default: calibrated bases, then the k_mid × k mix)
+  floor     the same forward/backward through the same hooks with nothing computed in them: what any
+            hook-based featurizer pays before its projection (`hooks_only`); below the table, the projection's
+            cost (calibrated − floor) beside the training step's weight gradients and optimizer (train − floor)
 on the digits DDPM (`diffusers_attribution.digits`) and on a Stable-Diffusion-shaped UNet2DConditionModel
 with a LoRA (only the LoRA weights attributed / trained). Fidelity on the digits DDPM: Spearman correlation,
 per query, between projected scores and exact scores (identity features, dual-form kernel) for `factored`
@@ -62,6 +65,7 @@ from diffusers_attribution.projection.calibrated import (CALIBRATION_BATCH, Cali
                                                          calibration_count, calibration_indices)
 from diffusers_attribution.projection.factored import FactoredProjector
 from diffusers_attribution.gradients.reference import per_example_gradients
+from diffusers_attribution.gradients.hooks import attribution_hooks
 from diffusers_attribution.projection.dense import DenseProjector
 from diffusers_attribution.featurize import Featurizer
 from diffusers_attribution.scoring import KernelScorer
@@ -137,6 +141,14 @@ def train_step(task, parameters, inputs, keys, optimizer):
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
+
+
+def hooks_only(task, projector, inputs, keys):
+    """Forward and backward through `projector`'s attribution hooks, nothing done with (a, δ): the featurizer's
+    floor, the cost of its hooks' forward and backward passes when the projection is free."""
+    with attribution_hooks(projector.modules, lambda *received: None) as capture:
+        for columns in task.chunks():
+            capture.backward(task.outputs(inputs, keys, columns).sum())
 
 
 def vmap_features(task, parameters, inputs, keys, projector, fallback, low_precision=None):
@@ -218,6 +230,7 @@ def throughput(name, adapter, inputs, config, steps, device, budget_s=120.0, pre
                 lambda: vmap_features(task, parameters, inputs, keys, dense, False, low),
             "factored hooks (random)": lambda: factored.features(task, parameters, inputs, keys),
             "factored hooks (calibrated, default)": lambda: calibrated.features(task, parameters, inputs, keys),
+            "floor: the same hooks, nothing projected": lambda: hooks_only(task, calibrated.sketch, inputs, keys),
         }
         if previous is not None:
             methods[f"factored hooks (calibrated, previous {previous.revision})"] = (
@@ -259,6 +272,12 @@ def throughput(name, adapter, inputs, config, steps, device, budget_s=120.0, pre
     for label, rate in rates.items():
         shown = f"{rate:,.0f}" if rate >= 100 else f"{rate:.3g}"
         print(f"| {label} | {shown} | {rate / rates['train step']:.2f} | {memory[label]:,.0f} |")
+    seconds = {label: statistics.median(values) * 1e3 for label, values in times.items()}
+    floor = seconds["floor: the same hooks, nothing projected"]
+    print(f"per call: floor {floor:.1f} ms; the calibrated projection adds "
+          f"{seconds['factored hooks (calibrated, default)'] - floor:.1f} ms to it, where the training step's weight "
+          f"gradients and AdamW step add {seconds['train step'] - floor:.1f} ms to the same pass (its idle hooks "
+          "included in the floor)")
     print(f"calibration (once per store; over the call's {len(keys)} examples here): {calibration_s:.1f} s"
           + (f" (previous {previous.revision}: {previous_calibration_s:.1f} s)" if previous is not None else "")
           + f"; calibrated sketch k_mid = {calibrated.sketch.dim:,} coordinates mixed into k. Each call mixes its "
