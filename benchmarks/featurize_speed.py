@@ -23,7 +23,7 @@ per query, between projected scores and exact scores (identity features, dual-fo
 (random per-layer matrices, and calibrated bases — the default, calibration.py) and dense `gaussian` at the
 same total k, over 3 projection seeds.
 
-    python benchmarks/featurize_speed.py                          # about 11 minutes on 2 CPU cores
+    python benchmarks/featurize_speed.py                          # about 7 minutes on 2 CPU cores
     python benchmarks/featurize_speed.py --previous 491d928       # before/after side by side (13 minutes)
     python benchmarks/featurize_speed.py --quick                  # a few minutes
     python benchmarks/featurize_speed.py --only sd --sd-size full --dtype bfloat16 --sd-batch 16   # the GPU check:
