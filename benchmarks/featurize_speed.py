@@ -143,9 +143,13 @@ def train_step(task, parameters, inputs, keys, optimizer):
     optimizer.step()
 
 
+FLOOR = "floor: the same hooks, nothing projected"  # the per-call row of `hooks_only`
+
+
 def hooks_only(task, projector, inputs, keys):
     """Forward and backward through `projector`'s attribution hooks, nothing done with (a, δ): the featurizer's
-    floor, the cost of its hooks' forward and backward passes when the projection is free."""
+    floor, the cost of its hooks' forward and backward passes when the projection is free (the loop of
+    `FactoredProjector.features` with a receiver that does nothing)."""
     with attribution_hooks(projector.modules, lambda *received: None) as capture:
         for columns in task.chunks():
             capture.backward(task.outputs(inputs, keys, columns).sum())
@@ -230,7 +234,7 @@ def throughput(name, adapter, inputs, config, steps, device, budget_s=120.0, pre
                 lambda: vmap_features(task, parameters, inputs, keys, dense, False, low),
             "factored hooks (random)": lambda: factored.features(task, parameters, inputs, keys),
             "factored hooks (calibrated, default)": lambda: calibrated.features(task, parameters, inputs, keys),
-            "floor: the same hooks, nothing projected": lambda: hooks_only(task, calibrated.sketch, inputs, keys),
+            FLOOR: lambda: hooks_only(task, calibrated.sketch, inputs, keys),
         }
         if previous is not None:
             methods[f"factored hooks (calibrated, previous {previous.revision})"] = (
@@ -263,7 +267,8 @@ def throughput(name, adapter, inputs, config, steps, device, budget_s=120.0, pre
             new, old = calibrated.sketch.features(task, parameters, inputs, keys), previous_calibrated.sketch.features(
                 task, parameters, inputs, keys)
             difference = float((new - old).abs().max() / old.abs().max())
-    rates = {label: pairs / statistics.median(seconds) for label, seconds in times.items()}
+    median_ms = {label: statistics.median(seconds) * 1e3 for label, seconds in times.items()}
+    rates = {label: pairs / (ms / 1e3) for label, ms in median_ms.items()}
     print(f"\n{name}: {len(parameters)} attributed tensors, {sum(p.numel() for p in parameters.values()):,} values; "
           f"B={len(keys)} examples × K={config.num_timesteps} timesteps per call, k={config.projection_dim}, "
           f"{len(times['train step'])} interleaved rounds")
@@ -272,11 +277,10 @@ def throughput(name, adapter, inputs, config, steps, device, budget_s=120.0, pre
     for label, rate in rates.items():
         shown = f"{rate:,.0f}" if rate >= 100 else f"{rate:.3g}"
         print(f"| {label} | {shown} | {rate / rates['train step']:.2f} | {memory[label]:,.0f} |")
-    seconds = {label: statistics.median(values) * 1e3 for label, values in times.items()}
-    floor = seconds["floor: the same hooks, nothing projected"]
+    floor = median_ms[FLOOR]
     print(f"per call: floor {floor:.1f} ms; the calibrated projection adds "
-          f"{seconds['factored hooks (calibrated, default)'] - floor:.1f} ms to it, where the training step's weight "
-          f"gradients and AdamW step add {seconds['train step'] - floor:.1f} ms to the same pass (its idle hooks "
+          f"{median_ms['factored hooks (calibrated, default)'] - floor:.1f} ms to it, where the training step's weight "
+          f"gradients and AdamW step add {median_ms['train step'] - floor:.1f} ms to the same pass (its idle hooks "
           "included in the floor)")
     print(f"calibration (once per store; over the call's {len(keys)} examples here): {calibration_s:.1f} s"
           + (f" (previous {previous.revision}: {previous_calibration_s:.1f} s)" if previous is not None else "")
