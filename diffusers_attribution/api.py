@@ -13,7 +13,7 @@ import os
 from typing import Any, Sequence
 
 from .config import AttributionConfig
-from .data import to_image_batch
+from .data import query_batch
 from .methods.base import get_method
 from .result import AttributionResult
 from .store.errors import UntrustedReferenceError
@@ -31,8 +31,14 @@ def is_store(train_data: Any) -> bool:
 
 def make_featurizer(pipe, config: AttributionConfig, store: FeatureStore | None = None, **options):
     """The featurizer of `config.method` for `pipe` (`options`: `checkpoints=` for TracIn/ReTrac, `encoder=` /
-    `processor=` for embedding-cosine); `store`: the store queries will be scored against (its fitted projection)."""
-    return get_method(config.method).featurizer(pipe, config, store=store, **options)
+    `processor=` for embedding-cosine); `store`: the store queries will be scored against (what it fitted on
+    data: the projection's state and, for a method that fits with it, EK-FAC's Λ)."""
+    method = get_method(config.method)
+    fitted = None
+    if store is not None:
+        fitted = {"projection": store.projection_state, "projection_spec": store.metadata.get("projection"),
+                  "method": store.method_state if hasattr(method, "load_fit_state") else None}
+    return method.featurizer(pipe, config, fitted, **options)
 
 
 def make_scorer(store: FeatureStore, damping: float | None = None, damping_ratio: float | None = None):
@@ -40,17 +46,22 @@ def make_scorer(store: FeatureStore, damping: float | None = None, damping_ratio
     return get_method(store.config.method).scorer(store, damping, damping_ratio)
 
 
+FEATURIZER_OPTIONS = ("checkpoints", "encoder", "processor")  # taken by a method's featurizer, not by the store
+
+
 def featurize(pipe, train_dataset: Any, config: AttributionConfig | None = None, *, progress: bool = True,
-              output_dir: str | os.PathLike | None = None, accelerator: Any = None, **store_kwargs) -> FeatureStore:
+              output_dir: str | os.PathLike | None = None, accelerator: Any = None, **options) -> FeatureStore:
     """Training features of `train_dataset` under `config` (default `AttributionConfig()`), with their metadata.
 
     `output_dir`: write safetensors shards there as they finish (a killed run resumes where it stopped); under
-    `accelerate launch` or with an `accelerator`, every process takes its share of the shards. `store_kwargs`:
-    `shard_rows`, `max_shard_size`, `compute_kernel`, `dataset_name` (docs/stores.md).
+    `accelerate launch` or with an `accelerator`, every process takes its share of the shards. `options`: the
+    featurizer's (`checkpoints=`, `encoder=`, `processor=`) and the store's (`shard_rows`, `max_shard_size`,
+    `compute_kernel`, `dataset_name`; docs/stores.md).
     """
     config = config or AttributionConfig()
-    return make_featurizer(pipe, config).featurize_dataset(train_dataset, progress=progress, output_dir=output_dir,
-                                                           accelerator=accelerator, **store_kwargs)
+    featurizer_options = {key: options.pop(key) for key in FEATURIZER_OPTIONS if key in options}
+    return make_featurizer(pipe, config, **featurizer_options).featurize_dataset(
+        train_dataset, progress=progress, output_dir=output_dir, accelerator=accelerator, **options)
 
 
 def check_references(store: FeatureStore, config: AttributionConfig | None, options: dict,
@@ -111,8 +122,8 @@ def attribute(pipe, images: Any, train_data: Any, config: AttributionConfig | No
     score_fields = {}  # the query config's score-role fields override the store's: they never change features
     if config is not None and is_store(train_data):
         score_fields = {name: getattr(config, name) for name in config.fields_with_role("score")}
-    query_features = featurizer.featurize_queries(images, prompts)
+    batch, prompts = query_batch(images, prompts)  # converted once, here
+    query_features = featurizer.featurize_queries(batch, prompts)
     scorer = make_scorer(store, **score_fields)
-    return AttributionResult(scores=scorer.scores(query_features), config=store.config,
-                             query_images=to_image_batch(images),
+    return AttributionResult(scores=scorer.scores(query_features), config=store.config, query_images=batch,
                              metadata={**scorer.metadata, "example_hashes": store.example_hashes})

@@ -24,7 +24,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from .methods.base import METHOD_FIELDS, get_method
+from .methods.base import get_method
 from .projection.registry import projector_names
 
 OUTPUTS = ("loss", "squared-norm", "mean", "l1-norm", "l2-norm", "linf-norm", "weighted-mse")
@@ -34,6 +34,9 @@ PARAMETER_SETS = ("all", "lora")
 DTYPES = ("float32", "float16", "bfloat16")
 ROLES = ("feature", "projection", "score", "execution", "data")
 HASHED_ROLES = ("feature", "projection")
+# Config fields that only some methods read; a method lists those it reads in `Method.reads`, and any other
+# set to a value is an error (not a silent no-op).
+METHOD_FIELDS = ("checkpoints", "learning_rates", "query_timesteps", "query_noise_draws", "encoder", "noise_draws")
 
 
 def _field(role: str, default: Any = None, *, omit: tuple = (), factory=None):
@@ -105,7 +108,7 @@ class AttributionConfig:
             "subfolder"}`; checkpoints.py). None = the pipeline's current weights only.
         learning_rates: TracIn/ReTrac: η_c per checkpoint in τ = Σ_c η_c ⟨g_c(z), g_c(q)⟩ (None = all 1). Kept in
             the store's config (a query with other rates is refused, not silently rescored); to rescore a
-            store with other rates: `methods.tracin.TracInScorer(store.features, rates, C)`.
+            store with other rates, featurize it with another `learning_rates` config (its features are the same).
         query_timesteps: TracIn/ReTrac: the query gradient is averaged over this many evenly spaced timesteps.
         query_noise_draws: TracIn/ReTrac: noises per query timestep; Journey-TRAK: fresh noises per sampling step.
         encoder: `"embedding-cosine"`: a transformers image encoder (a path or Hub id; CLIP or DINOv2).

@@ -79,12 +79,16 @@ class FisherAccumulator:
         self.matrix.addmm_(psi.T, psi, alpha=1.0 / self.pairs_per_example)
         self.pairs += len(psi)
 
+    on_pairs = __call__  # a featurizer's state collector (featurize.Featurizer.pair_features)
+
     def merge(self, other: "FisherAccumulator") -> None:
         self.matrix += other.matrix
         self.pairs += other.pairs
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {"pair_fisher": self.matrix, "pairs": torch.tensor([self.pairs], dtype=torch.int64)}
+
+    state = state_dict
 
 
 def pair_features(featurizer, inputs: ModelInputs, keys: Sequence, accumulator: FisherAccumulator | None = None):

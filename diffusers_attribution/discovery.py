@@ -12,9 +12,10 @@ import pkgutil
 _done: set[str] = set()
 
 
-def discover(package: str) -> None:
-    """Import each module of `package` (e.g. "diffusers_attribution.methods"), once per process."""
-    if package in _done:
+def discover(package: str, refresh: bool = False) -> None:
+    """Import each module of `package` (e.g. "diffusers_attribution.methods"), once per process; `refresh`: look
+    again for modules added to the package's path since (a registry that does not know a name)."""
+    if package in _done and not refresh:
         return
     _done.add(package)
     path = importlib.import_module(package).__path__

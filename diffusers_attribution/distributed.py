@@ -64,6 +64,21 @@ class ProcessGroup:
 
         return broadcast_object_list([value], from_process=0)[0]
 
+    def settle(self, error: BaseException | None) -> None:
+        """After a step only the main process ran (with `error` if it failed): every process raises if it failed —
+        the main process its own error, the others a `StoreMismatchError` or `RuntimeError` with its message — so
+        that none waits for a main process that failed."""
+        from .store.errors import StoreMismatchError
+
+        status = None
+        if self.is_main and error is not None:
+            status = {"mismatch": isinstance(error, StoreMismatchError), "error": f"{type(error).__name__}: {error}"}
+        status = self.broadcast(status if self.is_main else None)
+        if error is not None:
+            raise error
+        if status:
+            raise (StoreMismatchError if status["mismatch"] else RuntimeError)(status["error"])
+
     def gather(self, value: Any) -> list:
         """Every process's `value`, in rank order, on every process."""
         if self.world == 1:
@@ -86,7 +101,7 @@ def distributed_topk(scorer, query_features: torch.Tensor, k: int, group: Proces
     """Top-k over a whole store with every process scoring its share of the shards, merged on every process."""
     from .scoring import merge_topk
 
-    if scorer.dual or not scorer.store.shards:
+    if getattr(scorer, "dual", True) or not getattr(scorer.store, "shards", None):
         return scorer.topk(query_features, k)
     mine = group.share(range(len(scorer.store.shards)))
     return merge_topk(group.gather(scorer.topk(query_features, k, shards=mine)), k)

@@ -1,7 +1,18 @@
-"""`Featurizer`: the featurization loop, examples → x0 and conditioning → projected averaged gradients φ(z) [N, k].
+"""Featurization: one loop that owns the order for every method, and the gradient featurizer.
 
-Everything fixed for one (pipeline, config) — adapter, task, parameters, projector — is built once; the training
-set is read in batches (`data.training_batches`), and queries go through the same `features` call.
+    data → adapter → task (training output) → projector → per-(t, ε) reduction → method state → writer
+
+`featurize(featurizer, dataset, ...)` runs, for any featurizer (the gradient `Featurizer` below, TracIn's
+per-checkpoint one, the similarity baselines'): fit what the featurizer fits on data (saved first, so a resumed
+or second process uses the same), the features and state of each range of rows (a shard), `combine` of the
+states, then hands tensors, named state and the method's facts to the writer (store/writer.py), in memory or
+into a folder (resumable; each process its share of the shards under accelerate). The writer never sees a
+featurizer.
+
+A featurizer offers: `config`, `dim`, `fits_on_data`, `fit(data, progress) -> fitted`, `load_fitted(fitted)`,
+`fit_identity(data)`, `rows(data, start, stop, bar) -> (φ [rows, k], example hashes, state or None)`,
+`combine(states)`, `method_state(fitted)`, `metadata()`, `facts()`, `featurize_queries(images, prompts)`.
+`fitted` is {"projection": the projector's state, "method": what the method fitted with it}, each possibly None.
 """
 
 from __future__ import annotations
@@ -20,9 +31,10 @@ from .data import TrainingData, as_training_data, query_batch, training_batches
 from .distributed import ProcessGroup, launched_with_several_processes
 from .fingerprint import model_fingerprint
 from .gradients.task import AttributionTask, gradients_only_for, select_parameters
+from .gradients.timesteps import PointTask, timestep_features
 from .projection.base import Projector
 from .projection.registry import make_projector
-from .store.format import DEFAULT_MAX_SHARD_SIZE, FeatureStore
+from .store.writer import DEFAULT_MAX_SHARD_SIZE, DirectoryWriter, memory_store
 from .version import __version__
 
 
@@ -30,41 +42,256 @@ class NonFiniteFeaturesError(ValueError):
     """A training example or query whose features came out NaN or infinite (a broken weight or gradient)."""
 
 
-def check_finite_features(features: torch.Tensor, featurizer: "Featurizer | None" = None) -> None:
-    """`NonFiniteFeaturesError` naming the first training example (row) with a NaN / Inf feature, and the
-    denoiser's non-finite weight if `featurizer` finds one (for featurizers that do not go through `features`)."""
+def check_finite_features(features: torch.Tensor, first_row: int = 0) -> None:
+    """`NonFiniteFeaturesError` naming the first example (row, counted from `first_row`) with a NaN / Inf feature."""
     if torch.isfinite(features).all():
         return
-    row = int((~torch.isfinite(features)).any(1).nonzero()[0])
-    what = f"example {row} has NaN or infinite features"
-    if featurizer is not None:
-        featurizer._check_weights(what)
-    raise NonFiniteFeaturesError(what)
+    row = first_row + int((~torch.isfinite(features)).any(1).nonzero()[0])
+    raise NonFiniteFeaturesError(f"example {row} has NaN or infinite features")
 
 
-class Featurizer:
-    """Everything fixed for one (pipeline, config): adapter, task, parameters, projector.
+# ---------------------------------------------------------------------------------------------- the loop
 
-    A calibrated factored projection (`config.calibration_examples > 0`, projection/calibrated.py) is measured on the
-    training set by `featurize_dataset`, or taken from a store (`projection_state=store.projection_state`, and
-    `projection_spec=store.metadata["projection"]`, which says which version of the projection made it).
+
+def featurize(featurizer, dataset: Any, progress: bool = True, *, output_dir: str | os.PathLike | None = None,
+              accelerator: Any = None, shard_rows: int | None = None,
+              max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE, compute_kernel: bool | None = None,
+              dataset_name: str | None = None):
+    """Φ [N, k] of `dataset` with `featurizer`: in memory, or written shard by shard into `output_dir` (resumable).
+
+    With `output_dir`, finished shards found there are kept (after checking they come from the same model,
+    config and examples) and only the missing ones are computed; under `accelerate launch` or with an
+    `accelerator`, each process computes its share of the missing shards and the main process writes the
+    method state, config.json, the kernel (`compute_kernel`; default: the method's facts say) and the card.
+    """
+    data = featurizer.training_data(dataset)
+    facts = featurizer.facts()
+    keep_kernel = facts["kernel"] if compute_kernel is None else compute_kernel
+    name = dataset_name or _dataset_name(dataset)
+    if output_dir is None:
+        if accelerator is not None:
+            raise ValueError("featurizing in several processes needs output_dir=: each process writes its shards there")
+        if launched_with_several_processes():
+            warnings.warn("several processes are running but no output_dir= was given: each computes every "
+                          "feature; pass output_dir= to share the work", stacklevel=3)
+        if featurizer.fits_on_data and not featurizer.fitted:
+            featurizer.fit(data, progress)
+        bar = tqdm(total=len(data), desc="featurize", unit="example", disable=not progress)
+        features, hashes, state = featurizer.rows(data, 0, len(data), bar)
+        bar.close()
+        fitted = featurizer.fitted_state()
+        method_state = featurizer.method_state(fitted, None if state is None else [state])
+        metadata = {**featurizer.metadata(), "num_examples": len(data), "dataset_name": name, "example_hashes": hashes}
+        return memory_store(features, featurizer.config, metadata, facts, projection_state=fitted.get("projection"),
+                            method_state=method_state)
+    group = ProcessGroup(accelerator)
+    if group.device is not None and featurizer.config.device is None:
+        featurizer.to(group.device)
+    writer = DirectoryWriter(Path(output_dir), group, featurizer.config, len(data), featurizer.dim,
+                             shard_rows=shard_rows, max_shard_size=max_shard_size)
+    with writer.locked(featurizer.fingerprint()):
+        if featurizer.fits_on_data:
+            _fit_in_directory(featurizer, data, writer, group, progress and group.is_main)
+        metadata = {**featurizer.metadata(), "num_examples": len(data), "dim": featurizer.dim, "dataset_name": name}
+        done, pending, complete = writer.begin(metadata)
+        for entry in group.share(done):  # finished shards must hold these very examples
+            _check_examples(writer.recorded_hashes(entry), data, entry, writer.directory)
+        if complete and not pending:
+            group.barrier()
+            return writer.open()
+        mine = group.share(pending)
+        if group.is_main and done and progress:
+            print(f"featurize: resuming {output_dir}: {len(done)} of {len(done) + len(pending)} shards already done")
+        bar = tqdm(total=sum(e["stop"] - e["start"] for e in mine), unit="example",
+                   disable=not (progress and group.is_main),
+                   desc="featurize" if group.world == 1 else f"featurize (process 0 of {group.world})")
+        for entry in mine:
+            features, hashes, state = featurizer.rows(data, entry["start"], entry["stop"], bar)
+            writer.write_shard(entry, features, hashes, state)
+        bar.close()
+        group.barrier()
+        method_state = None
+        if group.is_main:
+            states = writer.read_states() if featurizer.collects_state else None
+            method_state = featurizer.method_state(featurizer.fitted_state(), states)
+        return writer.finish(facts, method_state=method_state, compute_kernel=keep_kernel)
+
+
+def _fit_in_directory(featurizer, data: TrainingData, writer: DirectoryWriter, group: ProcessGroup,
+                      progress: bool) -> None:
+    """What the featurizer fits on data (the calibrated bases, EK-FAC's Λ): the one saved in the folder (a resumed
+    run), or fitted on the main process and saved there first; every process then uses the saved one. A saved
+    fit for another config, model or examples is refused."""
+    identity = featurizer.fit_identity(data)
+    failure = None
+    if group.is_main:
+        try:
+            if not writer.has_fitted(identity):
+                writer.write_fitted(featurizer.fit(data, progress), identity)
+        except Exception as error:  # sent to every process, so that none waits for a main process that failed
+            failure = error
+    group.settle(failure)
+    featurizer.load_fitted(writer.read_fitted())
+
+
+def _check_examples(recorded: list[str], data: TrainingData, entry: dict, directory: Path) -> None:
+    """`StoreMismatchError` unless a finished shard's recorded example hashes are those of `data`'s rows."""
+    from .store.writer import StoreMismatchError
+
+    for offset, expected in enumerate(recorded):
+        index = entry["start"] + offset
+        if data.example_hash(index) != expected:
+            raise StoreMismatchError(
+                f"training example {index} differs from the one featurized into {directory / entry['file']}: the "
+                "dataset changed. Use another output_dir, or delete it to start over")
+
+
+def _dataset_name(dataset: Any) -> str | None:
+    """The `datasets.Dataset`'s own name, if it has one (for the store card)."""
+    info = getattr(dataset, "info", None)
+    return getattr(info, "dataset_name", None) or getattr(info, "builder_name", None) if info is not None else None
+
+
+# ---------------------------------------------------------------------------------------------- featurizers
+
+
+class FeaturizerBase:
+    """What every featurizer shares: the loop (`featurize_dataset`), training data, and the defaults of a
+    featurizer that fits nothing on data and collects no state. `method`: the `Method` whose parts it runs."""
+
+    config: AttributionConfig
+    method: Any = None
+    fits_on_data = False
+    fitted = True
+    collects_state = False
+
+    def featurize_dataset(self, dataset: Any, progress: bool = True, **options):
+        """`featurize(self, dataset, progress, **options)`: the store of a training set."""
+        return featurize(self, dataset, progress, **options)
+
+    def training_data(self, dataset: Any) -> TrainingData:
+        return as_training_data(dataset, self.config.image_column, self.config.caption_column)
+
+    def to(self, device) -> None:
+        """Move the model featurized (under accelerate: this process's device)."""
+
+    def fingerprint(self) -> dict | None:
+        """What a folder's writer lock records about the model (None: no model)."""
+        return None
+
+    def fit(self, data: TrainingData, progress: bool = False) -> dict:
+        raise NotImplementedError
+
+    def load_fitted(self, fitted: dict) -> None:
+        raise NotImplementedError
+
+    def fitted_state(self) -> dict:
+        return {}
+
+    def fit_identity(self, data: TrainingData) -> dict:
+        return {}
+
+    def method_state(self, fitted: dict, states: list[dict] | None) -> dict | None:
+        """The store's method state: `combine` of the row ranges' states, else what the method fitted, if any."""
+        if states is not None:
+            return self.method.combine(states)
+        return fitted.get("method")
+
+    def facts(self) -> dict[str, Any]:
+        """The method's facts the writer records (`Method.facts`)."""
+        return self.method.facts()
+
+
+class _PlainGradients:
+    """The parts of a plain kernel method (TRAK's): the averaged gradient of `config.output`, projected once, with
+    the projector `config.projector` names; no state. Used when a `Featurizer` is built without a method."""
+
+    name = None
+    records: tuple[str, ...] = ()
+    reduction = "mean"
+    query_reduction = None
+    title = None
+
+    def projector(self, config, denoiser, parameters):
+        return make_projector(config, denoiser, parameters)
+
+    def collector(self, featurizer):
+        return None
+
+    def facts(self) -> dict[str, Any]:
+        return {"title": None, "fingerprints": ["model_fingerprint"], "kernel": True}
+
+
+class Featurizer(FeaturizerBase):
+    """The gradient featurizer: adapter, task, parameters and projector of one (pipeline, config), running the
+    declared parts of `method` (methods/base.py: training output, records, reduction, projector, state).
+
+        "mean":        φ = P (1/(K·D)) Σ_{t,d} ∇θ f(z, t, ε_{t,d})           one projection of the averaged gradient
+        "pairs":       φ = (1/(K·D)) Σ_{t,d} P ∇θ f(z, t, ε_{t,d})           each (t, ε) pair projected (state sees ψ)
+        "unit-pairs":  φ = (1/(K·D)) Σ_{t,d} ψ_{t,d} / ‖ψ_{t,d}‖              ψ = P ∇θ f(z, t, ε_{t,d})
+
+    `fitted`: a store's fitted state ({"projection": bases, "method": ...}), for queries against that store
+    (`projection_state` / `projection_spec`: the projection's alone, as 0.2 took them).
     """
 
-    def __init__(self, pipe, config: AttributionConfig, projection_state: dict[str, torch.Tensor] | None = None,
-                 projection_spec: dict[str, Any] | None = None):
+    def __init__(self, pipe, config: AttributionConfig, method: Any = None, fitted: dict | None = None, *,
+                 projection_state: dict[str, torch.Tensor] | None = None, projection_spec: dict[str, Any] | None = None):
         if config.device is not None:
             pipe.to(config.device)
         self.config = config
+        self.method = method if method is not None else _PlainGradients()
         self.adapter: PipelineAdapter = get_adapter(pipe)
         self.task = AttributionTask(self.adapter, config)
         self.parameters = select_parameters(self.adapter.denoiser, config)
-        self.projector: Projector = make_projector(config, self.adapter.denoiser, self.parameters)
+        self.projector: Projector = self.method.projector(config, self.adapter.denoiser, self.parameters)
+        self._point_task: PointTask | None = None
         if projection_state is not None:
-            self.projector.load_state_dict(projection_state, projection_spec)
+            fitted = {**(fitted or {}), "projection": projection_state, "projection_spec": projection_spec}
+        self._fitted_method: dict | None = None
+        if fitted is not None:
+            self.load_fitted(fitted)
 
-    def fit_projection(self, data: TrainingData, progress: bool = False) -> None:
-        """Fit a projector fitted on data (the calibrated bases) on the training examples it picks; `progress`:
-        a progress bar per pass (calibration is most of a small training set's featurization time)."""
+    # ------------------------------------------------------------------------------------ declared facts
+
+    @property
+    def dim(self) -> int:
+        return self.projector.dim
+
+    @property
+    def fits_on_data(self) -> bool:
+        return self.projector.fits_on_data
+
+    @property
+    def fitted(self) -> bool:
+        return self.projector.fitted
+
+    @property
+    def collects_state(self) -> bool:
+        return self.method.collector(self) is not None
+
+    def to(self, device) -> None:
+        self.adapter.pipe.to(device)
+
+    def fingerprint(self) -> dict:
+        return model_fingerprint(self.adapter.denoiser, self.parameters)
+
+    def metadata(self) -> dict[str, Any]:
+        """What a store records so that queries are only ever scored against compatible features."""
+        return {
+            "package_version": __version__,
+            "pipeline": type(self.adapter.pipe).__name__,
+            "family": self.adapter.family,
+            "projection": self.projector.spec(),
+            "model_fingerprint": self.fingerprint(),
+            "base_model": str(getattr(self.adapter.pipe, "name_or_path", None) or "") or None,
+            "lora_adapters": sorted(getattr(self.adapter.denoiser, "peft_config", None) or []),
+        }
+
+    # ------------------------------------------------------------------------------------ fit
+
+    def fit(self, data: TrainingData, progress: bool = False) -> dict:
+        """Fit the projector on the training examples it picks (the calibrated bases; EK-FAC's bases and Λ);
+        returns the fitted state. `progress`: a progress bar per pass."""
         config = self.config
         self._check_weights()
         indices, size = self.projector.fit_examples(len(data)), self.projector.fit_batch_size
@@ -76,40 +303,145 @@ class Featurizer:
             batches.append((self.adapter.encode(images, list(captions), chunk, config.noise_seed), chunk))
         with gradients_only_for(self.adapter.denoiser, self.parameters):
             self.projector.fit(self.task, self.parameters, batches, progress=progress)
+        return self.fitted_state()
+
+    def fit_projection(self, data: TrainingData, progress: bool = False) -> None:
+        """Fit the projector on `data` (`fit`, keeping the result)."""
+        self.load_fitted(self.fit(data, progress))
+
+    def fitted_state(self) -> dict:
+        """{"projection": the projector's fitted state, "method": what the method fitted with it (EK-FAC's Λ)}."""
+        fit_state = getattr(self.method, "fit_state", None)
+        return {"projection": self.projector.state_dict(),
+                "method": fit_state(self) if fit_state is not None and self.projector.fitted else self._fitted_method}
+
+    def load_fitted(self, fitted: dict) -> None:
+        if fitted.get("projection") is not None:
+            self.projector.load_state_dict(fitted["projection"], fitted.get("projection_spec"))
+        load = getattr(self.method, "load_fit_state", None)
+        if fitted.get("method") is not None and load is not None:
+            load(self, fitted["method"])
+            self._fitted_method = fitted["method"]
 
     def fit_identity(self, data: TrainingData) -> dict[str, Any]:
         """What a fitted projection depends on: the feature config, the attributed weights, the examples it saw."""
         return {"feature_hash": self.config.feature_hash(),
-                "model_fingerprint": model_fingerprint(self.adapter.denoiser, self.parameters)["attributed"],
+                "model_fingerprint": self.fingerprint()["attributed"],
                 "examples": {str(i): data.example_hash(i) for i in self.projector.fit_examples(len(data))}}
 
-    def metadata(self) -> dict[str, Any]:
-        """What a store records so that queries are only ever scored against compatible features."""
-        return {
-            "package_version": __version__,
-            "pipeline": type(self.adapter.pipe).__name__,
-            "family": self.adapter.family,
-            "projection": self.projector.spec(),
-            "model_fingerprint": model_fingerprint(self.adapter.denoiser, self.parameters),
-            "base_model": str(getattr(self.adapter.pipe, "name_or_path", None) or "") or None,
-            "lora_adapters": sorted(getattr(self.adapter.denoiser, "peft_config", None) or []),
-        }
+    # ------------------------------------------------------------------------------------ features
 
-    def features(self, images: torch.Tensor, captions: Sequence[str | None], keys: Sequence) -> torch.Tensor:
-        """φ [B, k] float32 on the CPU for one batch of images [B, C, H, W] in [-1, 1]."""
+    def features(self, images: torch.Tensor, captions: Sequence[str | None], keys: Sequence,
+                 collector=None, reduction: str | None = None) -> torch.Tensor:
+        """φ [B, k] float32 on the CPU for one batch of images [B, C, H, W] in [-1, 1], reduced as `reduction`
+        (default: the method's query reduction); `collector`: the method's state, fed from the same passes."""
         inputs = self.adapter.encode(images, list(captions), list(keys), self.config.noise_seed)
+        reduction = reduction or self.method.query_reduction or self.method.reduction
         with gradients_only_for(self.adapter.denoiser, self.parameters):
-            features = self.projector.features(self.task, self.parameters, inputs, list(keys)).float().cpu()
+            if reduction == "mean":
+                features = self.projector.features(self.task, self.parameters, inputs, list(keys)).float().cpu()
+            else:
+                features = self.pair_features(inputs, list(keys), reduction == "unit-pairs", collector)
             if not torch.isfinite(features).all():
                 self._explain_non_finite(features, inputs, list(keys))
         return features
 
+    def pair_features(self, inputs, keys: list, normalize: bool, collector=None) -> torch.Tensor:
+        """φ [B, k] from each (t, ε) pair's projected gradient ψ (gradients/timesteps.py), normalized or not; the
+        collector sees every chunk of ψ (`on_pairs`) and the recorded outputs of each pair (`on_records`)."""
+        task = self._pair_task()
+        task.records = {name: [] for name in self.method.records} if collector is not None else None
+        try:
+            features = timestep_features(self, inputs, keys, self.task.timesteps(keys), self.task.noise_draws,
+                                         normalize=normalize, rows_per_pass=self.config.batch_size * self.task.num_columns,
+                                         on_rows=getattr(collector, "on_pairs", None), task=task).features
+            if task.records:
+                collector.on_records({name: torch.cat(rows).double().cpu().view(len(keys), -1)
+                                      for name, rows in task.records.items()})
+        finally:
+            task.records = None
+        return features
+
+    def _pair_task(self) -> PointTask:
+        """One `PointTask` for every batch: its shared-mode noise is drawn once."""
+        if self._point_task is None:
+            self._point_task = PointTask(self.adapter, self.config)
+        return self._point_task
+
     def partial_features(self, images: torch.Tensor, captions: Sequence[str | None], keys: Sequence) -> torch.Tensor:
         """`projector.partial_features` of one batch, on the model's device (`projector.finish` gives φ); not
-        checked for non-finite values (`featurize_rows` checks each finished block)."""
+        checked for non-finite values (`rows` checks each finished block)."""
         inputs = self.adapter.encode(images, list(captions), list(keys), self.config.noise_seed)
         with gradients_only_for(self.adapter.denoiser, self.parameters):
             return self.projector.partial_features(self.task, self.parameters, inputs, list(keys))
+
+    def rows(self, data: TrainingData, start: int, stop: int, bar=None):
+        """(φ [stop - start, k], content hashes, state or None) of examples [start, stop), in batches counted from
+        `start`: a shard's features never depend on which process computes it or on whether the run resumed.
+
+        "mean": the partial features stay on the device until `projector.finish_rows` of them are finished together
+        (one copy to the CPU per block); a block with a non-finite value is explained by featurizing its first
+        such example again on its own. Otherwise each batch is reduced from its pairs, feeding the method's state.
+        """
+        features = torch.empty(stop - start, self.dim, dtype=torch.float32)
+        hashes: list[str] = []
+        pending: list[torch.Tensor] = []
+        done = start  # rows before `done` are finished
+        collector = self.method.collector(self)
+        reduction = self.method.reduction
+        batches = training_batches(data, start, stop, self.config.batch_size, self.adapter.validate_images)
+        with gradients_only_for(self.adapter.denoiser, self.parameters):  # once, not per batch
+            for indices, images, captions, batch_hashes in batches:
+                hashes.extend(batch_hashes)
+                if reduction != "mean":
+                    features[indices[0] - start : indices[-1] + 1 - start] = self.features(
+                        images, captions, indices, collector, reduction)
+                else:
+                    pending.append(self.partial_features(images, captions, indices))
+                if pending and (indices[-1] + 1 - done >= self.projector.finish_rows or indices[-1] + 1 == stop):
+                    block = self.projector.finish(torch.cat(pending)).float().cpu()
+                    if not torch.isfinite(block).all():
+                        row = done + int((~torch.isfinite(block)).any(1).nonzero()[0])
+                        self.features(*data.batch([row]), [row], reduction="mean")  # raises, naming the cause
+                        raise NonFiniteFeaturesError(f"example {row!r} has NaN or infinite features in its batch")
+                    features[done - start : done - start + len(block)] = block
+                    done, pending = done + len(block), []
+                if bar is not None:
+                    bar.update(len(indices))
+        return features, hashes, None if collector is None else collector.state()
+
+    def featurize_rows(self, data: TrainingData, start: int, stop: int, bar=None) -> tuple[torch.Tensor, list[str]]:
+        """(φ, content hashes) of examples [start, stop) (`rows` without the state)."""
+        features, hashes, _ = self.rows(data, start, stop, bar)
+        return features, hashes
+
+    def featurize_queries(self, images: Any, prompts: Sequence[str] | str | None = None, **options) -> torch.Tensor:
+        """φ [n, k] for query images: the method's own query features (`Method.queries`, e.g. EK-FAC's
+        preconditioned ones, taking `options`), else `projected_queries`."""
+        queries = getattr(self.method, "queries", None)
+        if queries is not None:
+            return queries(self, images, prompts, **options)
+        if options:
+            raise TypeError(f"method {self.config.method!r} takes no query options, got {sorted(options)}")
+        return self.projected_queries(images, prompts)
+
+    def projected_queries(self, images: Any, prompts: Sequence[str] | str | None = None,
+                          projector: Projector | None = None) -> torch.Tensor:
+        """φ [n, k] of query images reduced as the method's queries are; query i uses the example key `"query:i"`
+        for per-example noise. `projector`: another projector than the featurizer's (EK-FAC's sketch)."""
+        batch, prompts = query_batch(images, prompts, self.adapter.validate_images)
+        own, self.projector = self.projector, projector or self.projector
+        try:
+            out = []
+            for start in range(0, len(batch), self.config.batch_size):
+                stop = min(start + self.config.batch_size, len(batch))
+                keys = [f"query:{i}" for i in range(start, stop)]
+                out.append(self.features(batch[start:stop], prompts[start:stop], keys))
+            return torch.cat(out)
+        finally:
+            self.projector = own
+
+    # ------------------------------------------------------------------------------------ errors
 
     def _explain_non_finite(self, features: torch.Tensor, inputs, keys: list) -> None:
         """Raise `NonFiniteFeaturesError` naming the first example with a NaN / Inf feature and, found only now (a
@@ -131,96 +463,3 @@ class Featurizer:
         if weights:
             more = f" (and {len(weights) - 1} more)" if len(weights) > 1 else ""
             raise NonFiniteFeaturesError(f"{what}: the denoiser's weight {weights[0]}{more} is not finite")
-
-    def featurize_dataset(
-        self,
-        dataset: Any,
-        progress: bool = True,
-        *,
-        output_dir: str | os.PathLike | None = None,
-        accelerator: Any = None,
-        shard_rows: int | None = None,
-        max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
-        compute_kernel: bool = True,
-        dataset_name: str | None = None,
-    ) -> FeatureStore:
-        """Φ [N, k] of `dataset`: in memory, or written shard by shard into `output_dir` (resumable).
-
-        With `output_dir`, finished shards found there are kept (after checking they come from the same
-        model, config and examples) and only the missing ones are computed; under `accelerate launch` or
-        with an `accelerator`, each process computes its share of the missing shards and the main process
-        writes config.json, the kernel (`compute_kernel`) and the card once all have finished.
-        """
-        data = self.training_data(dataset)
-        name = dataset_name or _dataset_name(dataset)
-        if output_dir is None:
-            if accelerator is not None:
-                raise ValueError("featurizing in several processes needs output_dir=: each process writes its shards there")
-            if launched_with_several_processes():
-                warnings.warn("several processes are running but no output_dir= was given: each computes every "
-                              "feature; pass output_dir= to share the work", stacklevel=3)
-            if not self.projector.fitted:
-                self.fit_projection(data, progress)
-            bar = tqdm(total=len(data), desc="featurize", unit="example", disable=not progress)
-            features, hashes = self.featurize_rows(data, 0, len(data), bar)
-            bar.close()
-            metadata = {**self.metadata(), "num_examples": len(data), "dataset_name": name, "example_hashes": hashes}
-            return FeatureStore(features, self.config, metadata, projection_state=self.projector.state_dict())
-        from .store.writer import featurize_to_directory
-
-        return featurize_to_directory(
-            self, data, Path(output_dir), ProcessGroup(accelerator), shard_rows=shard_rows,
-            max_shard_size=max_shard_size, compute_kernel=compute_kernel, progress=progress, dataset_name=name,
-        )
-
-    def training_data(self, dataset: Any) -> TrainingData:
-        return as_training_data(dataset, self.config.image_column, self.config.caption_column)
-
-    def featurize_rows(self, data: TrainingData, start: int, stop: int, bar=None) -> tuple[torch.Tensor, list[str]]:
-        """(φ [stop - start, k], content hashes) of examples [start, stop), in batches counted from `start`.
-
-        Batches always start at `start` (a shard's first row), so a shard's features never depend on
-        which process computes it or on whether the run was resumed. The partial features stay on the device
-        until `projector.finish_rows` of them are finished together (one copy to the CPU per block); a block
-        with a non-finite value is explained by featurizing its first such example again on its own.
-        """
-        features = torch.empty(stop - start, self.projector.dim, dtype=torch.float32)
-        hashes: list[str] = []
-        pending: list[torch.Tensor] = []
-        done = start  # rows before `done` are finished
-        batches = training_batches(data, start, stop, self.config.batch_size, self.adapter.validate_images)
-        own_features = type(self).features is not Featurizer.features  # a method's featurizer (DAS, Fisher)
-        with gradients_only_for(self.adapter.denoiser, self.parameters):  # once, not per batch
-            for indices, images, captions, batch_hashes in batches:
-                hashes.extend(batch_hashes)
-                if own_features:  # its `features` is φ itself, batch by batch
-                    features[indices[0] - start : indices[-1] + 1 - start] = self.features(images, captions, indices)
-                else:
-                    pending.append(self.partial_features(images, captions, indices))
-                if pending and (indices[-1] + 1 - done >= self.projector.finish_rows or indices[-1] + 1 == stop):
-                    block = self.projector.finish(torch.cat(pending)).float().cpu()
-                    if not torch.isfinite(block).all():
-                        row = done + int((~torch.isfinite(block)).any(1).nonzero()[0])
-                        self.features(*data.batch([row]), [row])  # raises NonFiniteFeaturesError, naming the cause
-                        raise NonFiniteFeaturesError(f"example {row!r} has NaN or infinite features in its batch")
-                    features[done - start : done - start + len(block)] = block
-                    done, pending = done + len(block), []
-                if bar is not None:
-                    bar.update(len(indices))
-        return features, hashes
-
-    def featurize_queries(self, images: Any, prompts: Sequence[str] | str | None = None) -> torch.Tensor:
-        """φ [n, k] for query images; query i uses the example key `"query:i"` for per-example noise."""
-        batch, prompts = query_batch(images, prompts, self.adapter.validate_images)
-        out = []
-        for start in range(0, len(batch), self.config.batch_size):
-            stop = min(start + self.config.batch_size, len(batch))
-            keys = [f"query:{i}" for i in range(start, stop)]
-            out.append(self.features(batch[start:stop], prompts[start:stop], keys))
-        return torch.cat(out)
-
-
-def _dataset_name(dataset: Any) -> str | None:
-    """The `datasets.Dataset`'s own name, if it has one (for the store card)."""
-    info = getattr(dataset, "info", None)
-    return getattr(info, "dataset_name", None) or getattr(info, "builder_name", None) if info is not None else None

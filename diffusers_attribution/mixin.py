@@ -6,7 +6,7 @@
     journey = pipe.attribute_trajectory(seed, store, num_inference_steps=50)   # Journey-TRAK, per sampling step
 
 Delegation only: the work is in api.py (`featurize`, `attribute`), each method's featurizer and scorer in
-methods/; a list of stores is an ensemble (methods/ensemble.py).
+methods/; a list of stores is an ensemble (ensemble.py).
 """
 
 from __future__ import annotations
@@ -61,10 +61,10 @@ class AttributionMixin:
         differs from the store's in anything that changes features is a `StoreMismatchError` unless
         `check_compatibility=False`. A store read from disk or the Hub that names checkpoints or an encoder needs
         them passed (`checkpoints=`, `encoder=`) or `trust_remote_references=True`. A list of stores (or store
-        directories) is an ensemble: the mean of the scores against each (methods/ensemble.py).
+        directories) is an ensemble: the mean of the scores against each (ensemble.py).
         """
         if isinstance(train_data, (list, tuple)) and train_data and all(api.is_store(item) for item in train_data):
-            from .methods.ensemble import ensemble_attribute
+            from .ensemble import ensemble_attribute
 
             return ensemble_attribute([(self, store) for store in train_data], images, prompts=prompts, progress=progress)
         if not api.is_store(train_data):
@@ -76,8 +76,8 @@ class AttributionMixin:
     def attribute_trajectory(self, prompt_or_seed: str | int, train_data: Any, config: AttributionConfig | None = None,
                              num_inference_steps: int = 50, **kwargs):
         """Journey-TRAK: sample, and attribute every sampling step's x̂0 → `JourneyResult` (scores [steps, N],
-        `.plot()`). See `methods.journey.attribute_trajectory` for the arguments."""
-        from .methods.journey import attribute_trajectory
+        `.plot()`). See `trajectory.attribute_trajectory` for the arguments."""
+        from .trajectory import attribute_trajectory
 
         return attribute_trajectory(self, prompt_or_seed, train_data, config, num_inference_steps, **kwargs)
 

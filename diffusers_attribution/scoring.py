@@ -1,9 +1,15 @@
-"""TRAK-family scores through the kernel: τ(q) = φ(q) (ΦᵀΦ + λI)⁻¹ Φᵀ, an n_queries × N matrix.
+"""Scores of queries against stored features: the one kernel scorer and the one dot-product scorer.
 
-When N ≤ k the dual form φ(q) Φᵀ (ΦΦᵀ + λI)⁻¹ is exact and cheaper. Kernels are accumulated and solved
-in float64. The default λ never looks at queries: λ = ratio · tr(ΦᵀΦ) / min(N, k), a fixed fraction of
-the kernel's mean non-zero eigenvalue (ratio: `AttributionConfig.damping_ratio`, whose default depends on the
-method; `KernelScorer` on bare features uses 0.1 unless told).
+    kernel:  τ_i(q) = φ(q) (C + λI)⁻¹ φ_iᵀ · w_i     C = ΦᵀΦ or a stored curvature (the projected Fisher);
+                                                    w_i per-row weights (DAS's residuals) or 1
+    dot:     τ_i(q) = ⟨φ(q) ⊙ η, φ_i⟩ (or the cosine) TracIn's per-checkpoint η, EK-FAC's preconditioned queries,
+                                                    the similarity baselines
+
+When C = ΦᵀΦ and N ≤ k the dual form φ(q) Φᵀ (ΦΦᵀ + λI)⁻¹ is exact and cheaper. Kernels are accumulated and
+solved in float64 (`damped_inverse`, the one solver). The default λ never looks at queries: λ = ratio · tr C /
+min(N, k) (`resolve_damping`, the one rule), a fixed fraction of C's mean non-zero eigenvalue (ratio:
+`AttributionConfig.damping_ratio`, whose default depends on the method; bare features use 0.1 unless told).
+Each method names its scorer and what feeds it (`Method.scorer`); every caller goes through that.
 """
 
 from __future__ import annotations
@@ -74,34 +80,6 @@ def default_damping(features: torch.Tensor, ratio: float) -> float:
     return damping_from_trace(features.double().pow(2).sum(), n, k, ratio)
 
 
-class KernelScorer:
-    """Scores queries against fixed training features Φ [N, k] with damping λ."""
-
-    def __init__(self, train_features: torch.Tensor, damping: float | None = None, damping_ratio: float = 0.1):
-        self.train_features = train_features.double()
-        n, k = self.train_features.shape
-        self.damping = resolve_damping(damping, damping_ratio, self.train_features.pow(2).sum(), n, k)
-        self.dual = n <= k
-        phi = self.train_features
-        kernel = phi @ phi.T if self.dual else phi.T @ phi
-        # (ΦΦᵀ + λI)⁻¹ (dual, N × N) or (ΦᵀΦ + λI)⁻¹ (primal, k × k).
-        self.inverse = damped_inverse(kernel, self.damping)
-
-    def scores(self, query_features: torch.Tensor) -> torch.Tensor:
-        """τ [n, N] float32; higher = the training example makes the query more likely."""
-        q = query_features.double().to(self.train_features.device)
-        if self.dual:
-            scores = (q @ self.train_features.T) @ self.inverse
-        else:
-            scores = (q @ self.inverse) @ self.train_features.T
-        return scores.float().cpu()
-
-
-# ---------------------------------------------------------------------------------------------- streaming
-# The same scores for a `FeatureStore` whose features need not fit in memory: the kernel is accumulated
-# block by block in float64, scores are computed per block, and `topk` keeps only the best k per query.
-
-
 def kernel_matrix(store, shards=None, block_rows: int | None = None) -> torch.Tensor:
     """The float64 Gram matrix of a store: ΦᵀΦ [k, k] when N > k (primal), else ΦΦᵀ [N, N] (dual).
 
@@ -127,30 +105,93 @@ def kernel_matrix(store, shards=None, block_rows: int | None = None) -> torch.Te
     return gram
 
 
-class StreamingScorer:
-    """`KernelScorer`'s scores against a `FeatureStore`, reading its features block by block.
+class _Rows:
+    """Bare features Φ [N, k] seen as a one-block store (for `KernelScorer` / `DotScorer` on tensors)."""
 
-    Memory: the kernel and its inverse (k × k, or N × N when N ≤ k), one block of rows, and the
-    queries' projected features. `topk` never forms the n_queries × N matrix in the primal case.
-    `damping_ratio=None`: the store's `config.damping_ratio` (the method's default unless it was set).
+    config = None
+    kernel = None
+
+    def __init__(self, features: torch.Tensor):
+        self.features = features
+
+    def __len__(self) -> int:
+        return len(self.features)
+
+    @property
+    def dim(self) -> int:
+        return self.features.shape[1]
+
+    def blocks(self, block_rows=None, shards=None):
+        if shards is not None:
+            raise ValueError("bare features have no shards")
+        yield 0, self.features
+
+
+def _rows(train) -> Any:
+    return _Rows(train) if isinstance(train, torch.Tensor) else train
+
+
+class Scorer:
+    """What every method's scorer offers: `scores(query features) -> [n, N]`, `topk(query features, k)` and
+    `metadata` (what the result reports, e.g. λ). Subclasses define `scores`; `topk` is dense unless overridden."""
+
+    metadata: dict[str, Any] = {}
+
+    def __init__(self, train):
+        self.store = _rows(train)
+
+    def scores(self, query_features: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def topk(self, query_features: torch.Tensor, k: int, shards=None):
+        """`TopK` (indices [n, k'] into the training set, best first; scores), k' = min(k, N)."""
+        from .result import TopK
+
+        if shards is not None:
+            raise ValueError(f"{type(self).__name__} scores every row in one process")
+        values, indices = self.scores(query_features).topk(min(k, len(self.store)), dim=1)
+        return TopK(indices, values)
+
+
+class KernelScorer(Scorer):
+    """The one kernel scorer: s_i(q) = φ(q) (C + λI)⁻¹ φ_iᵀ · w_i, reading the training rows block by block.
+
+    `train`: a `FeatureStore` (or bare features Φ [N, k]). C = ΦᵀΦ (the store's kernel, or accumulated here) unless a
+    `curvature` [k, k] is given (the projected Fisher); w = `row_weights` [N] (DAS's residuals) or 1. Dual form
+    when C is the kernel and N ≤ k: (φ(q) Φᵀ)(ΦΦᵀ + λI)⁻¹. λ: `damping`, else `resolve_damping` with
+    `damping_ratio` (default: the store config's, 0.1 for bare features) of tr C. Memory: C and its inverse, one
+    block of rows, and the queries. On the first whole pass, ‖Φ‖²_F is checked against tr K (a kernel that is not
+    the features' is a `CorruptStoreError`).
     """
 
-    def __init__(self, store, damping: float | None = None, damping_ratio: float | None = None,
+    def __init__(self, train, damping: float | None = None, damping_ratio: float | None = None, *,
+                 curvature: torch.Tensor | None = None, row_weights: torch.Tensor | None = None,
                  block_rows: int | None = None):
-        self.store, self.block_rows = store, block_rows
+        super().__init__(train)
+        store, self.block_rows = self.store, block_rows
         if damping_ratio is None:
-            damping_ratio = store.config.damping_ratio
+            damping_ratio = store.config.damping_ratio if store.config is not None else 0.1
         n, k = len(store), store.dim
-        self.dual = n <= k
-        gram = store.kernel if store.kernel is not None else kernel_matrix(store, block_rows=block_rows)
-        gram = gram.to(torch.float64)  # the store is read, never written: a computed kernel stays here
-        expected = n if self.dual else k
-        if gram.shape != (expected, expected):
-            raise ValueError(f"the store's kernel is {tuple(gram.shape)}, expected {expected} × {expected}")
-        self.damping = resolve_damping(damping, damping_ratio, gram.trace(), n, k)
+        if row_weights is not None and row_weights.shape != (n,):
+            raise ValueError(f"{tuple(row_weights.shape)} row weights for a store of {n} rows")
+        self.row_weights = None if row_weights is None else row_weights.double()
+        if curvature is not None:
+            gram = curvature.double()
+            if gram.shape != (k, k):
+                raise ValueError(f"the curvature is {tuple(gram.shape)}, expected {k} × {k}")
+            self.dual, self._norms = False, 0.0  # C is not the Gram matrix of Φ: no trace check
+            self.damping = resolve_damping(damping, damping_ratio, gram.diagonal().sum(), k, k)  # λ = ratio·tr C / k
+        else:
+            self.dual = n <= k
+            gram = store.kernel if store.kernel is not None else kernel_matrix(store, block_rows=block_rows)
+            gram = gram.to(torch.float64)  # the store is read, never written: a computed kernel stays here
+            expected = n if self.dual else k
+            if gram.shape != (expected, expected):
+                raise ValueError(f"the store's kernel is {tuple(gram.shape)}, expected {expected} × {expected}")
+            self._norms = None
+            self.damping = resolve_damping(damping, damping_ratio, gram.trace(), n, k)
         self.inverse = damped_inverse(gram, self.damping)
-        # tr K = ‖Φ‖²_F: checked against the features as they are streamed (a kernel that is not theirs is refused)
-        self._trace, self._norms = float(gram.trace()), None
+        self._trace = float(gram.trace())
 
     @property
     def metadata(self) -> dict[str, Any]:
@@ -173,42 +214,78 @@ class StreamingScorer:
                                         f"{self._trace:.6g}, ‖Φ‖²_F = {total:.6g}")
             self._norms = total
 
+    def _weighted(self, scores: torch.Tensor, start: int) -> torch.Tensor:
+        """Float32 scores of rows [start, start + columns) times their weights w_i (rounded once more to float32)."""
+        if self.row_weights is None:
+            return scores
+        return (scores.double() * self.row_weights[start : start + scores.shape[1]][None]).float()
+
     def scores(self, query_features: torch.Tensor) -> torch.Tensor:
-        """τ [n, N] float32, as `KernelScorer.scores`."""
+        """τ [n, N] float32; higher = the training example makes the query more likely."""
         q = query_features.detach().double().cpu()
         if self.dual:
             products = torch.empty(len(q), len(self.store), dtype=torch.float64)
             for start, block in self._blocks():
                 products[:, start : start + len(block)] = q @ block.double().T
-            return (products @ self.inverse).float()
+            return self._weighted((products @ self.inverse).float(), 0)
         out = torch.empty(len(q), len(self.store), dtype=torch.float32)
         projected = q @ self.inverse
         for start, block in self._blocks():
-            out[:, start : start + len(block)] = (projected @ block.double().T).float()
+            out[:, start : start + len(block)] = self._weighted((projected @ block.double().T).float(), start)
         return out
 
     def topk(self, query_features: torch.Tensor, k: int, shards=None):
-        """`TopK` (indices [n, k'] into the training set, best first; scores): k' = min(k, rows scored).
-
-        `shards`: only those shards' rows (global indices), so processes can each score some shards and
-        `merge_topk` the results. The dual form (N ≤ k) scores densely: its n × N is below n × k anyway.
-        """
+        """`TopK` of `scores`, never forming the n × N matrix in the primal form. `shards`: only those shards'
+        rows (global indices), so processes can each score some shards and `merge_topk` the results. The dual
+        form (N ≤ k) scores densely: its n × N is below n × k anyway."""
         from .result import TopK
 
         q = query_features.detach().double().cpu()
         if self.dual:
-            if shards is not None:
-                raise ValueError("the dual form (N ≤ k) is scored in one process")
-            values, indices = self.scores(q).topk(min(k, len(self.store)), dim=1)
-            return TopK(indices, values)
+            return super().topk(q, k, shards)
         projected = q @ self.inverse
         best_values = torch.empty(len(q), 0, dtype=torch.float32)
         best_indices = torch.empty(len(q), 0, dtype=torch.long)
         for start, block in self._blocks(shards):
-            values, where = (projected @ block.double().T).float().topk(min(k, len(block)), dim=1)
+            scores = self._weighted((projected @ block.double().T).float(), start)
+            values, where = scores.topk(min(k, len(block)), dim=1)
             best_values, best_indices = _keep_best(torch.cat([best_values, values], 1),
                                                    torch.cat([best_indices, where + start], 1), k)
         return TopK(best_indices, best_values)
+
+
+class DotScorer(Scorer):
+    """τ_i(q) = ⟨φ(q) ⊙ η, φ_i⟩ (η: `column_weights` [k], e.g. TracIn's η_c per checkpoint block; 1 otherwise);
+    `cosine=True`: both rows unit-normalized first (a zero row scores 0). No kernel, no damping."""
+
+    def __init__(self, train, *, column_weights: torch.Tensor | None = None, cosine: bool = False,
+                 metadata: dict[str, Any] | None = None, block_rows: int | None = None):
+        super().__init__(train)
+        if column_weights is not None and column_weights.shape != (self.store.dim,):
+            raise ValueError(f"{tuple(column_weights.shape)} column weights for {self.store.dim} feature columns")
+        self.column_weights = None if column_weights is None else column_weights.double()
+        self.cosine, self.block_rows = cosine, block_rows
+        self.metadata = dict(metadata or {})
+
+    def scores(self, query_features: torch.Tensor) -> torch.Tensor:
+        q = query_features.detach().double().cpu()
+        if self.column_weights is not None:
+            q = q * self.column_weights[None]
+        if self.cosine:
+            q = unit_rows(q)
+        out = torch.empty(len(q), len(self.store), dtype=torch.float32)
+        for start, block in self.store.blocks(self.block_rows):
+            block = block.double()
+            out[:, start : start + len(block)] = (q @ (unit_rows(block) if self.cosine else block).T).float()
+        return out
+
+
+def unit_rows(x: torch.Tensor) -> torch.Tensor:
+    """x / ‖x‖ per row (a zero row stays 0)."""
+    return x / x.norm(dim=1, keepdim=True).clamp_min(torch.finfo(x.dtype).tiny)
+
+
+
 
 
 def merge_topk(parts, k: int):

@@ -144,22 +144,22 @@ def _topk_in_process(store_dir: Path, queries: torch.Tensor, out: Path) -> None:
     from safetensors.torch import save_file
 
     from diffusers_attribution.distributed import ProcessGroup, distributed_topk
-    from diffusers_attribution.scoring import StreamingScorer
+    from diffusers_attribution.scoring import KernelScorer
 
     group = ProcessGroup(PartialState(cpu=True))
-    best = distributed_topk(StreamingScorer(FeatureStore.from_pretrained(store_dir)), queries, 5, group)
+    best = distributed_topk(KernelScorer(FeatureStore.from_pretrained(store_dir)), queries, 5, group)
     save_file({"indices": best.indices, "scores": best.scores}, str(out / f"topk-{group.rank}.safetensors"))
 
 
 def test_processes_score_their_shards_and_merge_topk(setup, tmp_path):
     from safetensors.torch import load_file
 
-    from diffusers_attribution.scoring import StreamingScorer
+    from diffusers_attribution.scoring import KernelScorer
 
     root, reference = setup
     queries = torch.randn(3, reference.dim, generator=torch.Generator().manual_seed(1))
     launch(_topk_in_process, reference.directory, queries, tmp_path)
-    expected = StreamingScorer(reference).scores(queries).topk(5, dim=1)
+    expected = KernelScorer(reference).scores(queries).topk(5, dim=1)
     for rank in range(2):  # every process ends with the merged answer
         best = load_file(str(tmp_path / f"topk-{rank}.safetensors"))
         assert torch.equal(best["indices"], expected.indices)

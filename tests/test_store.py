@@ -20,7 +20,7 @@ from torch.utils._pytree import tree_leaves
 import diffusers_attribution.store.writer as featurize_module
 from diffusers_attribution.featurize import Featurizer
 from diffusers_attribution import AttributionConfig, FeatureStore, StoreMismatchError, enable_attribution
-from diffusers_attribution.scoring import KernelScorer, StreamingScorer, merge_topk
+from diffusers_attribution.scoring import KernelScorer, merge_topk
 from diffusers_attribution.store import CorruptStoreError
 from tiny_pipelines import tiny_ddpm_pipeline
 
@@ -270,7 +270,7 @@ def test_streaming_topk_matches_dense_under_a_memory_cap(tmp_path):
     expected = dense.scores(queries)
     best = expected.topk(top, dim=1)
     block_rows = 500
-    scorer = StreamingScorer(store, block_rows=block_rows)
+    scorer = KernelScorer(store, block_rows=block_rows)
     assert scorer.damping == pytest.approx(dense.damping, rel=1e-9)
     torch.testing.assert_close(scorer.scores(queries), expected, rtol=1e-5, atol=1e-6)
 
@@ -293,6 +293,6 @@ def test_streaming_topk_matches_dense_under_a_memory_cap(tmp_path):
     wide.save_pretrained(tmp_path / "wide", shard_rows=6)
     wide = FeatureStore.from_pretrained(tmp_path / "wide")
     assert wide.kernel.shape == (20, 20)
-    torch.testing.assert_close(StreamingScorer(wide, block_rows=4).scores(queries.repeat(1, 2)),
+    torch.testing.assert_close(KernelScorer(wide, block_rows=4).scores(queries.repeat(1, 2)),
                                KernelScorer(features[:20].repeat(1, 2), damping_ratio=wide.config.damping_ratio
                                             ).scores(queries.repeat(1, 2)), rtol=1e-4, atol=1e-5)

@@ -52,7 +52,7 @@ def embedding_function(encoder: Any) -> Callable[[torch.Tensor], torch.Tensor] |
     if encoder is None or callable(encoder) and not isinstance(encoder, torch.nn.Module):
         return encoder
     from ..config import AttributionConfig
-    from ..methods.similarity import EmbeddingFeaturizer
+    from ..image_features import EmbeddingFeaturizer
 
     if isinstance(encoder, (str, os.PathLike)):
         featurizer = EmbeddingFeaturizer(None, AttributionConfig(method="embedding-cosine", encoder=str(encoder)))

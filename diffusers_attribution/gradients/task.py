@@ -35,9 +35,9 @@ class AttributionTask:
         self.objective = OBJECTIVES[config.output]
         adapter.configure(config)  # family options from config.adapter_options; refuses outputs undefined for the family
         self._shared_noise: dict[tuple, torch.Tensor] = {}
-        # A list to collect each row's training loss (1/D) Σ (ε_θ - target)² into, from the same forward pass as
-        # the outputs (DAS needs both at every pair); None: not collected.
-        self.loss_rows: list[torch.Tensor] | None = None
+        # Outputs recorded per row from the same forward pass as the differentiated one (a method's declared
+        # `records`, e.g. DAS's training loss): name → list of [rows] tensors; None: nothing recorded.
+        self.records: dict[str, list[torch.Tensor]] | None = None
 
     @property
     def noise_draws(self) -> int:
@@ -90,8 +90,8 @@ class AttributionTask:
         target = self.adapter.target(rows.x0, noise, t)
         weight = _to_device(self.adapter.timestep_weight(timesteps.flatten()), device)  # from the CPU timesteps
         values = self.objective(prediction, target, weight)
-        if self.loss_rows is not None:
-            self.loss_rows.append(OBJECTIVES["loss"](prediction.detach(), target, weight).float())
+        for name, rows in (self.records or {}).items():
+            rows.append(OBJECTIVES[name](prediction.detach(), target, weight).float())
         return values.view(batch, per_example).sum(1) / self.num_columns
 
     def _autocast(self, device: torch.device):

@@ -1,8 +1,8 @@
 """TRAK and D-TRAK (Park et al., ICML 2023; Zheng et al., "Intriguing Properties of Data Attribution on
 Diffusion Models", ICLR 2024): kernel scores over time-averaged projected gradients.
 
-    φ(z) = P g(z),  g(z) = (1/(K·D)) Σ_t Σ_d ∇θ f(z, t, ε_{t,d})       (featurize.Featurizer)
-    τ(q) = φ(q) (ΦᵀΦ + λI)⁻¹ Φᵀ                                        (scoring.StreamingScorer)
+    φ(z) = P g(z),  g(z) = (1/(K·D)) Σ_t Σ_d ∇θ f(z, t, ε_{t,d})       (reduction "mean": featurize.Featurizer)
+    τ(q) = φ(q) (ΦᵀΦ + λI)⁻¹ Φᵀ                                        (scoring.KernelScorer)
 
 f is the training loss for TRAK and the squared norm of the denoiser output for D-TRAK. The default
 damping ratios and D-TRAK's K = 30 were chosen on the digits benchmark's validation queries, never on
@@ -15,22 +15,11 @@ from .base import Method, register_method
 
 
 class KernelMethod(Method):
-    """A method scored through the kernel of its stored features; featurized by the shared `Featurizer`."""
+    """A method scored through the kernel of its stored features, with the declared parts' defaults."""
 
     calibrated = True
     kernel = True
-
-    def featurizer(self, pipe, config, store=None, **options):
-        from ..featurize import Featurizer
-
-        return self.projected_featurizer(Featurizer, pipe, config, store, options)
-
-    def scorer(self, store, damping=None, damping_ratio=None):
-        from ..scoring import StreamingScorer
-
-        config = store.config
-        return StreamingScorer(store, config.damping if damping is None else damping,
-                               config.damping_ratio if damping_ratio is None else damping_ratio)
+    per_step_queries = True
 
 
 @register_method
@@ -48,4 +37,3 @@ class DTRAK(KernelMethod):
     title = "D-TRAK (Zheng et al., ICLR 2024)"
     default_output = "squared-norm"
     defaults = {"damping_ratio": 0.0018, "num_timesteps": 30}
-

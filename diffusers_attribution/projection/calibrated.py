@@ -122,7 +122,10 @@ class CalibratedProjector(Projector):
         """The bases of `state`; `spec` (the store's projection spec) gives the version they were mixed with."""
         if spec is not None:
             self.version = check_version(spec.get("version"))
-        self._use(bases_from_state_dict(state))
+        bases = bases_from_state_dict(state)
+        if spec is not None and spec.get("bases_sha256") not in (None, bases_digest(bases)):
+            raise ValueError("the saved bases are not the ones the store's projection spec records (bases_sha256)")
+        self._use(bases)
 
     def mix(self, device) -> torch.Tensor:
         """M [k_mid, k] as a dense matrix (what `finish` multiplies by; version 2 never forms it): version 1

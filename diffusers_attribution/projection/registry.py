@@ -6,7 +6,8 @@ A projector is one file in `projection/` whose factory is decorated with `@regis
     def make(config, denoiser, parameters) -> Projector: ...
 
 The registry imports every module of the package on first use, so nothing else lists the names. This module
-imports nothing heavy, so that `config.py` can validate names.
+imports nothing heavy, and `projector_names` reads the names from the modules' source (their
+`@register_projector("...")` lines) without importing them, so that `config.py` validates names without torch.
 """
 
 from __future__ import annotations
@@ -32,13 +33,31 @@ def _discover() -> None:
 
 
 def projector_names() -> tuple[str, ...]:
-    _discover()
-    return tuple(_FACTORIES)
+    """The registered names, and those the package's projector modules declare (read, not imported)."""
+    import ast
+    import importlib
+    import importlib.util
+    import pkgutil
+
+    names = list(_FACTORIES)
+    for module in pkgutil.iter_modules(importlib.import_module(__package__).__path__):
+        spec = importlib.util.find_spec(f"{__package__}.{module.name}")
+        if spec is None or not spec.origin or not spec.origin.endswith(".py"):
+            continue
+        with open(spec.origin, encoding="utf-8") as handle:
+            tree = ast.parse(handle.read())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "register_projector" and node.args \
+                    and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str):
+                names.append(node.args[0].value)
+    return tuple(dict.fromkeys(names))
 
 
 def make_projector(config, denoiser, parameters):
     """The projector named by `config.projector` for the selected `parameters` of `denoiser`."""
     _discover()
+    if config.projector not in _FACTORIES:
+        discover(__package__, refresh=True)  # a module added to the package's path since the first look
     if config.projector not in _FACTORIES:
         raise ValueError(f"unknown projector {config.projector!r}; registered: {list(_FACTORIES)}")
     return _FACTORIES[config.projector](config, denoiser, parameters)

@@ -8,10 +8,11 @@ On disk (format 2), a directory:
     features-00000-of-00004.safetensors      "features" float32 [rows, k], "example_hashes" uint8 [rows, 8]
     ...                                      (the content hash of each example, data.content_hash)
     kernel.safetensors                       "gram" float64: ΦᵀΦ [k, k] (N > k) or ΦΦᵀ [N, N] (N ≤ k)
-    projection.safetensors                   calibrated factored projection only: its per-layer bases
-                                             ("<parameter>::out" / "::in" / "::dense", projection/calibrated.py)
-    method_state.safetensors                 only for methods whose scorer needs tensors besides Φ (the projected
-                                             Fisher's F, DAS's residuals, EK-FAC's Λ; `method_state_file`)
+    projection.safetensors                   a projection fitted on data only (its spec says "fitted", or
+                                             "calibrated" as 0.2 wrote it): the projector's state, e.g. the
+                                             calibrated per-layer bases ("<parameter>::out" / "::in" / "::dense")
+    method_state.safetensors                 only for methods that keep tensors besides Φ (the projected Fisher's
+                                             F, DAS's residuals, EK-FAC's Λ; `method_state_file`)
     README.md                                a dataset card (hub.store_card)
 
 Every file is written to a temporary name, fsynced and renamed, and `config.json` is written last: a
@@ -57,7 +58,7 @@ from .files import (
     write_shard,
 )
 from .lock import writer_lock
-from .schema import parse_header, validate_header
+from .schema import fitted_projection, method_facts, parse_header, validate_header
 
 
 def read_shard_run(path: Path) -> dict[str, Any]:
@@ -122,7 +123,8 @@ class FeatureStore:
 
     @property
     def projection_state(self) -> dict[str, torch.Tensor] | None:
-        """The calibrated projection's bases (calibration.py) the features were made with; None for seeded ones."""
+        """What the projection fitted on data (the calibrated bases, projection/calibrated.py) that the features were
+        made with; None for projections that are functions of seeds. Checked by the projector when it loads them."""
         if self._projection_state is None and self._projection_entry is not None:
             path = self._checked_file(self._projection_entry)
             with open_shard(path) as handle:
@@ -130,17 +132,15 @@ class FeatureStore:
                     if handle.get_slice(key).get_dtype() != "F32" or len(handle.get_slice(key).get_shape()) != 2:
                         raise CorruptStoreError(f"{path}: {key} is not a float32 matrix")
                 state = {key: handle.get_tensor(key) for key in handle.keys()}
-            from ..projection.calibrated import bases_digest, bases_from_state_dict
-
-            try:
-                digest = bases_digest(bases_from_state_dict(state))
-            except ValueError as error:
-                raise CorruptStoreError(f"{path}: {error}") from error
-            if digest != (self.metadata.get("projection") or {}).get("bases_sha256"):
-                raise CorruptStoreError(f"{path}: its bases are not the ones config.json's projection records")
-            _check_finite(state.values(), f"{path}: the projection bases")
+            _check_finite(state.values(), f"{path}: the projection state")
             self._projection_state = state
         return self._projection_state
+
+    @property
+    def method_facts(self) -> dict[str, Any]:
+        """What the writer recorded about the method (title, required fingerprints, kernel or not); for stores
+        written before it did, the facts of the methods of that version (schema.LEGACY_METHOD_FACTS)."""
+        return method_facts(self.metadata, self.config.method)
 
     @property
     def kernel(self) -> torch.Tensor | None:
@@ -260,9 +260,7 @@ class FeatureStore:
         is an error unless `overwrite=True`, which replaces that store's own files and nothing else.
         """
         if kernel is None:
-            from ..methods.base import get_method
-
-            kernel = get_method(self.config.method).kernel
+            kernel = bool(self.method_facts.get("kernel"))
         directory = Path(directory)
         if self.directory is not None and directory.exists() and directory.resolve() == self.directory.resolve():
             return directory
@@ -319,9 +317,9 @@ class FeatureStore:
             kernel_entry = {"file": KERNEL_NAME, "form": form, "bytes": size, "sha256": sha}
         shards = [{**entry, "bytes": digests[entry["file"]][0], "sha256": digests[entry["file"]][1]} for entry in self.shards]
         projection_entry = None
-        if (self.metadata.get("projection") or {}).get("calibrated"):
+        if fitted_projection(self.metadata.get("projection")):
             if not (directory / PROJECTION_NAME).is_file():
-                raise CorruptStoreError(f"{directory}: the calibrated projection's {PROJECTION_NAME} is missing")
+                raise CorruptStoreError(f"{directory}: the fitted projection's {PROJECTION_NAME} is missing")
             size, sha = file_digest(directory / PROJECTION_NAME)
             projection_entry = {"file": PROJECTION_NAME, "bytes": size, "sha256": sha}
         method_state_entry = None

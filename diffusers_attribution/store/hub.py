@@ -14,11 +14,10 @@ from huggingface_hub import DatasetCard, DatasetCardData, HfApi, hf_hub_download
 from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
-from ..methods.base import get_method
 from .backends import register_backend
 from .errors import CorruptStoreError
 from .files import CARD_MARKER, CARD_NAME, CONFIG_NAME, file_digest, store_path
-from .schema import listed_files, parse_header, validate_header
+from .schema import listed_files, method_facts, parse_header, validate_header
 
 CITATIONS = """```bibtex
 @inproceedings{park2023trak,
@@ -64,7 +63,7 @@ def store_card(header: dict[str, Any], repo_id: str | None = None, space: str | 
         **({"license": license} if license else {}),
     )
     timesteps = f"{config['num_timesteps']} ({config['timestep_schedule']})"
-    title = get_method(config["method"]).title
+    title = method_facts(header, config["method"]).get("title")
     kernel = header.get("kernel")
     rows = [
         ("method", f"`{config['method']}`, output `{config['output']}`"

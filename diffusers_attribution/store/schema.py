@@ -109,15 +109,16 @@ def validate_header(header: dict[str, Any], where: str) -> tuple[AttributionConf
         form = "dual" if n <= dim else "primal"
         if kernel.get("form") != form:
             fail("kernel.form", f"must be {form!r} for {n} examples of {dim} features, got {kernel.get('form')!r}")
-    calibrated = projection.get("calibrated")
-    if calibrated not in (None, True, False):
-        fail("projection.calibrated", f"must be true or false, got {calibrated!r}")
+    for key in ("fitted", "calibrated"):
+        if projection.get(key) not in (None, True, False):
+            fail(f"projection.{key}", f"must be true or false, got {projection.get(key)!r}")
+    fitted = fitted_projection(projection)
     entry = header["projection_file"]
-    if calibrated and entry is None:
-        fail("projection_file", f"is null, but the projection is calibrated: its {PROJECTION_NAME} must be listed")
+    if fitted and entry is None:
+        fail("projection_file", f"is null, but the projection was fitted on data: its {PROJECTION_NAME} must be listed")
     if entry is not None:
-        if not calibrated:
-            fail("projection_file", "is listed, but the projection is not calibrated")
+        if not fitted:
+            fail("projection_file", "is listed, but the projection was not fitted on data")
         _file_entry(entry, "projection_file", PROJECTION_NAME, fail)
     if header.get("method_state_file") is not None:  # optional: the tensors a method's scorer needs besides Φ
         _file_entry(header["method_state_file"], "method_state_file", METHOD_STATE_NAME, fail)
@@ -174,11 +175,66 @@ def _file_entry(entry: Any, key: str, expected: str, fail) -> None:
         fail(f"{key}.sha256", f"must be 64 lowercase hex digits, got {entry.get('sha256')!r}")
 
 
-def _check_fingerprints(header: dict[str, Any], config: AttributionConfig, fail) -> None:
-    """The fingerprints the method needs (`Method.fingerprints`, dotted paths): present, non-empty, hex digests."""
-    from ..methods.base import get_method
+# What 0.1 and 0.2 stores did not record about their method (`method_facts`): the facts of the methods of
+# those versions, frozen here (newer stores carry their own; nothing here asks the method registry).
+_MODEL = ["model_fingerprint"]
+LEGACY_METHOD_FACTS: dict[str, dict[str, Any]] = {
+    "trak": {"title": "TRAK (Park et al., 2023)", "fingerprints": _MODEL, "kernel": True},
+    "d-trak": {"title": "D-TRAK (Zheng et al., ICLR 2024)", "fingerprints": _MODEL, "kernel": True},
+    "journey-trak": {"title": "Journey-TRAK (Georgiev et al., 2023)", "fingerprints": _MODEL, "kernel": True},
+    "das": {"title": "DAS, the Diffusion Attribution Score (Lin et al., ICLR 2025)", "fingerprints": _MODEL,
+            "kernel": True},
+    "fisher": {"title": "Influence with the projected pair-level Fisher (after Mlodozeniec et al., ICLR 2025)",
+               "fingerprints": _MODEL, "kernel": False},
+    "ekfac": {"title": "EK-FAC influence, MC Fisher (Mlodozeniec et al., ICLR 2025)", "fingerprints": _MODEL,
+              "kernel": False},
+    "ekfac-empirical": {"title": "EK-FAC influence, empirical Fisher (after Mlodozeniec et al., ICLR 2025)",
+                        "fingerprints": _MODEL, "kernel": False},
+    "tracin": {"title": "Diffusion-TracIn (Xie et al., 2024)", "fingerprints": _MODEL, "kernel": False},
+    "retrac": {"title": "Diffusion-ReTrac (Xie et al., 2024)", "fingerprints": _MODEL, "kernel": False},
+    "pixel-dot": {"title": "pixel inner product (baseline)", "fingerprints": [], "kernel": False},
+    "pixel-cosine": {"title": "pixel cosine similarity (baseline)", "fingerprints": [], "kernel": False},
+    "embedding-cosine": {"title": "image-embedding cosine similarity (baseline)",
+                         "fingerprints": ["projection.encoder_fingerprint"], "kernel": False},
+}
 
-    for path in get_method(config.method).fingerprints:
+
+def method_facts(header: dict[str, Any], method: str) -> dict[str, Any]:
+    """The method's facts the writer recorded in config.json (`method_facts`: title, fingerprints, kernel), or
+    those of a 0.1 / 0.2 method for stores written before they were recorded."""
+    facts = header.get("method_facts")
+    if isinstance(facts, dict):
+        return facts
+    return LEGACY_METHOD_FACTS.get(method, {"title": method, "fingerprints": _MODEL, "kernel": False})
+
+
+def fitted_projection(spec: Any) -> bool:
+    """Whether a projection spec says it was fitted on data (its state is saved in the store): "fitted", or
+    "calibrated" as 0.1 / 0.2 wrote it."""
+    return isinstance(spec, dict) and (spec.get("fitted") is True or spec.get("calibrated") is True)
+
+
+def _check_method_facts(header: dict[str, Any], fail) -> None:
+    facts = header.get("method_facts")
+    if facts is None:
+        return
+    if not isinstance(facts, dict):
+        fail("method_facts", f"must be an object, got {_kind(facts)}")
+    if facts.get("title") is not None and not isinstance(facts["title"], str):
+        fail("method_facts.title", f"must be a string, got {_kind(facts['title'])}")
+    if not isinstance(facts.get("kernel"), bool):
+        fail("method_facts.kernel", f"must be true or false, got {_kind(facts.get('kernel'))}")
+    prints = facts.get("fingerprints")
+    if not isinstance(prints, list) or not all(isinstance(p, str) and 0 < len(p) <= 200 for p in prints) \
+            or len(prints) > 16:
+        fail("method_facts.fingerprints", "must be a list of at most 16 dotted paths")
+
+
+def _check_fingerprints(header: dict[str, Any], config: AttributionConfig, fail) -> None:
+    """The fingerprints the method needs (its recorded `method_facts`, dotted paths): present, non-empty, hex
+    digests."""
+    _check_method_facts(header, fail)
+    for path in method_facts(header, config.method)["fingerprints"]:
         value: Any = header
         for part in path.split("."):
             value = value.get(part) if isinstance(value, dict) else None

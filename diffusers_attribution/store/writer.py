@@ -1,8 +1,12 @@
-"""Writing stores: the resumable, sharded featurization into a folder, and saving stores computed in memory.
+"""Writing stores: in memory, or the resumable, sharded store of a folder. The writer receives tensors, named
+state and the method's facts, and records them; it never sees a featurizer or a method (featurize.py drives it).
 
-`featurize_to_directory` computes the shards missing from a folder (each process its share under accelerate),
-checks that finished ones come from the same run (`files.run_identity`) and the same examples, then adds up the
-kernel and writes the card and, last, config.json. A killed run resumes where it stopped.
+`DirectoryWriter` holds the folder's writer lock (the main process) and, in the order featurize.py calls it:
+saves and reads back what was fitted on data (`write_fitted` / `read_fitted`), surveys the finished shards of a
+resumed run (`begin`), writes each shard with its rows' state beside it (`write_shard`; the state first, so a
+finished shard always has its part), reads the parts back in row order (`read_states`), then hashes the shards,
+adds up the kernel (each process its share), and writes the method state, the card and, last, config.json
+(`finish`). A killed run resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -12,15 +16,17 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from tqdm.auto import tqdm
+import torch
+from safetensors.torch import save_file
 
 from ..config import AttributionConfig
-from ..data import TrainingData
 from ..distributed import ProcessGroup
 from .errors import CorruptStoreError, StoreMismatchError
 from .files import (
     CONFIG_NAME,
+    DEFAULT_MAX_SHARD_SIZE,
     PROJECTION_NAME,
+    atomic_write,
     file_digest,
     identity_difference,
     open_shard,
@@ -35,25 +41,160 @@ from .files import (
 from .format import FeatureStore, check_foreign_files, read_shard_run
 from .lock import writer_lock
 
+__all__ = ["DEFAULT_MAX_SHARD_SIZE", "DirectoryWriter", "StoreMismatchError", "memory_store"]
 
-def featurize_to_directory(featurizer, data: TrainingData, directory: Path, group: ProcessGroup, *,
-                           shard_rows: int | None, max_shard_size: int | str, compute_kernel: bool, progress: bool,
-                           dataset_name: str | None) -> FeatureStore:
-    """Featurize the shards missing from `directory` (this process's share of them), then finalize the store.
+PARTS = "method_state_parts"  # each row range's method state, and what the method fitted on data
+FITTED_METHOD = "fitted-method.safetensors"
 
-    The main process holds the folder's writer lock throughout (store/lock.py); the others write only after it
-    has taken it, and fail with it when it could not."""
-    config, n = featurizer.config, len(data)
-    if group.device is not None and config.device is None:
-        featurizer.adapter.pipe.to(group.device)
-    dim = featurizer.projector.dim
-    rows = shard_rows or rows_per_shard(dim, max_shard_size)
-    from ..fingerprint import model_fingerprint
 
-    writer = {"feature_hash": config.feature_hash(), "num_examples": n, "shard_rows": rows, "dim": dim,
-              "model_fingerprint": model_fingerprint(featurizer.adapter.denoiser, featurizer.parameters)}
-    with group_lock(directory, writer, group):
-        return _featurize_locked(featurizer, data, directory, group, rows, compute_kernel, progress, dataset_name)
+def memory_store(features: torch.Tensor, config: AttributionConfig, metadata: dict[str, Any], facts: dict[str, Any],
+                 *, projection_state: dict[str, torch.Tensor] | None = None,
+                 method_state: dict[str, torch.Tensor] | None = None) -> FeatureStore:
+    """A store in memory: Φ, its config and metadata, the method's facts (recorded as `method_facts`), and what
+    was fitted (the projection's state, the method's state)."""
+    return FeatureStore(features, config, {**metadata, "method_facts": facts}, projection_state=projection_state,
+                        method_state=method_state)
+
+
+class DirectoryWriter:
+    """Writes one store into `directory`, shard by shard, in one or several processes (`group`)."""
+
+    def __init__(self, directory: Path, group: ProcessGroup, config: AttributionConfig, num_examples: int, dim: int,
+                 *, shard_rows: int | None = None, max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE):
+        self.directory, self.group, self.config = Path(directory), group, config
+        self.num_examples, self.dim = num_examples, dim
+        self.shard_rows = shard_rows or rows_per_shard(dim, max_shard_size)
+        self.plan = shard_plan(num_examples, self.shard_rows)
+        self.metadata: dict[str, Any] | None = None
+        self.run: dict[str, Any] | None = None
+
+    @contextlib.contextmanager
+    def locked(self, model_fingerprint: dict | None):
+        """The folder's writer lock, taken by the main process (store/lock.py); every process enters only if it got it."""
+        run = {"feature_hash": self.config.feature_hash(), "num_examples": self.num_examples,
+               "shard_rows": self.shard_rows, "dim": self.dim, "model_fingerprint": model_fingerprint}
+        with group_lock(self.directory, run, self.group):
+            yield self
+
+    # ------------------------------------------------------------------------------------ fitted state
+
+    def has_fitted(self, identity: dict[str, Any]) -> bool:
+        """Whether the folder holds a fit of these very config, model and examples (a resumed run); a fit of others
+        is a `StoreMismatchError` (main process)."""
+        path = self.directory / PROJECTION_NAME
+        self.directory.mkdir(parents=True, exist_ok=True)
+        if not path.is_file():
+            return False
+        recorded = read_projection(path)[1]
+        differ = identity_difference(recorded, identity, [key for key in identity if key != "examples"])
+        if differ:
+            raise StoreMismatchError(f"{path} holds a projection calibrated for another {', '.join(differ[0])} "
+                                     f"({differ[1]}). Use another output_dir, or delete it to start over")
+        changed = [i for i, h in identity["examples"].items() if (recorded.get("examples") or {}).get(i) != h]
+        if changed:
+            raise StoreMismatchError(f"training example {changed[0]} differs from the one the projection in {path} was "
+                                     "fitted on: the dataset changed. Use another output_dir, or delete it to start over")
+        return True
+
+    def write_fitted(self, fitted: dict, identity: dict[str, Any]) -> None:
+        """Save what was fitted on data before any shard: the method's part (if any), then the projection's."""
+        if fitted.get("method") is not None:
+            (self.directory / PARTS).mkdir(parents=True, exist_ok=True)
+            _save(self.directory / PARTS / FITTED_METHOD, fitted["method"])
+        write_projection(self.directory, fitted["projection"], identity)
+
+    def read_fitted(self) -> dict:
+        """{"projection": the saved projection state, "method": the method's fitted state or None}."""
+        method = self.directory / PARTS / FITTED_METHOD
+        return {"projection": read_projection(self.directory / PROJECTION_NAME)[0],
+                "method": _load(method) if method.is_file() else None}
+
+    # ------------------------------------------------------------------------------------ shards
+
+    def begin(self, metadata: dict[str, Any]) -> tuple[list[dict], list[dict], bool]:
+        """(finished shards, shards still to compute, whether the store is complete), the same on every process;
+        finished shards of another run are a `StoreMismatchError`."""
+        self.metadata = metadata
+        self.run = run_identity(self.config, metadata, self.num_examples, self.shard_rows, self.dim)
+        status = self.group.broadcast(survey(self.directory, self.plan, self.run) if self.group.is_main else None)
+        if "error" in status:
+            raise (StoreMismatchError if status["mismatch"] else RuntimeError)(status["error"])
+        finished = set(status["done"])
+        done = [entry for index, entry in enumerate(self.plan) if index in finished]
+        pending = [entry for index, entry in enumerate(self.plan) if index not in finished]
+        return done, pending, status["complete"]
+
+    def recorded_hashes(self, entry: dict) -> list[str]:
+        """The example hashes a finished shard records."""
+        with open_shard(self.directory / entry["file"]) as handle:
+            return tensor_to_hashes(handle.get_tensor("example_hashes"))
+
+    def write_shard(self, entry: dict, features: torch.Tensor, hashes: list[str], state: dict | None) -> None:
+        """One shard, atomically; its rows' state first (a finished shard always has its part)."""
+        if state is not None:
+            (self.directory / PARTS).mkdir(parents=True, exist_ok=True)
+            _save(self.directory / PARTS / part_name(entry["start"], entry["stop"]), state)
+        write_shard(self.directory, entry, features, hashes, self.run,
+                    process=f"{self.group.rank}/{self.group.world}")
+
+    def read_states(self) -> list[dict]:
+        """Every shard's state, in row order."""
+        return [_load(self.directory / PARTS / part_name(e["start"], e["stop"])) for e in self.plan]
+
+    def open(self) -> FeatureStore:
+        return FeatureStore.from_pretrained(self.directory)
+
+    def finish(self, facts: dict[str, Any], *, method_state: dict | None, compute_kernel: bool) -> FeatureStore:
+        """After every process has written its shards: hash them and add up the kernel (each process its share),
+        then the main process writes kernel.safetensors, the method state, README.md and config.json (recording
+        the method's `facts`)."""
+        directory, plan, group = self.directory, self.plan, self.group
+        missing = [entry["file"] for entry in plan if not (directory / entry["file"]).is_file()]
+        if missing:
+            raise RuntimeError(f"{len(missing)} of {len(plan)} shards are missing in {directory} (e.g. {missing[0]}): "
+                               "a process failed; run the same command again to compute only those")
+        metadata = {**self.metadata, "method_facts": facts}
+        store = FeatureStore(None, self.config, metadata, directory=directory, shards=plan)
+        mine = group.share(range(len(plan)))
+        digests, hashes = {}, {}
+        for index in mine:
+            path = directory / plan[index]["file"]
+            digests[path.name] = file_digest(path)
+            with open_shard(path) as handle:
+                hashes[index] = tensor_to_hashes(handle.get_tensor("example_hashes"))
+        for part_digests, part_hashes in group.gather((digests, hashes)):
+            digests.update(part_digests)
+            hashes.update(part_hashes)
+        kernel = None
+        if compute_kernel:
+            from ..scoring import kernel_matrix
+
+            if len(store) > store.dim:  # primal ΦᵀΦ: a sum over shards, each process adds its own
+                kernel = group.sum(kernel_matrix(store, shards=mine))
+            elif group.is_main:
+                kernel = kernel_matrix(store)
+        if group.is_main:
+            store.metadata["example_hashes"] = [h for index in range(len(plan)) for h in hashes[index]]
+            store.kernel = kernel
+            if method_state is not None:
+                store.method_state = method_state
+            store.finalize(self.shard_rows, digests)
+        group.barrier()
+        return FeatureStore.from_pretrained(directory)
+
+
+def part_name(start: int, stop: int) -> str:
+    return f"rows-{start:09d}-{stop:09d}.safetensors"
+
+
+def _save(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    tensors = {key: value.detach().cpu().contiguous() for key, value in tensors.items()}
+    atomic_write(path, lambda target: save_file(tensors, target))
+
+
+def _load(path: Path) -> dict[str, torch.Tensor]:
+    with open_shard(path) as handle:
+        return {key: handle.get_tensor(key) for key in handle.keys()}
 
 
 @contextlib.contextmanager
@@ -76,74 +217,6 @@ def group_lock(directory: Path, run: dict, group: ProcessGroup):
         raise (StoreMismatchError if shared["mismatch"] else RuntimeError)(shared["error"])
     with stack:
         yield
-
-
-def _featurize_locked(featurizer, data: TrainingData, directory: Path, group: ProcessGroup, rows: int,
-                      compute_kernel: bool, progress: bool, dataset_name: str | None) -> FeatureStore:
-    config, n = featurizer.config, len(data)
-    if featurizer.projector.fits_on_data:
-        fit_in_directory(featurizer, data, directory, group, progress=progress and group.is_main)
-    dim = featurizer.projector.dim
-    plan = shard_plan(n, rows)
-    metadata = {**featurizer.metadata(), "num_examples": n, "dim": dim, "dataset_name": dataset_name}
-    run = run_identity(config, metadata, n, rows, dim)
-
-    status = group.broadcast(survey(directory, plan, run) if group.is_main else None)
-    if "error" in status:
-        raise (StoreMismatchError if status["mismatch"] else RuntimeError)(status["error"])
-    done = status["done"]
-    for index in group.share(done):  # finished shards must hold these very examples
-        check_shard_examples(directory / plan[index]["file"], data, plan[index])
-    finished = set(done)
-    pending = [entry for index, entry in enumerate(plan) if index not in finished]
-    if status["complete"] and not pending:
-        group.barrier()
-        return FeatureStore.from_pretrained(directory)
-    mine = group.share(pending)
-    if group.is_main and done and progress:
-        print(f"featurize: resuming {directory}: {len(done)} of {len(plan)} shards already done")
-    bar = tqdm(total=sum(e["stop"] - e["start"] for e in mine), unit="example", disable=not (progress and group.is_main),
-               desc="featurize" if group.world == 1 else f"featurize (process 0 of {group.world})")
-    for entry in mine:
-        features, hashes = featurizer.featurize_rows(data, entry["start"], entry["stop"], bar)
-        write_shard(directory, entry, features, hashes, run, process=f"{group.rank}/{group.world}")
-    bar.close()
-    group.barrier()
-    return finalize_directory(directory, config, metadata, plan, rows, group, compute_kernel,
-                              method_state=getattr(featurizer, "method_state_from_parts", None))
-
-
-def fit_in_directory(featurizer, data: TrainingData, directory: Path, group: ProcessGroup,
-                     progress: bool = False) -> None:
-    """A projection fitted on data (the calibrated bases): the one saved in `directory` (a resumed run), or fitted
-    on the main process and saved there first; every process then projects with the saved one. A saved
-    projection fitted for another config, model or examples is refused."""
-    path, identity = directory / PROJECTION_NAME, featurizer.fit_identity(data)
-    status: dict[str, Any] = {}
-    if group.is_main:
-        try:
-            directory.mkdir(parents=True, exist_ok=True)
-            if path.is_file():
-                recorded = read_projection(path)[1]
-                differ = identity_difference(recorded, identity, [key for key in identity if key != "examples"])
-                changed = [i for i, h in identity["examples"].items() if (recorded.get("examples") or {}).get(i) != h]
-                if differ:
-                    status = {"mismatch": True, "error": (
-                        f"{path} holds a projection calibrated for another {', '.join(differ[0])} ({differ[1]}). "
-                        "Use another output_dir, or delete it to start over")}
-                elif changed:
-                    status = {"mismatch": True, "error": (
-                        f"training example {changed[0]} differs from the one the projection in {path} was fitted on: "
-                        "the dataset changed. Use another output_dir, or delete it to start over")}
-            else:
-                featurizer.fit_projection(data, progress)
-                write_projection(directory, featurizer.projector.state_dict(), identity)
-        except Exception as error:  # sent to every process, so that none waits for a main process that failed
-            status = {"mismatch": isinstance(error, StoreMismatchError), "error": f"{type(error).__name__}: {error}"}
-    status = group.broadcast(status if group.is_main else None)
-    if "error" in status:
-        raise (StoreMismatchError if status["mismatch"] else RuntimeError)(status["error"])
-    featurizer.projector.load_state_dict(read_projection(path)[0])
 
 
 def survey(directory: Path, plan: list[dict], run: dict) -> dict:
@@ -183,63 +256,3 @@ def survey(directory: Path, plan: list[dict], run: dict) -> dict:
         return {"mismatch": isinstance(error, StoreMismatchError), "error": f"{type(error).__name__}: {error}"}
 
 
-def check_shard_examples(path: Path, data: TrainingData, entry: dict) -> None:
-    """Raise `StoreMismatchError` unless the shard's recorded example hashes are those of `data`'s rows."""
-    with open_shard(path) as handle:
-        recorded = tensor_to_hashes(handle.get_tensor("example_hashes"))
-    for offset, expected in enumerate(recorded):
-        index = entry["start"] + offset
-        if data.example_hash(index) != expected:
-            raise StoreMismatchError(
-                f"training example {index} differs from the one featurized into {path}: the dataset changed. "
-                "Use another output_dir, or delete it to start over"
-            )
-
-
-def finalize_directory(directory: Path, config: AttributionConfig, metadata: dict, plan: list[dict], rows: int,
-                       group: ProcessGroup, compute_kernel: bool, method_state=None) -> FeatureStore:
-    """After every process has written its shards: hash them and add up the kernel (each process its share),
-    then the main process writes kernel.safetensors, README.md and config.json. `method_state(directory, plan)`:
-    the store's method state from what the featurizer left beside the shards (featurize.ShardStateFeaturizer)."""
-    missing = [entry["file"] for entry in plan if not (directory / entry["file"]).is_file()]
-    if missing:
-        raise RuntimeError(f"{len(missing)} of {len(plan)} shards are missing in {directory} (e.g. {missing[0]}): "
-                           "a process failed; run the same command again to compute only those")
-    store = FeatureStore(None, config, metadata, directory=directory, shards=plan)
-    mine = group.share(range(len(plan)))
-    digests, hashes = {}, {}
-    for index in mine:
-        path = directory / plan[index]["file"]
-        digests[path.name] = file_digest(path)
-        with open_shard(path) as handle:
-            hashes[index] = tensor_to_hashes(handle.get_tensor("example_hashes"))
-    for part_digests, part_hashes in group.gather((digests, hashes)):
-        digests.update(part_digests)
-        hashes.update(part_hashes)
-    kernel = None
-    if compute_kernel:
-        from ..scoring import kernel_matrix
-
-        if len(store) > store.dim:  # primal ΦᵀΦ: a sum over shards, each process adds its own
-            kernel = group.sum(kernel_matrix(store, shards=mine))
-        elif group.is_main:
-            kernel = kernel_matrix(store)
-    if group.is_main:
-        store.metadata["example_hashes"] = [h for index in range(len(plan)) for h in hashes[index]]
-        store.kernel = kernel
-        if method_state is not None:
-            store.method_state = method_state(directory, plan)
-        store.finalize(rows, digests)
-    group.barrier()
-    return FeatureStore.from_pretrained(directory)
-
-
-def finish_store(store: FeatureStore, output_dir=None, accelerator=None, **store_kwargs) -> FeatureStore:
-    """For featurizers that compute in memory (TracIn, similarity): write the store to `output_dir` if given."""
-    if accelerator is not None:
-        raise NotImplementedError(f"method {store.config.method!r} featurizes in one process; drop accelerator=")
-    if output_dir is not None:
-        save_options = {k: v for k, v in store_kwargs.items() if k in ("shard_rows", "max_shard_size", "overwrite")}
-        kernel = None if store_kwargs.get("compute_kernel", True) else False
-        store.save_pretrained(output_dir, kernel=kernel, **save_options)
-    return store

@@ -14,11 +14,11 @@ from typing import Any, Sequence
 
 import torch
 
-from .. import api
-from ..checkpoints import describe, load_checkpoint
-from ..config import AttributionConfig
-from ..result import AttributionResult
-from ..store.format import FeatureStore
+from . import api
+from .checkpoints import describe, load_checkpoint
+from .config import AttributionConfig
+from .result import AttributionResult
+from .store.format import FeatureStore
 
 
 def featurize_ensemble(
