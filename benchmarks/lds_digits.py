@@ -236,7 +236,7 @@ def evaluate_influence_row(pipe, row: dict, seed: int, gt: dict, images: torch.T
         t1 = time.perf_counter()
         phi = store.features.double()
         if kind.startswith("ekfac"):
-            sketches = {name: featurizer.query_sketch(queries[name]).double() for name in names}
+            sketches = {name: featurizer.method.query_sketch(featurizer, queries[name]).double() for name in names}
             scale = featurizer.projector.mean_eigenvalue
 
             def scores_at(name, ratio):

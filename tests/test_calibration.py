@@ -156,7 +156,7 @@ def test_store_round_trip_resume_and_errors(tmp_path, monkeypatch):
     torch.testing.assert_close(sharded.features, store.features)
     (directory / "config.json").unlink()
     (directory / "features-00001-of-00003.safetensors").unlink()
-    monkeypatch.setattr(Featurizer, "fit_projection", lambda *a: pytest.fail("calibrated again instead of resuming"))
+    monkeypatch.setattr(Featurizer, "fit", lambda *a: pytest.fail("calibrated again instead of resuming"))
     resumed = pipe.featurize(images, config, progress=False, output_dir=directory, shard_rows=3)
     torch.testing.assert_close(resumed.features, store.features)
     monkeypatch.undo()

@@ -113,7 +113,7 @@ def test_projected_fisher_batches_and_shards_add_up_to_one_pass():
 
 
 def test_fisher_scores_are_the_closed_form():
-    from diffusers_attribution.methods.fisher import FisherScorer
+    from diffusers_attribution.methods.base import get_method
 
     generator = torch.Generator().manual_seed(3)
     phi, queries = torch.randn(30, 6, generator=generator), torch.randn(4, 6, generator=generator)
@@ -121,7 +121,7 @@ def test_fisher_scores_are_the_closed_form():
     fisher = a.T @ a
     store = FeatureStore(phi, AttributionConfig(method="trak", damping_ratio=0.05), {"num_examples": 30})
     store.method_state = {"pair_fisher": fisher}
-    scorer = FisherScorer(store)
+    scorer = get_method("fisher").scorer(store)
     damping = 0.05 * float(fisher.trace()) / 6
     assert scorer.damping == pytest.approx(damping)
     expected = queries.double() @ torch.linalg.inv(fisher + damping * torch.eye(6, dtype=torch.float64)) @ phi.double().T
@@ -311,11 +311,11 @@ def reference_pair_gradients(featurizer, images, keys, output):
 def test_das_matches_its_closed_form_with_the_default_damping_rule(tmp_path):
     """s = φ(q)(ΦᵀΦ + λI)⁻¹Φᵀ ⊙ r with unit-normalized per-pair gradients of the mean output (exact, identity
     projector), r_i = mean_p sqrt(ℓ_ip) / ‖sqrt(ℓ_i)‖, λ = ratio · ‖Φ‖²_F / min(N, k)."""
-    from diffusers_attribution.methods.das import DASFeaturizer, DASScorer
+    from diffusers_attribution.methods.base import get_method
     from diffusers_attribution.scoring import default_damping
 
     pipe, config, images = tiny_setup(method="das", projector="identity", damping_ratio=0.3)
-    featurizer = DASFeaturizer(pipe, config)
+    featurizer = get_method("das").featurizer(pipe, config)
     store = featurizer.featurize_dataset(images, progress=False)
     psi, inputs, _ = reference_pair_gradients(featurizer, images, list(range(7)), "mean")
     phi = (psi / psi.norm(dim=2, keepdim=True)).mean(1)
@@ -336,14 +336,14 @@ def test_das_matches_its_closed_form_with_the_default_damping_rule(tmp_path):
     inverse_part = (queries.double() @ phi.T) @ torch.linalg.inv(phi @ phi.T + damping * torch.eye(7, dtype=torch.float64)) \
         if kernel is None else queries.double() @ torch.linalg.inv(kernel + damping * torch.eye(len(kernel))) @ phi.T
     expected = inverse_part * residuals[None]
-    scorer = DASScorer(store)
+    scorer = get_method("das").scorer(store)
     assert scorer.damping == pytest.approx(damping)
     torch.testing.assert_close(scorer.scores(queries).double(), expected, rtol=1e-4, atol=1e-6 * float(expected.abs().max()))
     saved = FeatureStore.from_pretrained(store.save_pretrained(tmp_path / "das"), verify=True)
-    torch.testing.assert_close(DASScorer(saved).scores(queries), scorer.scores(queries))
+    torch.testing.assert_close(get_method("das").scorer(saved).scores(queries), scorer.scores(queries))
     with pytest.raises(ValueError, match="residuals"):
-        DASScorer(FeatureStore(store.features, config, {"num_examples": 7}))
-    sharded = DASFeaturizer(pipe, config).featurize_dataset(images, progress=False, output_dir=tmp_path / "s",
+        get_method("das").scorer(FeatureStore(store.features, config, {"num_examples": 7}))
+    sharded = get_method("das").featurizer(pipe, config).featurize_dataset(images, progress=False, output_dir=tmp_path / "s",
                                                             shard_rows=3)  # residuals collected per shard
     assert torch.equal(sharded.method_state["residuals"], store.method_state["residuals"])
     torch.testing.assert_close(sharded.features, store.features)
@@ -351,12 +351,12 @@ def test_das_matches_its_closed_form_with_the_default_damping_rule(tmp_path):
 
 def test_fisher_featurizer_end_to_end_and_store_round_trip(tmp_path):
     """Calibrated factored features, F from the same per-pair projected loss gradients, saved and reloaded."""
-    from diffusers_attribution.methods.fisher import FisherFeaturizer, FisherScorer
+    from diffusers_attribution.methods.base import get_method
     from diffusers_attribution.store.errors import CorruptStoreError
     from diffusers_attribution.store.files import METHOD_STATE_NAME
 
     pipe, config, images = tiny_setup(method="fisher", projection_dim=32, calibration_examples=4)
-    featurizer = FisherFeaturizer(pipe, config)
+    featurizer = get_method("fisher").featurizer(pipe, config)
     store = featurizer.featurize_dataset(images, progress=False)
     psi, _, projector = reference_pair_gradients(featurizer, images, list(range(7)), "loss")
     # ψ through the projector: reproject the autograd gradients with the projector's own (calibrated, linear) map
@@ -373,9 +373,9 @@ def test_fisher_featurizer_end_to_end_and_store_round_trip(tmp_path):
                                atol=1e-5 * float(store.features.abs().max()))
     assert int(store.method_state["pairs"]) == 28
     queries = featurizer.featurize_queries(images[:2])
-    scores = FisherScorer(store).scores(queries)
+    scores = get_method("fisher").scorer(store).scores(queries)
     saved = FeatureStore.from_pretrained(store.save_pretrained(tmp_path / "fisher"), verify=True)
-    torch.testing.assert_close(FisherScorer(saved).scores(queries), scores)
+    torch.testing.assert_close(get_method("fisher").scorer(saved).scores(queries), scores)
     path = tmp_path / "fisher" / METHOD_STATE_NAME
     path.write_bytes(path.read_bytes()[:-5])
     with pytest.raises(CorruptStoreError):
@@ -397,7 +397,9 @@ def test_ekfac_featurizer_store_scores_new_queries_without_training_data(tmp_pat
     queries = featurizer.featurize_queries(images[:2])
     scores = method.scorer(store).scores(queries)
     saved = FeatureStore.from_pretrained(store.save_pretrained(tmp_path / "ekfac"), verify=True)
-    again = method.featurizer(pipe, saved.config, store=saved)  # no training data: the store's bases and Λ
+    from diffusers_attribution.api import make_featurizer
+
+    again = make_featurizer(pipe, saved.config, store=saved)  # no training data: the store's bases and Λ
     torch.testing.assert_close(again.featurize_queries(images[:2]), queries)
     torch.testing.assert_close(method.scorer(saved).scores(again.featurize_queries(images[:2])), scores)
     result = enable_attribution(pipe).attribute(images[:2], saved)  # through the public API, the store's λ
@@ -405,7 +407,7 @@ def test_ekfac_featurizer_store_scores_new_queries_without_training_data(tmp_pat
     with pytest.raises(ValueError, match="featurize_queries"):
         method.scorer(saved, damping_ratio=0.5)
     # the query side carries 1/(Λ + λ): a larger λ shrinks the preconditioned query
-    sketch = featurizer.query_sketch(images[:2])
+    sketch = method.query_sketch(featurizer, images[:2])
     small, large = (featurizer.projector.precondition(sketch, r * featurizer.projector.mean_eigenvalue) for r in (0.01, 10))
     assert small.norm() > large.norm()
     # sharded featurization in a directory: the EK-FAC bases and Λ are computed once and saved first
@@ -417,19 +419,19 @@ def test_ekfac_featurizer_store_scores_new_queries_without_training_data(tmp_pat
 def test_fisher_in_a_directory_in_shards_and_two_processes_equals_one_pass(tmp_path):
     """Per-shard partial F summed in shard order: the same F (and features) in memory, sharded, resumed, and
     featurized by 2 processes (accelerate's debug launcher on CPU, gloo)."""
-    from diffusers_attribution.method_state import PARTS
-    from diffusers_attribution.methods.fisher import FisherFeaturizer
+    from diffusers_attribution.methods.base import get_method
+    from diffusers_attribution.store.writer import PARTS
 
     pipe, config, images = tiny_setup(method="fisher", projection_dim=16, calibration_examples=3)
-    memory = FisherFeaturizer(pipe, config).featurize_dataset(images, progress=False)
-    sharded = FisherFeaturizer(pipe, config).featurize_dataset(images, progress=False, output_dir=tmp_path / "s",
+    memory = get_method("fisher").featurizer(pipe, config).featurize_dataset(images, progress=False)
+    sharded = get_method("fisher").featurizer(pipe, config).featurize_dataset(images, progress=False, output_dir=tmp_path / "s",
                                                                shard_rows=3)
     torch.testing.assert_close(sharded.features, memory.features)
     torch.testing.assert_close(sharded.method_state["pair_fisher"], memory.method_state["pair_fisher"], rtol=1e-12, atol=1e-14)
     assert int(sharded.method_state["pairs"]) == 28 and len(list((tmp_path / "s" / PARTS).iterdir())) == 3
     (tmp_path / "s" / "config.json").unlink()
     (tmp_path / "s" / "features-00001-of-00003.safetensors").unlink()
-    resumed = FisherFeaturizer(pipe, config).featurize_dataset(images, progress=False, output_dir=tmp_path / "s",
+    resumed = get_method("fisher").featurizer(pipe, config).featurize_dataset(images, progress=False, output_dir=tmp_path / "s",
                                                                shard_rows=3)
     assert torch.equal(resumed.method_state["pair_fisher"], sharded.method_state["pair_fisher"])
     # two processes (accelerate's debug launcher: forked CPU processes over gloo), each its share of the shards
@@ -446,10 +448,10 @@ def test_fisher_in_a_directory_in_shards_and_two_processes_equals_one_pass(tmp_p
 def _fisher_in_process(directory) -> None:
     from accelerate import PartialState
 
-    from diffusers_attribution.methods.fisher import FisherFeaturizer
+    from diffusers_attribution.methods.base import get_method
 
     pipe, config, images = tiny_setup(method="fisher", projection_dim=16, calibration_examples=3)
-    FisherFeaturizer(pipe, config).featurize_dataset(images, progress=False, output_dir=directory, shard_rows=3,
+    get_method("fisher").featurizer(pipe, config).featurize_dataset(images, progress=False, output_dir=directory, shard_rows=3,
                                                      accelerator=PartialState(cpu=True))
 
 

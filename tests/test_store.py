@@ -143,13 +143,13 @@ def test_killed_run_resumes_without_recomputing(reference, pipe, images, tmp_pat
         FeatureStore.from_pretrained(directory)
 
     computed = []
-    featurize_rows = Featurizer.featurize_rows
+    rows = Featurizer.rows
 
     def spy(self, data, start, stop, bar=None):
         computed.append((start, stop))
-        return featurize_rows(self, data, start, stop, bar)
+        return rows(self, data, start, stop, bar)
 
-    monkeypatch.setattr(Featurizer, "featurize_rows", spy)
+    monkeypatch.setattr(Featurizer, "rows", spy)
     # Another config or another dataset in the same directory is refused, naming the difference.
     with pytest.raises(StoreMismatchError, match="feature_hash"):
         pipe.featurize(images, config(noise_seed=1), progress=False, output_dir=directory, shard_rows=SHARD_ROWS)

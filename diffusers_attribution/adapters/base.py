@@ -168,7 +168,8 @@ class PipelineAdapter:
         """w_t = β_t / (2 α_t (1 - ᾱ_t)), the ELBO weight of D-TRAK's `weighted-mse` output."""
         s = self.noise_scheduler
         t = t.cpu()
-        weight = s.betas[t] / (2 * s.alphas[t] * (1 - s.alphas_cumprod[t]))
+        # on the CPU: the scheduler's `add_noise` moves its `alphas_cumprod` to the model's device (CUDA), not betas
+        weight = s.betas.cpu()[t] / (2 * s.alphas.cpu()[t] * (1 - s.alphas_cumprod.cpu()[t]))
         return weight.to(torch.float32)
 
     def predict(self, x_t: torch.Tensor, t: torch.Tensor, conditioning: dict, denoiser=None) -> torch.Tensor:
