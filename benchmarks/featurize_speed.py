@@ -20,8 +20,8 @@ interleaved rounds (one call of each method per round) so that load on a shared 
 on the digits DDPM (`diffusers_attribution.digits`) and on a Stable-Diffusion-shaped UNet2DConditionModel
 with a LoRA (only the LoRA weights attributed / trained). Fidelity on the digits DDPM: Spearman correlation,
 per query, between projected scores and exact scores (identity features, dual-form kernel) for `factored`
-(random per-layer matrices, and calibrated bases — the default, calibration.py) and dense `gaussian` at the
-same total k, over 3 projection seeds.
+(random per-layer matrices, and calibrated bases — the default, projection/calibrated.py) and dense `gaussian`
+at the same total k, over 3 projection seeds.
 
     python benchmarks/featurize_speed.py                          # about 7 minutes on 2 CPU cores
     python benchmarks/featurize_speed.py --previous 491d928       # before/after side by side (13 minutes)

@@ -11,7 +11,8 @@ Each field declares its role (`field(metadata={"role": ...})`), and the feature 
 A hashed field with `omit` in its metadata is left out of the hash while its value is one of `omit` (a later
 field whose unset value gives the old features, so that earlier hashes stay valid). Method names, their
 defaults and the fields each reads come from the method registry (methods/base.py), projector names from
-the projector registry (projection/registry.py).
+the projector registry (projection/registry.py). Every field has a one-line `help`, and
+cli/options.py makes a flag of each (its type from the annotation, `choices` where the field declares them).
 """
 
 from __future__ import annotations
@@ -34,15 +35,17 @@ PARAMETER_SETS = ("all", "lora")
 DTYPES = ("float32", "float16", "bfloat16")
 ROLES = ("feature", "projection", "score", "execution", "data")
 HASHED_ROLES = ("feature", "projection")
-# Config fields that only some methods read; a method lists those it reads in `Method.reads`, and any other
-# set to a value is an error (not a silent no-op).
-METHOD_FIELDS = ("checkpoints", "learning_rates", "query_timesteps", "query_noise_draws", "encoder", "noise_draws")
 
 
-def _field(role: str, default: Any = None, *, omit: tuple = (), factory=None):
+def _field(role: str, default: Any = None, *, omit: tuple = (), factory=None, help: str, choices: tuple | None = None,
+           method_specific: bool = False, metavar: str | None = None, flag: str | None = None, cli: bool = True):
+    """A config field. role: the module docstring; help: one line (the CLI flag's help); choices: the values it
+    takes; method_specific: only some methods read it (`METHOD_FIELDS`, `Method.reads`); metavar, flag: the CLI
+    flag's (flag defaults to --kebab-name); cli=False: no flag (cli/options.py makes one for every other field)."""
     if role not in ROLES:
         raise ValueError(f"unknown config field role {role!r}; roles: {ROLES}")
-    metadata = {"role": role, "omit": omit}
+    metadata = {"role": role, "omit": omit, "help": help, "choices": choices, "method_specific": method_specific,
+                "metavar": metavar, "flag": flag, "cli": cli}
     if factory is not None:
         return field(default_factory=factory, metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -52,101 +55,114 @@ def _field(role: str, default: Any = None, *, omit: tuple = (), factory=None):
 class AttributionConfig:
     """How to featurize training data and score queries.
 
+    Each field says what it is in one line (its `help`, which the CLI flag shows); what needs more:
+
     Args:
-        method: `"trak"` (output = training loss) or `"d-trak"` (output = squared norm of the denoiser output);
-            `"journey-trak"` (TRAK features, plus per-sampling-step queries: `pipe.attribute_trajectory`);
-            `"tracin"` / `"retrac"` (Diffusion-TracIn / -ReTrac, methods/tracin.py); the similarity baselines
-            `"pixel-dot"`, `"pixel-cosine"`, `"embedding-cosine"` (methods/similarity.py); influence with pair-level
-            curvature `"fisher"` (the projected Fisher, methods/fisher.py), `"ekfac"` / `"ekfac-empirical"`
-            (methods/ekfac.py); `"das"` (methods/das.py), the default since the validation-only choice of issue 14
-            (docs/benchmarks.md, "The default method"). docs/methods.md.
-        output: the per-sample output f(z, t, ε; θ) that is differentiated; defaults to the method's own
-            (`loss` for TRAK, `squared-norm` for D-TRAK). Any of D-TRAK's variants: `loss`, `squared-norm`,
-            `mean`, `l1-norm`, `l2-norm`, `linf-norm`, `weighted-mse`.
-        num_timesteps: K, the number of timesteps the gradient is averaged over: g(z) = (1/K) Σ_t ∇θ f(z, t, ε_t).
-        timestep_schedule: `"uniform"`: t ∈ {0, T/K, 2T/K, ...} for every example (D-TRAK);
-            `"random"`: K timesteps drawn per example from (seed, example id) (Journey-TRAK's featurization).
-        noise_seed: seed of the noise ε_t and of random timesteps.
-        noise_draws: D, noise draws per timestep (None = 1): g(z) = (1/(K·D)) Σ_t Σ_d ∇θ f(z, t, ε_{t,d}), ε_{t,d}
-            a function of (noise_seed, [example,] t, d) whose draw 0 is the single-draw noise, so `noise_draws=1`
-            gives the same features (and feature hash) as None. Costs D times the forward/backward rows of K.
-            TracIn/ReTrac: draws per training timestep (queries use `query_noise_draws`); not for the baselines.
-        noise_mode: `"shared"`: ε depends on (noise_seed, t) only, so every example and every query sees the same
-            noise at a given t (D-TRAK's code); `"per-example"`: ε depends on (noise_seed, example id, t).
-        projector: `"factored"` (per-layer P_outᵀ G P_in, the fast default), dense `"gaussian"` /
-            `"rademacher"` (generated blockwise), or `"identity"` (exact, small models only).
-        projection_dim: k, the total feature dimension (ignored by `identity`).
-        projection_seed: seed of the random projection; a projection is a pure function of
-            (projection_seed, parameter name, shape, k).
+        method: `"das"` (the default since the validation-only choice of issue 14, docs/benchmarks.md), `"trak"`
+            (output = training loss), `"d-trak"` (output = squared norm of the denoiser output), `"journey-trak"`
+            (TRAK features, plus per-sampling-step queries: `pipe.attribute_trajectory`), `"tracin"` / `"retrac"`
+            (methods/tracin.py), the similarity baselines `"pixel-dot"`, `"pixel-cosine"`, `"embedding-cosine"`
+            (methods/similarity.py), influence with pair-level curvature `"fisher"` (methods/fisher.py),
+            `"ekfac"` / `"ekfac-empirical"` (methods/ekfac.py). docs/methods.md.
+        output: any of D-TRAK's variants (`OUTPUTS`); None = the method's own (`loss` for TRAK, `squared-norm`
+            for D-TRAK).
+        num_timesteps: K in g(z) = (1/K) Σ_t ∇θ f(z, t, ε_t); None = the method's default (`Method.defaults`:
+            K = 30 for D-TRAK, else 10). For TracIn/ReTrac it defines the training gradient (1 random timestep
+            per example by default).
+        timestep_schedule: `"uniform"`: t ∈ {0, T/K, 2T/K, ...} for every example (D-TRAK); `"random"`: K
+            timesteps drawn per example from (seed, example id) (Journey-TRAK's featurization).
+        noise_draws: D in g(z) = (1/(K·D)) Σ_t Σ_d ∇θ f(z, t, ε_{t,d}), ε_{t,d} a function of (noise_seed,
+            [example,] t, d) whose draw 0 is the single-draw noise, so `noise_draws=1` gives the same features (and
+            feature hash) as None. Costs D times the forward/backward rows of K. TracIn/ReTrac: draws per training
+            timestep (queries use `query_noise_draws`); not for the baselines.
+        noise_mode: `"shared"` (D-TRAK's code): every example and every query sees the same noise at a given t.
+        projector: `"factored"` (per-layer P_outᵀ G P_in, the fast default), dense `"gaussian"` / `"rademacher"`
+            (generated blockwise), or `"identity"` (exact, small models only).
+        projection_seed: a projection is a pure function of (projection_seed, parameter name, shape, k).
         layer_dims: `factored` only: features per parameter, by glob pattern on parameter names (first match
             wins): an int k_p, or `[k_out, k_in]` for a Linear/Conv2d weight (k_p = k_out·k_in). Parameters not
             matched share the rest of `projection_dim` (k_p ∝ sqrt(numel)); the total is always `projection_dim`.
             None: the default split for all (docs/projection.md). Only with `calibration_examples=0`.
         calibration_examples: `factored`, kernel methods: n training examples (a seeded subset) on which the
-            per-layer eigenbases of the gradient's second moments are measured (calibration.py); the features
-            are then the top `sketch_dim` coordinates in those bases mixed into `projection_dim` by a seeded
-            Gaussian. None = 64 for TRAK/D-TRAK/Journey-TRAK with `factored` (0 with `layer_dims`), else 0; 0 = the random
-            per-layer projection (a pure function of seeds; TracIn/ReTrac always use it).
-        sketch_dim: calibrated `factored` only: how many eigen-coordinates are ranked in (None = 2 × projection_dim).
+            per-layer eigenbases of the gradient's second moments are measured (projection/calibrated.py); the
+            features are then the top `sketch_dim` coordinates in those bases mixed into `projection_dim` by a
+            seeded signed partition. None = 64 for the methods that calibrate (`Method.calibrated`) with
+            `factored` (0 with `layer_dims`), else 0; 0 = the random per-layer projection (a pure function of
+            seeds; TracIn/ReTrac always use it).
         damping: λ of the kernel (ΦᵀΦ + λI)⁻¹. `None` applies the rule λ = damping_ratio · tr(ΦᵀΦ) / rank,
             i.e. a fixed fraction of the kernel's mean non-zero eigenvalue; it never looks at queries.
-        damping_ratio: the fraction used by the rule above; None = the method's default (its `Method.defaults`, methods/:
-            0.18 for TRAK, 0.0018 for D-TRAK, chosen on validation queries, docs/benchmarks.md; else 0.1).
-            Like `damping`, it only changes scores, never features (not part of the feature hash).
+        damping_ratio: None = the method's default (`Method.defaults`: 0.18 for TRAK, 0.0018 for D-TRAK, chosen on
+            validation queries, docs/benchmarks.md; else 0.1). Like `damping`, it only changes scores.
         parameters: `"all"` (every trainable parameter of the denoiser), `"lora"` (only LoRA weights of the
             active peft adapter), or a list of glob patterns matched against parameter names.
-        adapter_name: which peft adapter to attribute when `parameters="lora"` (default: the active one).
-        batch_size: training examples per featurization step.
-        timestep_chunk_size: timesteps evaluated together per forward pass (memory knob; None = all K).
-        dtype: the dtype of the denoiser's forward pass; features and kernels are always accumulated in float32.
-        device: where to featurize (None = the pipeline's device).
-        image_column, caption_column: column names of a `datasets.Dataset` (None = detect).
-        num_timesteps, timestep_schedule: None = the method's default (its `Method.defaults`, methods/: K = 30 for D-TRAK;
-            else 10, `"uniform"`);
-            for TracIn/ReTrac they define the training gradient (1 random timestep per example by default).
-        checkpoints: TracIn/ReTrac: the denoiser checkpoints c (paths, or dicts `{"path", "revision",
-            "subfolder"}`; checkpoints.py). None = the pipeline's current weights only.
-        learning_rates: TracIn/ReTrac: η_c per checkpoint in τ = Σ_c η_c ⟨g_c(z), g_c(q)⟩ (None = all 1). Kept in
-            the store's config (a query with other rates is refused, not silently rescored); to rescore a
-            store with other rates, featurize it with another `learning_rates` config (its features are the same).
-        query_timesteps: TracIn/ReTrac: the query gradient is averaged over this many evenly spaced timesteps.
-        query_noise_draws: TracIn/ReTrac: noises per query timestep; Journey-TRAK: fresh noises per sampling step.
-        encoder: `"embedding-cosine"`: a transformers image encoder (a path or Hub id; CLIP or DINOv2).
-        adapter_options: options of the pipeline family that change features, e.g. `{"max_sequence_length": 256}`
-            (Flux, SD3, PixArt) or `{"guidance_scale": 3.5}` (Flux-dev); a key the family does not take is an error
-            (docs/families.md).
+        dtype: features and kernels are always accumulated in float32.
+        checkpoints: paths, or dicts `{"path", "revision", "subfolder"}` (checkpoints.py).
+        learning_rates: η_c in τ = Σ_c η_c ⟨g_c(z), g_c(q)⟩. Kept in the store's config (a query with other rates
+            is refused, not silently rescored); to rescore a store with other rates, featurize it with another
+            `learning_rates` config (its features are the same).
+        encoder: a CLIP or DINOv2 image model.
+        adapter_options: e.g. `{"max_sequence_length": 256}` (Flux, SD3, PixArt) or `{"guidance_scale": 3.5}`
+            (Flux-dev); a key the family does not take is an error (docs/families.md).
     """
 
-    method: str = _field("feature", "das")
-    output: str | None = _field("feature")
-    num_timesteps: int | None = _field("feature")
-    timestep_schedule: str | None = _field("feature")
-    noise_seed: int = _field("feature", 0)
-    noise_draws: int | None = _field("feature", omit=(None, 1))
-    noise_mode: str = _field("feature", "shared")
-    projector: str = _field("projection", "factored")
-    projection_dim: int = _field("projection", 2048)
-    projection_seed: int = _field("projection", 0)
-    layer_dims: dict[str, int | list[int]] | None = _field("projection", omit=(None,))
-    calibration_examples: int | None = _field("projection")
-    sketch_dim: int | None = _field("projection")
-    damping: float | None = _field("score")
-    damping_ratio: float | None = _field("score")
-    parameters: str | list[str] = _field("feature", "all")
-    adapter_name: str | None = _field("feature")
-    batch_size: int = _field("execution", 16)
-    timestep_chunk_size: int | None = _field("execution")
-    dtype: str = _field("feature", "float32")
-    device: str | None = _field("execution")
-    image_column: str | None = _field("data")
-    caption_column: str | None = _field("data")
-    checkpoints: list[str | dict[str, Any]] | None = _field("feature", omit=(None,))
+    method: str = _field("feature", "das", help="attribution method (docs/methods.md), e.g. das, trak, d-trak, tracin")
+    output: str | None = _field("feature", choices=OUTPUTS,
+                                help="the per-sample output f that is differentiated (default: the method's own)")
+    num_timesteps: int | None = _field("feature", metavar="K",
+                                       help="K, timesteps each gradient is averaged over (default: the method's)")
+    timestep_schedule: str | None = _field("feature", choices=TIMESTEP_SCHEDULES,
+                                           help="the same K timesteps for every example, or K drawn per example "
+                                                "(default: the method's)")
+    noise_seed: int = _field("feature", 0, help="seed of the noise ε_t and of random timesteps")
+    noise_draws: int | None = _field("feature", omit=(None, 1), method_specific=True, metavar="D",
+                                     help="D, noise draws per timestep (default: 1)")
+    noise_mode: str = _field("feature", "shared", choices=NOISE_MODES,
+                             help="whether ε depends on (seed, t) only, or on the example id too")
+    projector: str = _field("projection", "factored",
+                            help="gradient projection (docs/projection.md), e.g. factored, gaussian, identity")
+    projection_dim: int = _field("projection", 2048, metavar="k",
+                                 help="k, the total feature dimension (ignored by identity)")
+    projection_seed: int = _field("projection", 0, help="seed of the random projection")
+    layer_dims: dict[str, int | list[int]] | None = _field(
+        "projection", omit=(None,), metavar="PATTERN=JSON",
+        help="factored, uncalibrated: features of the parameters a glob pattern matches, k_p or [k_out, k_in] "
+             "(repeatable)")
+    calibration_examples: int | None = _field(
+        "projection", metavar="N",
+        help="examples the factored bases are calibrated on (0: random; default: 64 for the methods that calibrate)")
+    sketch_dim: int | None = _field("projection", help="calibrated factored: eigen-coordinates ranked "
+                                                       "(default: 2 × projection_dim)")
+    damping: float | None = _field("score", metavar="λ", help="kernel damping λ (default: the ratio rule)")
+    damping_ratio: float | None = _field("score", help="λ = ratio · tr(ΦᵀΦ) / rank when damping is not given "
+                                                       "(default: the method's)")
+    parameters: str | list[str] = _field("feature", "all", metavar="P",
+                                         help="all, lora, or glob patterns of denoiser parameter names")
+    adapter_name: str | None = _field("feature", help="the peft adapter attributed with parameters lora (default: the "
+                                                      "active one; the CLI's --lora loads under this name)")
+    batch_size: int = _field("execution", 16, help="training examples per featurization step")
+    timestep_chunk_size: int | None = _field("execution", help="timesteps per forward pass, a memory knob "
+                                                               "(default: all K)")
+    dtype: str = _field("feature", "float32", choices=DTYPES, help="dtype of the denoiser's forward pass")
+    device: str | None = _field("execution", help="where to featurize, e.g. cpu, cuda, cuda:1 "
+                                                  "(default: the pipeline's)")
+    image_column: str | None = _field("data", help="image column of a datasets.Dataset (default: detected)")
+    caption_column: str | None = _field("data", help="caption column of a datasets.Dataset (default: detected)")
+    checkpoints: list[str | dict[str, Any]] | None = _field(
+        "feature", omit=(None,), method_specific=True, metavar="PATH",
+        help="tracin/retrac: denoiser checkpoints (default: the pipeline's current weights)")
     # η_c only weighs scores, but a TracIn store pins them: a query with other rates is refused, not rescored.
-    learning_rates: list[float] | None = _field("feature", omit=(None,))
-    query_timesteps: int | None = _field("feature", omit=(None,))
-    query_noise_draws: int | None = _field("feature", omit=(None,))
-    encoder: str | None = _field("feature", omit=(None,))
-    adapter_options: dict[str, Any] = _field("feature", factory=dict)
+    learning_rates: list[float] | None = _field("feature", omit=(None,), method_specific=True, metavar="η",
+                                                help="tracin/retrac: η_c, one per checkpoint (default: all 1)")
+    query_timesteps: int | None = _field("feature", omit=(None,), method_specific=True,
+                                         help="tracin/retrac: evenly spaced timesteps of each query gradient")
+    query_noise_draws: int | None = _field("feature", omit=(None,), method_specific=True,
+                                           help="tracin/retrac: noises per query timestep; journey-trak: fresh "
+                                                "noises per sampling step")
+    encoder: str | None = _field("feature", omit=(None,), method_specific=True,
+                                 help="embedding-cosine: a transformers image encoder (path or Hub id)")
+    adapter_options: dict[str, Any] = _field("feature", factory=dict, metavar="KEY=JSON", flag="--adapter-option",
+                                             help="an option of the pipeline family that changes features, e.g. "
+                                                  "max_sequence_length=256 (repeatable)")
 
     def __post_init__(self):
         method = get_method(self.method)
@@ -157,11 +173,10 @@ class AttributionConfig:
             if getattr(self, name) is None:
                 setattr(self, name, value)
         _check_method_fields(self, method)
-        _check_choice("output", self.output, OUTPUTS)
-        _check_choice("timestep_schedule", self.timestep_schedule, TIMESTEP_SCHEDULES)
-        _check_choice("noise_mode", self.noise_mode, NOISE_MODES)
+        for f in dataclasses.fields(self):
+            if f.metadata["choices"] is not None:
+                _check_choice(f.name, getattr(self, f.name), f.metadata["choices"])
         _check_choice("projector", self.projector, projector_names())
-        _check_choice("dtype", self.dtype, DTYPES)
         if isinstance(self.parameters, str):
             _check_choice("parameters", self.parameters, PARAMETER_SETS)
         else:
@@ -214,6 +229,11 @@ class AttributionConfig:
         """A stable hash of the fields that determine feature values."""
         blob = json.dumps(self.feature_dict(), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+# The fields only some methods read; a method lists those it reads in `Method.reads`, and any other set to a value
+# is an error (not a silent no-op).
+METHOD_FIELDS = tuple(f.name for f in dataclasses.fields(AttributionConfig) if f.metadata["method_specific"])
 
 
 def _omitted(value: Any, omit: tuple) -> bool:

@@ -357,3 +357,76 @@ def test_adapter_options_a_family_does_not_take_are_refused():
 
     with pytest.raises(ValueError, match=r"adapter_options \['max_sequence_length'\] do not apply to DDPMPipeline"):
         Featurizer(tiny_ddpm_pipeline(), AttributionConfig(adapter_options={"max_sequence_length": 16}))
+
+
+# --------------------------------------------------------------------------- finding a family
+
+BUILT_IN_ORDER = ["stable-diffusion-xl", "stable-diffusion", "stable-diffusion-3", "flux", "pixart", "dit",
+                  "unconditional"]
+
+
+def test_families_are_tried_most_specific_first():
+    """The package's families by `priority`; one registered from outside the package before all of them."""
+    from diffusers_attribution.adapters import UnconditionalAdapter, adapter_classes, register_adapter, registry
+
+    assert [cls.family for cls in adapter_classes()] == BUILT_IN_ORDER
+    assert get_adapter(tiny_sdxl_pipeline()).family == "stable-diffusion-xl"
+
+    @register_adapter
+    class MyPixels(UnconditionalAdapter):
+        family = "my-pixels"
+        priority = -100  # a family registered from outside the package goes first whatever its priority
+
+    try:
+        from tiny_pipelines import tiny_ddpm_pipeline
+
+        assert [cls.family for cls in adapter_classes()] == ["my-pixels", *BUILT_IN_ORDER]
+        assert get_adapter(tiny_ddpm_pipeline()).family == "my-pixels"
+    finally:
+        registry._ADAPTERS.remove(MyPixels)
+    assert [cls.family for cls in adapter_classes()] == BUILT_IN_ORDER
+
+
+TOY_FAMILY = '''
+from pathlib import Path
+
+from .registry import register_adapter
+from .unconditional import UnconditionalAdapter
+
+with open(Path(__file__).with_suffix(".log"), "a") as log:  # one line per import
+    log.write("imported\\n")
+
+
+@register_adapter
+class ToyAdapter(UnconditionalAdapter):
+    family = "toy"
+    priority = UnconditionalAdapter.priority + 1
+'''
+
+
+def test_a_family_file_added_to_the_package_is_found(tmp_path):
+    """One new file, adapters/toy.py (here in a folder appended to the package's __path__), and nothing else."""
+    import sys
+
+    import diffusers_attribution.adapters as adapters
+    from diffusers_attribution import discovery
+    from diffusers_attribution.adapters import registry
+    from tiny_pipelines import tiny_ddpm_pipeline
+
+    pipe = tiny_ddpm_pipeline()
+    assert get_adapter(pipe).family == "unconditional"  # the package's own modules are imported by now
+    (tmp_path / "toy.py").write_text(TOY_FAMILY)
+    adapters.__path__.append(str(tmp_path))
+    name = "diffusers_attribution.adapters.toy"
+    try:
+        assert get_adapter(pipe).family == "toy"
+        assert get_adapter(pipe).family == "toy"
+        assert (tmp_path / "toy.log").read_text() == "imported\n"  # imported once
+        assert type(get_adapter(pipe)).__module__ == name
+    finally:
+        adapters.__path__.remove(str(tmp_path))
+        registry._ADAPTERS[:] = [cls for cls in registry._ADAPTERS if cls.__module__ != name]
+        sys.modules.pop(name, None)
+        vars(adapters).pop("toy", None)
+        discovery._imported[adapters.__name__].discard("toy")
+    assert get_adapter(pipe).family == "unconditional"

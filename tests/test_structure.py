@@ -3,56 +3,13 @@
 from __future__ import annotations
 
 import ast
-from pathlib import Path
 
-import diffusers_attribution
-
-PACKAGE = Path(diffusers_attribution.__file__).parent
-NAME = "diffusers_attribution"
-
-
-def _module_name(path: Path) -> str:
-    parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
-    if parts[-1] == "__init__":
-        parts.pop()
-    return ".".join(parts)
-
-
-def _modules() -> dict[str, Path]:
-    return {_module_name(path): path for path in PACKAGE.rglob("*.py")}
-
-
-def _imports(name: str, path: Path, modules: dict[str, Path]) -> set[str]:
-    """Every module of the package `name` imports, at any depth (function-level imports included), except under
-    `if TYPE_CHECKING:`."""
-    tree = ast.parse(path.read_text(), str(path))
-    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
-    found: set[str] = set()
-
-    def visit(node):
-        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
-            return
-        if isinstance(node, ast.Import):
-            found.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:
-                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
-                base = ".".join(anchor + ([base] if base else []))
-            for alias in node.names:
-                submodule = f"{base}.{alias.name}"
-                found.add(submodule if submodule in modules else base)
-        for child in ast.iter_child_nodes(node):
-            visit(child)
-
-    visit(tree)
-    return {m for m in found if m in modules and m != name}
+from import_graph import NAME, PACKAGE, import_graph, imports, modules
 
 
 def import_cycles() -> list[list[str]]:
     """The strongly connected components with more than one module (Tarjan), each sorted."""
-    modules = _modules()
-    graph = {name: _imports(name, path, modules) for name, path in modules.items()}
+    graph = import_graph()
     index, low, stack, on_stack, cycles = {}, {}, [], set(), []
 
     def connect(v):
@@ -84,9 +41,9 @@ def import_cycles() -> list[list[str]]:
 
 def test_scanner_sees_lazy_imports():
     """The scan counts imports inside functions (a lazy import still makes a cycle)."""
-    modules = _modules()
-    assert f"{NAME}.ensemble" in _imports(f"{NAME}.mixin", modules[f"{NAME}.mixin"], modules)
-    assert f"{NAME}.store.hub" in _imports(f"{NAME}.store.format", modules[f"{NAME}.store.format"], modules)
+    found = modules()
+    assert f"{NAME}.ensemble" in imports(f"{NAME}.mixin", found[f"{NAME}.mixin"], found)
+    assert f"{NAME}.store.hub" in imports(f"{NAME}.store.format", found[f"{NAME}.store.format"], found)
 
 
 def test_no_import_cycles():

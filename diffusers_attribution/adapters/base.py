@@ -43,6 +43,9 @@ class PipelineAdapter:
     """
 
     family: str = "base"
+    # `get_adapter` tries the families of this package highest priority first: a family whose pipelines another
+    # family's `supports` also accepts needs the higher one (SDXL's UNet is also a UNet2DConditionModel).
+    priority: int = 0
     options: tuple[str, ...] = ()  # attributes that `AttributionConfig.adapter_options` may set (docs/families.md)
 
     def __init__(self, pipe):

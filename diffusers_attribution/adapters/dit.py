@@ -8,8 +8,10 @@ import torch
 from diffusers.models.embeddings import LabelEmbedding
 
 from .base import ModelInputs, PipelineAdapter
+from .registry import register_adapter
 
 
+@register_adapter
 class DiTAdapter(PipelineAdapter):
     """x0 = VAE latents · scaling_factor; c = the class label y, a LongTensor [B].
 
@@ -21,6 +23,7 @@ class DiTAdapter(PipelineAdapter):
     """
 
     family = "dit"
+    priority = 20
 
     @classmethod
     def supports(cls, pipe) -> bool:

@@ -7,8 +7,10 @@ from diffusers import FluxTransformer2DModel
 
 from .base import ModelInputs, UnsupportedPipelineError
 from .flow_matching import FlowMatchingAdapter
+from .registry import register_adapter
 
 
+@register_adapter
 class FluxAdapter(FlowMatchingAdapter):
     """x0 = `pipe._pack_latents((z - shift_factor) · scaling_factor)`: [B, (h/2)(w/2), 4·C] tokens of 2×2 latent
     patches, exactly what the transformer reads. Noise is drawn in that packed layout and every objective is
@@ -24,6 +26,7 @@ class FluxAdapter(FlowMatchingAdapter):
     """
 
     family = "flux"
+    priority = 40
     options = ("max_sequence_length", "guidance_scale")
     max_sequence_length: int | None = None  # None: the pipeline's default (512)
     guidance_scale: float = 3.5

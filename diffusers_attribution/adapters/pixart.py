@@ -6,8 +6,10 @@ import torch
 from diffusers import PixArtTransformer2DModel
 
 from .base import ModelInputs, PipelineAdapter
+from .registry import register_adapter
 
 
+@register_adapter
 class PixArtAdapter(PipelineAdapter):
     """x0 = VAE latents · scaling_factor; c = (T5 embeddings, attention mask) from `pipe.encode_prompt`
     (its own `max_sequence_length` default — 120 for α, 300 for Σ — unless the option is set; no caption
@@ -18,6 +20,7 @@ class PixArtAdapter(PipelineAdapter):
     """
 
     family = "pixart"
+    priority = 30
     options = ("max_sequence_length",)
     max_sequence_length: int | None = None  # None: the pipeline's default
 

@@ -8,8 +8,10 @@ from diffusers import SD3Transformer2DModel
 from ..data import InvalidImageError
 from .base import ModelInputs
 from .flow_matching import FlowMatchingAdapter
+from .registry import register_adapter
 
 
+@register_adapter
 class StableDiffusion3Adapter(FlowMatchingAdapter):
     """x0 = (z - shift_factor) · scaling_factor; c = `pipe.encode_prompt` (CLIP-L ⊕ CLIP-G hidden states padded
     to T5's width, then T5 tokens, at the pipeline's default `max_sequence_length`
@@ -19,6 +21,7 @@ class StableDiffusion3Adapter(FlowMatchingAdapter):
     """
 
     family = "stable-diffusion-3"
+    priority = 50
     options = ("max_sequence_length",)
     max_sequence_length: int | None = None  # None: the pipeline's default (256)
 

@@ -6,8 +6,10 @@ import torch
 from diffusers import UNet2DConditionModel
 
 from .base import ModelInputs, PipelineAdapter, UnsupportedPipelineError
+from .registry import register_adapter
 
 
+@register_adapter
 class StableDiffusionXLAdapter(PipelineAdapter):
     """x0 = VAE latents (as Stable Diffusion); c = (encoder_hidden_states, text_embeds, time_ids):
 
@@ -19,6 +21,7 @@ class StableDiffusionXLAdapter(PipelineAdapter):
     """
 
     family = "stable-diffusion-xl"
+    priority = 70  # before stable-diffusion (60): an SDXL UNet is also a UNet2DConditionModel
     options = ("aesthetic_score",)
     aesthetic_score: float = 6.0  # the refiner's default micro-condition
 

@@ -6,13 +6,16 @@ import torch
 from diffusers import UNet2DConditionModel
 
 from .base import ModelInputs, PipelineAdapter
+from .registry import register_adapter
 
 
+@register_adapter
 class StableDiffusionAdapter(PipelineAdapter):
     """x0 = (z - shift_factor) · scaling_factor with z ~ vae.encode(image), drawn from a per-example seed;
     c = the text encoder's hidden states of the caption ("" when there is none)."""
 
     family = "stable-diffusion"
+    priority = 60
 
     @classmethod
     def supports(cls, pipe) -> bool:

@@ -5,12 +5,15 @@ from __future__ import annotations
 from diffusers import UNet2DModel
 
 from .base import ModelInputs, PipelineAdapter
+from .registry import register_adapter
 
 
+@register_adapter
 class UnconditionalAdapter(PipelineAdapter):
     """x0 = the image itself in [-1, 1]; no conditioning."""
 
     family = "unconditional"
+    priority = 10
 
     @classmethod
     def supports(cls, pipe) -> bool:

@@ -1,55 +1,83 @@
 """What several subcommands share: `AttributionConfig` flags, loading a pipeline, a training set or query images,
-and saying what a slow step is doing. Importing this module imports no torch. Method and projector names are
-not argparse choices: their registries import every method module (and torch) to list them, so a wrong name is
-reported by `AttributionConfig` after parsing, with the registered names."""
+and saying what a slow step is doing. Importing this module imports no torch.
+
+Every `AttributionConfig` field is a flag (`--kebab-name`), made from the field itself: its type from the
+annotation, `choices`, `help`, `metavar` and a `flag` spelling from its metadata (config.py); a field with
+`cli=False` has none. Method and projector names are not argparse choices: their registries import every method
+module (and torch) to list them, so a wrong name is reported by `AttributionConfig` after parsing, with the
+registered names."""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import sys
 import time
+import types
+import typing
 from pathlib import Path
 from typing import Any
 
-from ..config import DTYPES, NOISE_MODES, OUTPUTS, TIMESTEP_SCHEDULES
+from ..config import PARAMETER_SETS, AttributionConfig
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
-# (flag, AttributionConfig field, argparse keywords); every flag defaults to None = "not given".
-CONFIG_FLAGS: list[tuple[str, str, dict[str, Any]]] = [
-    ("--method", "method", dict(help="attribution method, e.g. d-trak (default), trak, tracin (docs/methods.md)")),
-    ("--output", "output", dict(choices=OUTPUTS, help="the differentiated output f (default: the method's own)")),
-    ("--num-timesteps", "num_timesteps", dict(type=int, metavar="K", help="K timesteps per example (default: the method's)")),
-    ("--timestep-schedule", "timestep_schedule", dict(choices=TIMESTEP_SCHEDULES)),
-    ("--noise-seed", "noise_seed", dict(type=int, help="seed of the noise ε_t (default: 0)")),
-    ("--noise-draws", "noise_draws", dict(type=int, metavar="D", help="noise draws per timestep (default: 1)")),
-    ("--noise-mode", "noise_mode", dict(choices=NOISE_MODES)),
-    ("--projector", "projector", dict(help="gradient projection, e.g. factored (default), gaussian, identity")),
-    ("--projection-dim", "projection_dim", dict(type=int, metavar="k", help="feature dimension k (default: 2048)")),
-    ("--projection-seed", "projection_seed", dict(type=int)),
-    ("--calibration-examples", "calibration_examples", dict(type=int, metavar="N",
-                                                            help="examples the factored bases are calibrated on (0: random)")),
-    ("--sketch-dim", "sketch_dim", dict(type=int)),
-    ("--damping", "damping", dict(type=float, metavar="λ", help="kernel damping λ (default: the ratio rule)")),
-    ("--damping-ratio", "damping_ratio", dict(type=float)),
-    ("--parameters", "parameters", dict(nargs="+", metavar="P",
-                                        help="`all`, `lora`, or glob patterns of denoiser parameter names")),
-    ("--adapter-name", "adapter_name", dict(help="the peft adapter attributed with --parameters lora "
-                                                 "(and the name --lora loads under; default: default)")),
-    ("--batch-size", "batch_size", dict(type=int, help="examples per featurization step (default: 16)")),
-    ("--timestep-chunk-size", "timestep_chunk_size", dict(type=int)),
-    ("--dtype", "dtype", dict(choices=DTYPES, help="dtype of the denoiser's forward pass (default: float32)")),
-    ("--device", "device", dict(help="e.g. cpu, cuda, cuda:1 (default: the pipeline's)")),
-    ("--image-column", "image_column", dict(help="image column of the dataset (default: detected)")),
-    ("--caption-column", "caption_column", dict(help="caption column of the dataset (default: detected)")),
-    ("--encoder", "encoder", dict(help="embedding-cosine: a transformers image encoder (path or Hub id)")),
-    ("--checkpoints", "checkpoints", dict(nargs="+", metavar="PATH", help="tracin/retrac: denoiser checkpoints")),
-    ("--learning-rates", "learning_rates", dict(nargs="+", type=float, metavar="η", help="tracin/retrac: one per checkpoint")),
-    ("--query-timesteps", "query_timesteps", dict(type=int)),
-    ("--query-noise-draws", "query_noise_draws", dict(type=int)),
-]
+
+def config_flags() -> list[tuple[str, str, dict[str, Any]]]:
+    """(flag, AttributionConfig field, argparse keywords) of every field with a flag; each defaults to None = "not
+    given". A list field takes several values (`nargs="+"`), a dict field is a repeatable KEY=JSON."""
+    hints = typing.get_type_hints(AttributionConfig)
+    flags = []
+    for field in dataclasses.fields(AttributionConfig):
+        metadata = field.metadata
+        if not metadata["cli"]:
+            continue
+        kind, item = _flag_type(field.name, hints[field.name])
+        keywords: dict[str, Any] = {"help": metadata["help"]}
+        if field.default is not None and field.default is not dataclasses.MISSING:
+            keywords["help"] += f" (default: {field.default})"
+        if metadata["choices"] is not None:
+            keywords["choices"] = metadata["choices"]
+        else:
+            keywords["metavar"] = metadata["metavar"] or field.name.upper()
+        if kind is bool:
+            keywords["action"] = argparse.BooleanOptionalAction
+            keywords.pop("metavar", None)
+        elif kind is dict:
+            keywords["action"] = "append"
+        else:
+            if kind is list:
+                keywords["nargs"] = "+"
+            if item is not str:
+                keywords["type"] = item
+        flags.append((metadata["flag"] or "--" + field.name.replace("_", "-"), field.name, keywords))
+    return flags
+
+
+def _flag_type(name: str, hint) -> tuple[type, type | None]:
+    """(kind, item type) of a field's annotation, None left out: (int | float | str | bool, itself), (list, the
+    first scalar of its items), or (dict, None)."""
+    members = _union_members(hint)
+    for member in members:
+        origin = typing.get_origin(member) or member
+        if origin is dict:
+            return dict, None
+        if origin is list:
+            items = [m for arg in typing.get_args(member) for m in _union_members(arg) if m in (int, float, str)]
+            if items:
+                return list, items[0]
+    for scalar in (bool, int, float, str):
+        if scalar in members:
+            return scalar, scalar
+    raise TypeError(f"AttributionConfig.{name}: no CLI flag for the type {hint}; give its field cli=False")
+
+
+def _union_members(hint) -> list:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return [arg for arg in typing.get_args(hint) if arg is not type(None)]
+    return [hint]
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, config_file: bool = True) -> None:
@@ -57,27 +85,23 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_file: bool = Tr
     group = parser.add_argument_group("attribution config (flags override --config; docs: AttributionConfig)")
     if config_file:
         group.add_argument("--config", metavar="JSON", help="an AttributionConfig as a JSON file")
-    for flag, field, keywords in CONFIG_FLAGS:
-        if "choices" not in keywords:
-            keywords = {"metavar": field.upper(), **keywords}
+    for flag, field, keywords in config_flags():
         group.add_argument(flag, dest=f"config_{field}", default=None, **keywords)
-    group.add_argument("--adapter-option", dest="config_adapter_options", action="append", metavar="KEY=JSON",
-                       help="a family option, e.g. max_sequence_length=256 (repeatable)")
 
 
 def config_overrides(args: argparse.Namespace) -> dict[str, Any]:
     """The config fields given on the command line, as AttributionConfig keywords."""
     overrides = {}
-    for _, field, _ in CONFIG_FLAGS:
+    for flag, field, keywords in config_flags():
         value = getattr(args, f"config_{field}", None)
-        if value is not None:
-            overrides[field] = value
+        if value is None:
+            continue
+        if keywords.get("action") == "append":
+            value = dict(_key_value(flag, option) for option in value)
+        overrides[field] = value
     if isinstance(overrides.get("parameters"), list) and len(overrides["parameters"]) == 1 \
-            and overrides["parameters"][0] in ("all", "lora"):
+            and overrides["parameters"][0] in PARAMETER_SETS:
         overrides["parameters"] = overrides["parameters"][0]
-    options = getattr(args, "config_adapter_options", None)
-    if options:
-        overrides["adapter_options"] = dict(_key_value(option) for option in options)
     return overrides
 
 
@@ -99,10 +123,10 @@ def config_from_args(args: argparse.Namespace, base: dict[str, Any] | None = Non
         raise SystemExit(f"error: {error}") from None
 
 
-def _key_value(option: str) -> tuple[str, Any]:
+def _key_value(flag: str, option: str) -> tuple[str, Any]:
     key, sep, value = option.partition("=")
     if not sep or not key:
-        raise SystemExit(f"error: --adapter-option {option!r}: use KEY=VALUE")
+        raise SystemExit(f"error: {flag} {option!r}: use KEY=VALUE")
     try:
         return key, json.loads(value)
     except ValueError:
