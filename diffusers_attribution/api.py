@@ -127,3 +127,59 @@ def attribute(pipe, images: Any, train_data: Any, config: AttributionConfig | No
     scorer = make_scorer(store, **score_fields)
     return AttributionResult(scores=scorer.scores(query_features), config=store.config, query_images=batch,
                              metadata={**scorer.metadata, "example_hashes": store.example_hashes})
+
+
+# ---------------------------------------------------------------------------------------------- shortcuts
+# Each builds a config and calls `attribute`, the one entry point.
+
+
+def tracin_scores(pipe, train_dataset: Any, images: Any, checkpoints: Sequence | None = None,
+                  learning_rates: Sequence[float] | None = None, config=None, *,
+                  prompts: Sequence[str] | str | None = None, progress: bool = True):
+    """Diffusion-TracIn (or ReTrac with `config.method="retrac"`) scores [n_queries, N] of `images`: `attribute`
+    with `checkpoints` and `learning_rates` set in the config.
+
+    `train_dataset`: a training set, or a `FeatureStore` featurized by the same method and checkpoints.
+    `checkpoints`: state dicts, modules, paths or dicts (checkpoints.py); None = `config.checkpoints`,
+    else the pipeline's current weights. `learning_rates`: η_c (None = `config.learning_rates`, else all 1).
+    """
+    import dataclasses
+
+    from .checkpoints import describe
+    from .methods.tracin import TRACIN_METHODS
+
+    config = config or AttributionConfig(method=TRACIN_METHODS[0])
+    if config.method not in TRACIN_METHODS:
+        raise ValueError(f"tracin_scores needs method 'tracin' or 'retrac', not {config.method!r}")
+    specs = list(checkpoints) if checkpoints is not None else config.checkpoints
+    rates = list(learning_rates) if learning_rates is not None else config.learning_rates
+    if checkpoints is not None:
+        config = dataclasses.replace(config, checkpoints=[describe(spec) for spec in specs], learning_rates=rates)
+    elif learning_rates is not None:
+        config = dataclasses.replace(config, learning_rates=rates)
+    return attribute(pipe, images, train_dataset, config, prompts=prompts, progress=progress, checkpoints=specs)
+
+
+def retrac_scores(pipe, train_dataset, images, checkpoints=None, learning_rates=None, config=None, **kwargs):
+    """`tracin_scores` with `method="retrac"` (normalized per-timestep gradients)."""
+    import dataclasses
+
+    from .methods.tracin import TRACIN_METHODS
+
+    retrac = TRACIN_METHODS[1]
+    config = dataclasses.replace(config, method=retrac) if config else AttributionConfig(method=retrac)
+    return tracin_scores(pipe, train_dataset, images, checkpoints, learning_rates, config, **kwargs)
+
+
+def similarity_scores(train_dataset: Any, images: Any, method: str | None = None, *, encoder=None,
+                      processor=None, config=None, pipe=None):
+    """Scores [n_queries, N] of a similarity baseline, without a pipeline (pass `pipe` to check image shapes):
+    `attribute` with the baseline's config."""
+    from .methods.similarity import SIMILARITY_METHODS
+
+    config = config or AttributionConfig(method=method or SIMILARITY_METHODS[1])  # pixel cosine by default
+    if config.method not in SIMILARITY_METHODS:
+        raise ValueError(f"{config.method!r} is not a similarity method {SIMILARITY_METHODS}")
+    options = {"encoder": encoder, "processor": processor} if get_method(config.method).embedding else {}
+    return attribute(pipe, images, train_dataset, config, progress=False, check_compatibility=pipe is not None,
+                     **options)

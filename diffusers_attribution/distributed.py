@@ -95,13 +95,3 @@ class ProcessGroup:
 
         device = self.device if self.device is not None and self.device.type != "cpu" else "cpu"
         return reduce(tensor.to(device), "sum").cpu()
-
-
-def distributed_topk(scorer, query_features: torch.Tensor, k: int, group: ProcessGroup):
-    """Top-k over a whole store with every process scoring its share of the shards, merged on every process."""
-    from .scoring import merge_topk
-
-    if getattr(scorer, "dual", True) or not getattr(scorer.store, "shards", None):
-        return scorer.topk(query_features, k)
-    mine = group.share(range(len(scorer.store.shards)))
-    return merge_topk(group.gather(scorer.topk(query_features, k, shards=mine)), k)

@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from .store.kernel import kernel_matrix
+
 
 def damping_from_trace(trace, num_examples: int, dim: int, ratio: float) -> float:
     """The one default-damping rule: λ = ratio · tr(ΦᵀΦ) / min(N, k), a fixed fraction of the kernel's mean
@@ -78,31 +80,6 @@ def default_damping(features: torch.Tensor, ratio: float) -> float:
     """`damping_from_trace` of features Φ [N, k]."""
     n, k = features.shape
     return damping_from_trace(features.double().pow(2).sum(), n, k, ratio)
-
-
-def kernel_matrix(store, shards=None, block_rows: int | None = None) -> torch.Tensor:
-    """The float64 Gram matrix of a store: ΦᵀΦ [k, k] when N > k (primal), else ΦΦᵀ [N, N] (dual).
-
-    `shards` (primal only): sum over those shards' rows, a partial kernel to be added across processes.
-    """
-    n, k = len(store), store.dim
-    if n > k:
-        gram = torch.zeros(k, k, dtype=torch.float64)
-        for _, block in store.blocks(block_rows, shards):
-            block = block.double()
-            gram.addmm_(block.T, block)
-        return gram
-    if shards is not None:
-        raise ValueError("the dual kernel (N ≤ k) is not split across shards")
-    gram = torch.zeros(n, n, dtype=torch.float64)
-    for a, left in store.blocks(block_rows):
-        left = left.double()
-        for b, right in store.blocks(block_rows):
-            if b >= a:
-                product = left @ right.double().T
-                gram[a : a + len(left), b : b + len(right)] = product
-                gram[b : b + len(right), a : a + len(left)] = product.T
-    return gram
 
 
 class _Rows:
@@ -301,3 +278,11 @@ def merge_topk(parts, k: int):
 def _keep_best(values: torch.Tensor, indices: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     top, where = values.topk(min(k, values.shape[1]), dim=1)
     return top, indices.gather(1, where)
+
+
+def distributed_topk(scorer, query_features: torch.Tensor, k: int, group: ProcessGroup):
+    """Top-k over a whole store with every process scoring its share of the shards, merged on every process."""
+    if getattr(scorer, "dual", True) or not getattr(scorer.store, "shards", None):
+        return scorer.topk(query_features, k)
+    mine = group.share(range(len(scorer.store.shards)))
+    return merge_topk(group.gather(scorer.topk(query_features, k, shards=mine)), k)

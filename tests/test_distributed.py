@@ -143,7 +143,8 @@ def _topk_in_process(store_dir: Path, queries: torch.Tensor, out: Path) -> None:
     from accelerate import PartialState
     from safetensors.torch import save_file
 
-    from diffusers_attribution.distributed import ProcessGroup, distributed_topk
+    from diffusers_attribution.distributed import ProcessGroup
+    from diffusers_attribution.scoring import distributed_topk
     from diffusers_attribution.scoring import KernelScorer
 
     group = ProcessGroup(PartialState(cpu=True))

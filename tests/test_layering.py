@@ -2,7 +2,7 @@
 imports a method, featurization writes through the writer only, and a config is made without torch.
 
 Imports are parsed, never run (tests/import_graph.py): imports inside functions count, `if TYPE_CHECKING:` ones
-do not. The cases marked `ISSUE_22` fail today and pass once issue 22's redesign lands.
+do not.
 """
 
 from __future__ import annotations
@@ -22,26 +22,24 @@ ROOT = Path(__file__).resolve().parents[1]
 # Lowest first; a name is a module or a package (all its modules), relative to diffusers_attribution; a module
 # belongs to the layer of its longest name. The same list is in docs/design.md ("Layers").
 LAYERS = [
-    ["diffusers_attribution", "version", "lazy", "discovery", "config", "store.errors"],
+    ["diffusers_attribution", "version", "lazy", "discovery", "config", "store.errors", "methods.registry",
+     "projection.registry"],
     ["data", "fingerprint", "seeding", "distributed"],
     ["adapters", "checkpoints"],
     ["gradients", "objectives"],
     ["projection", "curvature"],
     ["store"],
     ["scoring", "result", "plotting"],
-    ["featurize", "method_state"],
+    ["featurize", "checkpoint_features", "image_features"],
     ["methods"],
-    ["api", "mixin"],
+    ["api", "mixin", "trajectory", "ensemble"],
     ["cli", "explorer", "demo", "evaluation", "__main__"],
 ]
 
-ISSUE_22 = pytest.mark.xfail(strict=True, reason="issue 22: lands with the redesign")
-
-# The modules that import a higher layer today (what they import: `test_no_module_imports_a_higher_layer`).
-HIGHER_IMPORTS_TODAY = {"config", "distributed", "store.format", "store.hub", "store.schema", "store.writer",
-                        "methods.ensemble", "methods.journey"}
-# The store modules that import from methods/ today.
-STORE_IMPORTS_METHODS_TODAY = {"store.format", "store.hub", "store.schema"}
+# Modules allowed to break the layering, and why (none since issue 22's redesign).
+HIGHER_IMPORTS_TODAY: set[str] = set()
+STORE_IMPORTS_METHODS_TODAY: set[str] = set()
+ISSUE_22 = pytest.mark.xfail(strict=True, reason="an exception to the layering")
 
 GRAPH = import_graph()
 
@@ -104,7 +102,6 @@ def test_the_store_imports_nothing_from_methods(module):
     assert sorted(m for m in GRAPH[module] if m.startswith(f"{NAME}.methods")) == []
 
 
-@ISSUE_22
 def test_featurize_imports_only_the_writer_from_the_store():
     """Featurization hands tensors and named state to `store/writer.py`; it reads no store itself."""
     from_store = sorted(m for m in GRAPH[f"{NAME}.featurize"] if m.startswith(f"{NAME}.store"))
@@ -121,7 +118,6 @@ def test_importing_the_package_imports_no_torch():
     assert proc.returncode == 0, proc.stderr
 
 
-@ISSUE_22
 def test_a_config_is_made_without_torch():
     """Method names, defaults and the fields each reads are declarations: validating a config needs no torch."""
     proc = _run("import sys\nfrom diffusers_attribution import AttributionConfig\n"

@@ -63,6 +63,11 @@ def test_every_registered_method_and_projector_is_found_without_a_list():
     for path in PACKAGE.rglob("*.py"):
         if "methods" in path.relative_to(PACKAGE).parts:
             continue
-        literals = {node.value for node in ast.walk(ast.parse(path.read_text())) if isinstance(node, ast.Constant)}
+        tree = ast.parse(path.read_text())
+        # store/schema.py's frozen facts of the methods whose stores predate `method_facts` are history, not a list
+        # to extend when a method is added
+        legacy = {id(node) for top in ast.walk(tree) if isinstance(top, ast.AnnAssign)
+                  and getattr(top.target, "id", None) == "LEGACY_METHOD_FACTS" for node in ast.walk(top)}
+        literals = {node.value for node in ast.walk(tree) if isinstance(node, ast.Constant) and id(node) not in legacy}
         listed = sorted(names & literals)
         assert len(listed) <= 1, f"{path} lists methods {listed}: they belong to methods/"

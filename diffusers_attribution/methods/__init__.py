@@ -1,14 +1,15 @@
 """Attribution methods, one file each; every file registers its `Method`s (base.py) when the registry first
 looks (docs/methods.md):
 
-    base.py        Method (its declared parts) and the registry: get_method
+    registry.py    the registry: register_method, get_method, method_names (imports nothing heavy)
+    base.py        Method: its declared parts
     trak.py        TRAK, D-TRAK: kernel scores over time-averaged projected gradients
     das.py         DAS: per-pair normalized gradients, residual-weighted kernel scores
     fisher.py      influence with the projected pair-level Fisher
     ekfac.py       EK-FAC influence (MC and empirical Fisher)
     journey.py     Journey-TRAK's training features (per-step queries: trajectory.py)
-    tracin.py      Diffusion-TracIn and Diffusion-ReTrac            tracin_scores, retrac_scores
-    similarity.py  pixel dot / cosine, image-embedding cosine       similarity_scores
+    tracin.py      Diffusion-TracIn and Diffusion-ReTrac            (api.tracin_scores, api.retrac_scores)
+    similarity.py  pixel dot / cosine, image-embedding cosine       (api.similarity_scores)
 
 Method modules are declarations: they import nothing heavy at module level. Ensembles: ensemble.py. Names below
 are imported on first use (nothing is imported with the package).
@@ -22,9 +23,9 @@ _PUBLIC = {
     "CheckpointSet": "..checkpoints", "load_checkpoint": "..checkpoints",
     "ensemble_attribute": "..ensemble", "featurize_ensemble": "..ensemble",
     "JourneyResult": "..trajectory", "attribute_trajectory": "..trajectory",
-    "get_method": ".base", "method_names": ".base", "register_method": ".base", "Method": ".base",
-    "similarity_scores": ".similarity",
-    "CheckpointFeaturizer": "..checkpoint_features", "retrac_scores": ".tracin", "tracin_scores": ".tracin",
+    "get_method": ".registry", "method_names": ".registry", "register_method": ".registry", "Method": ".base",
+    "similarity_scores": "..api",
+    "CheckpointFeaturizer": "..checkpoint_features", "retrac_scores": "..api", "tracin_scores": "..api",
 }
 
 __all__ = sorted(_PUBLIC)

@@ -22,11 +22,12 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from ..discovery import discover
+from .registry import REDUCTIONS, get_method, method_names, register_method
+
+__all__ = ["BASE_DEFAULTS", "Method", "REDUCTIONS", "get_method", "method_names", "refuse_options", "register_method"]
 
 # The defaults of every method, unless its `defaults` say otherwise (fields left as None in the config).
 BASE_DEFAULTS = {"num_timesteps": 10, "timestep_schedule": "uniform", "damping_ratio": 0.1}
-REDUCTIONS = ("mean", "pairs", "unit-pairs")
 
 
 class Method:
@@ -130,40 +131,3 @@ def refuse_options(config, options: dict) -> None:
     """A method whose featurizer takes no options: any given is a `TypeError` naming them."""
     if options:
         raise TypeError(f"method {config.method!r} takes no featurizer options, got {sorted(options)}")
-
-
-_REGISTRY: dict[str, Method] = {}
-_ALIASES: dict[str, str] = {}
-
-
-def register_method(cls: type[Method]) -> type[Method]:
-    """Class decorator: register a `Method` subclass under its name and aliases."""
-    if not cls.name:
-        raise ValueError(f"{cls.__name__} has no name")
-    if cls.reduction not in REDUCTIONS or (cls.query_reduction or cls.reduction) not in REDUCTIONS:
-        raise ValueError(f"{cls.__name__}: reduction must be one of {REDUCTIONS}")
-    for key in (cls.name, *cls.aliases):
-        owner = _ALIASES.get(key)
-        if owner is not None and owner != cls.name:
-            raise ValueError(f"method name {key!r} of {cls.__name__} is already taken by {owner!r}")
-        _ALIASES[key] = cls.name
-    _REGISTRY[cls.name] = cls()
-    return cls
-
-
-def method_names() -> tuple[str, ...]:
-    """The registered method names, in registration order."""
-    discover(__package__)
-    return tuple(_REGISTRY)
-
-
-def get_method(name: str) -> Method:
-    """The `Method` registered as `name` (or an alias); `ValueError` listing the choices otherwise."""
-    discover(__package__)
-    key = _ALIASES.get(str(name).lower())
-    if key is None:
-        discover(__package__, refresh=True)  # a module added to the package's path since the first look
-        key = _ALIASES.get(str(name).lower())
-    if key is None:
-        raise ValueError(f"AttributionConfig.method={name!r} is not one of {list(_REGISTRY)}")
-    return _REGISTRY[key]

@@ -19,10 +19,3 @@ class JourneyTRAK(KernelMethod):
     defaults = {"num_timesteps": 20, "timestep_schedule": "random", "query_noise_draws": 4}
     reads = ("noise_draws", "query_noise_draws")
 
-
-def __getattr__(name: str):
-    if name in ("attribute_trajectory", "JourneyResult", "StepRecorder"):  # where they lived before trajectory.py
-        from .. import trajectory
-
-        return getattr(trajectory, name)
-    raise AttributeError(name)

@@ -10,8 +10,6 @@ scorer, plain or cosine. No gradients, no timesteps, no noise.
 
 from __future__ import annotations
 
-from typing import Any
-
 from .base import Method, register_method
 
 SIMILARITY_METHODS = ("pixel-dot", "pixel-cosine", "embedding-cosine")
@@ -60,18 +58,3 @@ class EmbeddingCosine(_SimilarityMethod):
     reads = ("encoder",)
     fingerprints = ("projection.encoder_fingerprint",)
     embedding = True
-
-
-def similarity_scores(train_dataset: Any, images: Any, method: str = "pixel-cosine", *, encoder=None,
-                      processor=None, config=None, pipe=None):
-    """Scores [n_queries, N] of a similarity baseline, without a pipeline (pass `pipe` to check image shapes):
-    `attribute` with the baseline's config."""
-    from ..api import attribute
-    from ..config import AttributionConfig
-
-    config = config or AttributionConfig(method=method)
-    if config.method not in SIMILARITY_METHODS:
-        raise ValueError(f"{config.method!r} is not a similarity method {SIMILARITY_METHODS}")
-    options = {"encoder": encoder, "processor": processor} if config.method == "embedding-cosine" else {}
-    return attribute(pipe, images, train_dataset, config, progress=False, check_compatibility=pipe is not None,
-                     **options)

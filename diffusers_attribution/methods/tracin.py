@@ -21,8 +21,7 @@ one block of k columns per checkpoint); the scorer is the dot product with η_c 
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Any, Sequence
+from typing import Sequence
 
 from .base import Method, register_method
 
@@ -72,40 +71,6 @@ class ReTrac(_TracInMethod):
     name = "retrac"
     title = "Diffusion-ReTrac (Xie et al., 2024)"
     reduction = "unit-pairs"
-
-
-def tracin_scores(pipe, train_dataset: Any, images: Any, checkpoints: Sequence | None = None,
-                  learning_rates: Sequence[float] | None = None, config=None, *,
-                  prompts: Sequence[str] | str | None = None, progress: bool = True):
-    """Diffusion-TracIn (or ReTrac with `config.method="retrac"`) scores [n_queries, N] of `images`: `attribute`
-    with `checkpoints` and `learning_rates` set in the config.
-
-    `train_dataset`: a training set, or a `FeatureStore` featurized by the same method and checkpoints.
-    `checkpoints`: state dicts, modules, paths or dicts (checkpoints.py); None = `config.checkpoints`,
-    else the pipeline's current weights. `learning_rates`: η_c (None = `config.learning_rates`, else all 1).
-    """
-    from ..api import attribute
-    from ..checkpoints import describe
-    from ..config import AttributionConfig
-
-    config = config or AttributionConfig(method="tracin")
-    if config.method not in TRACIN_METHODS:
-        raise ValueError(f"tracin_scores needs method 'tracin' or 'retrac', not {config.method!r}")
-    specs = list(checkpoints) if checkpoints is not None else config.checkpoints
-    rates = list(learning_rates) if learning_rates is not None else config.learning_rates
-    if checkpoints is not None:
-        config = dataclasses.replace(config, checkpoints=[describe(spec) for spec in specs], learning_rates=rates)
-    elif learning_rates is not None:
-        config = dataclasses.replace(config, learning_rates=rates)
-    return attribute(pipe, images, train_dataset, config, prompts=prompts, progress=progress, checkpoints=specs)
-
-
-def retrac_scores(pipe, train_dataset, images, checkpoints=None, learning_rates=None, config=None, **kwargs):
-    """`tracin_scores` with `method="retrac"` (normalized per-timestep gradients)."""
-    from ..config import AttributionConfig
-
-    config = dataclasses.replace(config, method="retrac") if config else AttributionConfig(method="retrac")
-    return tracin_scores(pipe, train_dataset, images, checkpoints, learning_rates, config, **kwargs)
 
 
 def __getattr__(name: str):

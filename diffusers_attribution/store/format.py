@@ -285,7 +285,7 @@ class FeatureStore:
             staged = FeatureStore(None, self.config, {**self.metadata, "dim": self.dim, "num_examples": len(self)},
                                   directory=directory, shards=plan, kernel=self.kernel, method_state=self.method_state)
             if kernel and staged.kernel is None:
-                from ..scoring import kernel_matrix
+                from .kernel import kernel_matrix
 
                 staged.kernel = kernel_matrix(staged)
             staged.finalize(rows, {entry["file"]: file_digest(directory / entry["file"]) for entry in plan})

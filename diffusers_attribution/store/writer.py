@@ -167,7 +167,7 @@ class DirectoryWriter:
             hashes.update(part_hashes)
         kernel = None
         if compute_kernel:
-            from ..scoring import kernel_matrix
+            from .kernel import kernel_matrix
 
             if len(store) > store.dim:  # primal ΦᵀΦ: a sum over shards, each process adds its own
                 kernel = group.sum(kernel_matrix(store, shards=mine))
