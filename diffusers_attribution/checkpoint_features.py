@@ -100,7 +100,8 @@ class CheckpointFeaturizer(FeaturizerBase):
             if bar is not None and c == len(self.checkpoints) - 1:
                 bar.update(len(block))
         if not torch.isfinite(features).all():
-            self.base._check_weights("cannot featurize")
+            row = start + int((~torch.isfinite(features)).any(1).nonzero()[0])
+            self.base._check_weights(f"example {row} has NaN or infinite features")
             check_finite_features(features, start)
         return features, hashes, None
 

@@ -24,7 +24,7 @@ spatial position or token of every pair is one row a (input; conv: the unfolded 
 A bias of such a layer is rotated by Q_S (its gradient is Σ_pos δ_pos); every other parameter (norm affine
 parameters, grouped convs, embeddings) keeps the calibration's starting sides (identity, or MAX_SIDE random
 orthonormal directions for wider sides) with its own measured Λ: a diagonal eigenvalue correction. The
-curvature is measured, like the calibrated projection (calibration.py), on `calibration_examples` training
+curvature is measured, like the calibrated projection (projection/calibrated.py), on `calibration_examples` training
 examples × their K·D pairs; `fisher="mc"` replaces ∇ℓ by the gradient of one Monte-Carlo sample of the
 model's Gaussian likelihood (the GGN of the MSE, the paper's default), `"empirical"` uses ∇ℓ itself.
 
@@ -41,7 +41,6 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Iterable, Sequence
-from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -50,9 +49,10 @@ from torch import nn
 from .adapters import ModelInputs
 from .gradients.hooks import attribution_hooks
 from .gradients.task import AttributionTask
-from .gradients.timesteps import PointTask, point_chunks, timestep_features
-from .objectives import OBJECTIVES, _rows
-from .projection.calibrated import CalibratedProjector, _blocks, _eigenvectors, _keep_top, _progress, _reduced_sides
+from .gradients.timesteps import PairParts, PointTask, point_chunks, timestep_features
+from .objectives import OBJECTIVES, flat_rows
+from .projection.calibrated import (CalibratedProjector, coordinate_blocks, eigenvectors, keep_top, progress_bar,
+                                    reduced_sides)
 from .projection.factored import FactoredProjector, handled_parameters
 
 VERSION = 1
@@ -155,7 +155,7 @@ class SampledLoss:
         self.generator = torch.Generator().manual_seed(seed)
 
     def __call__(self, prediction, target, weight):
-        p = _rows(prediction)
+        p = flat_rows(prediction)
         xi = torch.randn(p.shape, generator=self.generator, dtype=torch.float32).to(p.device)
         y = p.detach() + math.sqrt(p.shape[1] / 2) * xi
         return (p - y).pow(2).mean(1)
@@ -178,7 +178,7 @@ def ekfac_calibrate(task: AttributionTask, denoiser: nn.Module, parameters: dict
     1. Kronecker factors A, S over the pairs (hooks, `curvature_task`); their eigenvectors.
     2. Λ = E_pairs[H²] of the rotated per-pair gradients H = Q_Sᵀ G Q_A (a factored pass in those bases).
     3. The preconditioned energy E_i[H̄_i²] / (Λ + λ) of the time-averaged measurement gradients (the core
-       task), λ = damping_ratio · mean(Λ), ranks the coordinates; the top `sketch_dim` are kept (`_keep_top`).
+       task), λ = damping_ratio · mean(Λ), ranks the coordinates; the top `sketch_dim` are kept (`keep_top`).
 
     Returns {"bases": {...}, "eigenvalues": {parameter: Λ of its kept rectangle}, "mean_eigenvalue": float}.
     `progress`: a bar per pass.
@@ -187,16 +187,15 @@ def ekfac_calibrate(task: AttributionTask, denoiser: nn.Module, parameters: dict
     if not batches:
         raise ValueError("EK-FAC needs at least one training example")
     owners, _ = handled_parameters(denoiser, parameters)
-    sides = _reduced_sides(denoiser, parameters, seed)
+    sides = reduced_sides(denoiser, parameters, seed)
     eligible = {module_name: module for name, (module_name, module, role) in owners.items()
                 if role == "weight" and kronecker_eligible(module)}
     weight_of = {module_name: name for name, (module_name, _, role) in owners.items() if module_name in eligible and role == "weight"}
     factors = KroneckerFactors({m: (sides[weight_of[m]]["in"], sides[weight_of[m]]["out"]) for m in eligible})
     pairs = curvature_task(task.adapter, task.config, fisher, seed)
-    point = SimpleNamespace(adapter=task.adapter, config=task.config, parameters=parameters)
 
     with attribution_hooks(eligible, factors) as capture:  # pass 1: A, S
-        for inputs, keys in _progress(batches, "EK-FAC (pass 1/3: Kronecker factors)", progress):
+        for inputs, keys in progress_bar(batches, "EK-FAC (pass 1/3: Kronecker factors)", progress):
             for _, _, chunk_inputs, chunk_keys in point_chunks(inputs, keys, task.timesteps(keys), task.noise_draws,
                                                                 rows_per_pass):
                 capture.backward(pairs.outputs(chunk_inputs, chunk_keys).sum())
@@ -204,8 +203,8 @@ def ekfac_calibrate(task: AttributionTask, denoiser: nn.Module, parameters: dict
     for module_name, name in weight_of.items():
         if factors.rows[module_name] == 0:
             continue
-        q_s = _eigenvectors(factors.S[module_name] / factors.rows[module_name]).float()
-        q_a = _eigenvectors(factors.A[module_name] / factors.rows[module_name]).float()
+        q_s = eigenvectors(factors.S[module_name] / factors.rows[module_name]).float()
+        q_a = eigenvectors(factors.A[module_name] / factors.rows[module_name]).float()
         eigen[name] = {"out": sides[name]["out"] @ q_s, "in": sides[name]["in"] @ q_a}
         bias = next((n for n, (m, _, role) in owners.items() if m == module_name and role == "bias"), None)
         if bias is not None:
@@ -222,8 +221,8 @@ def ekfac_calibrate(task: AttributionTask, denoiser: nn.Module, parameters: dict
         second.add_(h.pow(2).sum(0))
         count += len(h)
 
-    point.projector = rotated
-    for inputs, keys in _progress(batches, "EK-FAC (pass 2/3: eigenvalue correction)", progress):  # Λ over pairs
+    point = PairParts(task.adapter, task.config, parameters, rotated)
+    for inputs, keys in progress_bar(batches, "EK-FAC (pass 2/3: eigenvalue correction)", progress):  # Λ over pairs
         timestep_features(point, inputs, keys, task.timesteps(keys), task.noise_draws, rows_per_pass=rows_per_pass,
                           on_rows=add_squares, task=pairs)
     eigenvalues = second / count
@@ -232,12 +231,12 @@ def ekfac_calibrate(task: AttributionTask, denoiser: nn.Module, parameters: dict
 
     energy = torch.zeros(rotated.dim, dtype=torch.float64)
     examples = 0
-    for inputs, keys in _progress(batches, "EK-FAC (pass 3/3: energy)", progress):  # time-averaged measurement
+    for inputs, keys in progress_bar(batches, "EK-FAC (pass 3/3: energy)", progress):  # time-averaged measurement
         energy += rotated.features(task, parameters, inputs, keys).double().pow(2).sum(0).cpu()
         examples += len(keys)
-    bases = _keep_top(rotated, eigen, energy / examples / (eigenvalues + damping), sketch_dim)
+    bases = keep_top(rotated, eigen, energy / examples / (eigenvalues + damping), sketch_dim)
     kept = {}
-    for block in _blocks(rotated):
+    for block in coordinate_blocks(rotated):
         if block.name not in bases:
             continue
         values = eigenvalues[block.offset : block.offset + block.k]
@@ -273,7 +272,7 @@ class PreconditionedProjector(CalibratedProjector):
         if set(eigenvalues) != set(self.bases):
             raise ValueError("EK-FAC eigenvalues and bases name different parameters")
         scale = torch.zeros(self.sketch.dim, dtype=torch.float32)
-        for block in _blocks(self.sketch):
+        for block in coordinate_blocks(self.sketch):
             values = eigenvalues[block.name].flatten()
             if len(values) != block.k:
                 raise ValueError(f"EK-FAC eigenvalues of {block.name}: {len(values)} values for {block.k} coordinates")

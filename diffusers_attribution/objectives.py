@@ -13,38 +13,38 @@ import torch
 Objective = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def _rows(x: torch.Tensor) -> torch.Tensor:
+def flat_rows(x: torch.Tensor) -> torch.Tensor:
     return x.flatten(1).float()
 
 
 def loss(prediction, target, weight):
     """(1/D) Σ (ε_θ - target)²: the training loss (TRAK, Journey-TRAK)."""
-    return (_rows(prediction) - _rows(target)).pow(2).mean(1)
+    return (flat_rows(prediction) - flat_rows(target)).pow(2).mean(1)
 
 
 def squared_norm(prediction, target, weight):
     """(1/D) Σ ε_θ²: D-TRAK's best output (`mean-squared-l2-norm` in its code)."""
-    return _rows(prediction).pow(2).mean(1)
+    return flat_rows(prediction).pow(2).mean(1)
 
 
 def mean(prediction, target, weight):
     """(1/D) Σ ε_θ."""
-    return _rows(prediction).mean(1)
+    return flat_rows(prediction).mean(1)
 
 
 def l1_norm(prediction, target, weight):
     """Σ |ε_θ|."""
-    return _rows(prediction).abs().sum(1)
+    return flat_rows(prediction).abs().sum(1)
 
 
 def l2_norm(prediction, target, weight):
     """sqrt(Σ ε_θ²)."""
-    return _rows(prediction).pow(2).sum(1).sqrt()
+    return flat_rows(prediction).pow(2).sum(1).sqrt()
 
 
 def linf_norm(prediction, target, weight):
     """max |ε_θ|."""
-    return _rows(prediction).abs().amax(1)
+    return flat_rows(prediction).abs().amax(1)
 
 
 def weighted_mse(prediction, target, weight):

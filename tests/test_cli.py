@@ -130,7 +130,7 @@ def test_push_to_the_test_hub_and_read_it_back(setup):
         files = set(api.list_repo_files("tester/tiny-features", repo_type="dataset"))
         header = json.loads((root / "store" / "config.json").read_text())
         expected = {"config.json", "README.md", "attribution_grid.png", *(s["file"] for s in header["shards"])}
-        expected |= {header[key]["file"] for key in ("kernel", "projection_file") if header.get(key)}
+        expected |= {entry["file"] for entry in (header["kernel"], *header["fitted"].values()) if isinstance(entry, dict)}
         assert files == expected
         assert api.repo_info("tester/tiny-features", repo_type="dataset").private
         card = Path(api.hf_hub_download("tester/tiny-features", "README.md", repo_type="dataset",

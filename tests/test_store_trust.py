@@ -173,11 +173,12 @@ def test_symlinked_files_are_refused(reference, tmp_path, monkeypatch, queries):
 
 
 def test_sizes_and_checksums_are_required(reference, tmp_path, monkeypatch, queries):
-    for entry, key in [("kernel", "sha256"), ("kernel", "bytes"), ("projection_file", "sha256"), ("shards", "bytes")]:
+    for entry, key in [("kernel", "sha256"), ("kernel", "bytes"), ("fitted", "sha256"), ("shards", "bytes")]:
         directory = copy_store(reference, tmp_path / f"store-{entry}-{key}")
 
         def drop(header):
-            (header[entry][0] if entry == "shards" else header[entry]).pop(key)
+            {"shards": lambda: header["shards"][0], "fitted": lambda: header["fitted"]["projection"]}.get(
+                entry, lambda: header[entry])().pop(key)
 
         edit_config(directory, drop)
         with watched_reads(monkeypatch) as reads, pytest.raises(CorruptStoreError, match=key):
@@ -294,7 +295,9 @@ def test_config_json_that_is_not_an_object(reference, tmp_path, text, match):
     (lambda h: h.update(format_version=3), "unsupported store format"),
     (lambda h: h.update(shards={}), "shards"),
     (lambda h: h["kernel"].update(form="dual"), "kernel.form"),
-    (lambda h: h.update(projection_file=None), "projection_file"),
+    (lambda h: h["fitted"].update(projection=None), "fitted.projection"),
+    (lambda h: h["fitted"].update(version=2), "fitted.version"),
+    (lambda h: h.update(projection_file=None), "fitted"),
     (lambda h: h["projection"].update(calibrated="yes"), "projection.calibrated"),
     (lambda h: h.update(lora_adapters="x"), "lora_adapters"),
 ])
@@ -311,7 +314,7 @@ def test_a_loaded_store_never_loads_what_it_names(reference, tmp_path, pipe, mon
     """A TracIn store naming a Hub checkpoint, an embedding store naming an encoder: nothing is loaded unless the
     caller passes it or opts in."""
     from diffusers_attribution.checkpoints import CheckpointSet
-    import diffusers_attribution.methods.similarity as similarity
+    import diffusers_attribution.image_features as similarity
 
     loaded = []
     monkeypatch.setattr(CheckpointSet, "state_dict", lambda self, spec: loaded.append(spec) or {})

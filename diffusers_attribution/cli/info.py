@@ -72,9 +72,12 @@ def describe(header: dict, directory: Path | None, verified: bool = False) -> st
     config = header.get("config", {})
     shards = header.get("shards", [])
     parts = {"features": sum(int(s.get("bytes", 0)) for s in shards)}
-    for key, name in (("kernel", "kernel"), ("projection_file", "projection")):
-        if header.get(key):
-            parts[name] = int(header[key].get("bytes", 0))
+    fitted = header.get("fitted") or {"projection": header.get("projection_file"),  # older stores: top level
+                                      "method": header.get("method_state_file")}
+    for name, entry in (("kernel", header.get("kernel")), ("projection", fitted.get("projection")),
+                        ("method state", fitted.get("method"))):
+        if entry:
+            parts[name] = int(entry.get("bytes", 0))
     lora = header.get("lora_adapters") or []
     fingerprint = header.get("model_fingerprint") or {}
     lines = [

@@ -56,6 +56,17 @@ class PointTask(AttributionTask):
 
 
 @dataclass
+class PairParts:
+    """What `timestep_features` uses of a featurizer: its adapter, config, selected parameters and projector (a
+    `featurize.Featurizer` has them all; EK-FAC's fit passes its rotated projector this way)."""
+
+    adapter: object
+    config: object
+    parameters: dict
+    projector: object
+
+
+@dataclass
 class TimestepFeatures:
     """features [B, k]: the reduced features; norms [B, K, D]: ‖φ_{i,t,d}‖ of every row before normalizing."""
 
@@ -78,7 +89,7 @@ def timestep_features(
     """Reduce per-(t, d) projected gradients of each example (module docstring).
 
     Args:
-        featurizer: a `Featurizer` (its adapter, config, selected parameters and projector are used).
+        featurizer: its adapter, config, selected parameters and projector are used (a `Featurizer`, or `PairParts`).
         inputs: the encoded examples (x0 [B, ...], conditioning), one row per key.
         keys: the examples' keys (they seed `per-example` noise).
         timesteps: LongTensor [B, K] (or [K], shared by all examples).

@@ -48,14 +48,14 @@ class _EKFACMethod(Method):
 
     @staticmethod
     def damping(featurizer, damping: float | None = None, damping_ratio: float | None = None) -> float:
-        """λ: `damping`, else `config.damping`, else ratio · mean(Λ) (ratio: the argument or `config.damping_ratio`)."""
+        """λ: `damping`, else `config.damping`, else ratio · mean(Λ) (ratio: the argument or `config.damping_ratio`):
+        the one damping rule (scoring.resolve_damping) with mean(Λ) as the mean eigenvalue."""
+        from ..scoring import resolve_damping
+
         config = featurizer.config
-        if damping is None:
-            damping = config.damping
-        if damping is not None:
-            return float(damping)
         ratio = config.damping_ratio if damping_ratio is None else damping_ratio
-        return float(ratio * featurizer.projector.mean_eigenvalue)
+        return resolve_damping(config.damping if damping is None else damping, ratio,
+                               featurizer.projector.mean_eigenvalue, 1, 1)
 
     def query_sketch(self, featurizer, images, prompts=None):
         """H(q) [n, k_mid]: the queries' rotated coordinates before preconditioning and mix (any λ from one pass)."""
@@ -71,7 +71,7 @@ class _EKFACMethod(Method):
         """τ = Φ̃_q Φᵀ: the queries carry 1/(Λ + λ) with the store config's λ (`queries`), so another λ here would
         be silently ignored: it is an error instead."""
         from ..curvature import MEAN_EIGENVALUE
-        from ..scoring import DotScorer
+        from ..scoring import DotScorer, resolve_damping
 
         state = store.method_state or {}
         if MEAN_EIGENVALUE not in state:
@@ -79,8 +79,8 @@ class _EKFACMethod(Method):
         mean = float(state[MEAN_EIGENVALUE][0])
         config = store.config
 
-        def resolve(value, ratio):
-            return float(value) if value is not None else float(ratio) * mean
+        def resolve(value, ratio):  # the one damping rule, with mean(Λ) as the mean eigenvalue
+            return resolve_damping(value, ratio, mean, 1, 1)
 
         stored = resolve(config.damping, config.damping_ratio)
         asked = resolve(damping if damping is not None else (config.damping if damping_ratio is None else None),

@@ -231,9 +231,9 @@ def calibrate(task: AttributionTask, denoiser: nn.Module, parameters: dict[str, 
     moments = calibration_moments(task, denoiser, parameters, batches, seed, progress)
     full, count, kept = moments.pop("projector"), moments.pop("count"), moments.pop("coordinates")
     reduced, eigen = {}, {}
-    for block in _blocks(full):
+    for block in coordinate_blocks(full):
         sides = ("out", "in") if block.role == "weight" else ("dense",)
-        reduced[block.name] = {side: _eigenvectors(m / count) for side, m in zip(sides, moments[block.name])}
+        reduced[block.name] = {side: eigenvectors(m / count) for side, m in zip(sides, moments[block.name])}
         eigen[block.name] = {side: vectors if block.identity(side) else full.matrix(block.name, side, torch.float64) @ vectors
                              for side, vectors in reduced[block.name].items()}
     if kept is not None:  # the rotated coordinates U_rᵀ H V_r of the kept H: no second pass
@@ -241,16 +241,16 @@ def calibrate(task: AttributionTask, denoiser: nn.Module, parameters: dict[str, 
     else:
         rotated = FactoredProjector(denoiser, parameters, None, seed, bases=eigen)
         energy = torch.zeros(rotated.dim, dtype=torch.float64)
-        for inputs, keys in _progress(batches, "calibrating projection (pass 2/2: energy in the eigenbases)", progress):
+        for inputs, keys in progress_bar(batches, "calibrating projection (pass 2/2: energy in the eigenbases)", progress):
             energy += rotated.features(task, parameters, inputs, keys).double().pow(2).sum(0).cpu()
         energy /= count
-    return _keep_top(full, eigen, energy, sketch_dim)
+    return keep_top(full, eigen, energy, sketch_dim)
 
 
 def calibration_moments(task: AttributionTask, denoiser: nn.Module, parameters: dict[str, nn.Parameter],
                         batches: Iterable[tuple[ModelInputs, Sequence]], seed: int, progress: bool = False) -> dict:
     """Pass 1: {parameter: (Σ_n H_n H_nᵀ, Σ_n H_nᵀ H_n) for a weight, (Σ_n h_n h_nᵀ,) otherwise} in float64,
-    H_n = Q_outᵀ G_n Q_in the coordinates of example n's gradient in the reduced sides (`_reduced_sides`: I, or
+    H_n = Q_outᵀ G_n Q_in the coordinates of example n's gradient in the reduced sides (`reduced_sides`: I, or
     MAX_SIDE orthonormal directions), plus "count" (examples), "projector" (the factored projector with those
     sides) and "coordinates" (every H_n in its layout, [n, dim] float32 on the CPU, when that fits in
     KEEP_BYTES, else None).
@@ -261,7 +261,7 @@ def calibration_moments(task: AttributionTask, denoiser: nn.Module, parameters: 
     batches = list(batches)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # left-out parameters: warned about once, by the caller's projector
-        full = FactoredProjector(denoiser, parameters, None, seed, bases=_reduced_sides(denoiser, parameters, seed))
+        full = FactoredProjector(denoiser, parameters, None, seed, bases=reduced_sides(denoiser, parameters, seed))
     count = sum(len(keys) for _, keys in batches)
     if count == 0:
         raise ValueError("calibration needs at least one training example")
@@ -269,12 +269,12 @@ def calibration_moments(task: AttributionTask, denoiser: nn.Module, parameters: 
     moments, kept = None, []
     description = ("calibrating projection (one pass: gradient moments, energies)" if keep
                    else "calibrating projection (pass 1/2: gradient moments)")
-    for inputs, keys in _progress(batches, description, progress):
+    for inputs, keys in progress_bar(batches, description, progress):
         coordinates = full.features(task, parameters, inputs, keys)
         device = coordinates.device if coordinates.device.type in ("cpu", "cuda") else torch.device("cpu")  # float64
         if moments is None:
-            moments = {b.name: _zero_moments(b, device) for b in _blocks(full)}
-        for block in _blocks(full):
+            moments = {b.name: _zero_moments(b, device) for b in coordinate_blocks(full)}
+        for block in coordinate_blocks(full):
             h = coordinates[:, block.offset : block.offset + block.k].to(device, torch.float64)
             if block.role == "weight":
                 h = h.reshape(len(h), block.k_out, block.k_in)
@@ -291,7 +291,7 @@ def calibration_moments(task: AttributionTask, denoiser: nn.Module, parameters: 
 def _energies(full: FactoredProjector, reduced: dict, coordinates: torch.Tensor, chunk: int = 16) -> torch.Tensor:
     """Σ_n (U_rᵀ H_n V_r)² entry by entry (float64), laid out as `full`'s blocks (the rotated projector's too)."""
     energy = torch.zeros(full.dim, dtype=torch.float64)
-    for block in _blocks(full):
+    for block in coordinate_blocks(full):
         sides = reduced[block.name]
         for start in range(0, len(coordinates), chunk):
             h = coordinates[start : start + chunk, block.offset : block.offset + block.k].double()
@@ -303,7 +303,7 @@ def _energies(full: FactoredProjector, reduced: dict, coordinates: torch.Tensor,
     return energy
 
 
-def _progress(batches: list, description: str, enabled: bool):
+def progress_bar(batches: list, description: str, enabled: bool):
     """`batches` under a tqdm bar counting examples (calibration is most of a small featurization's time)."""
     from tqdm.auto import tqdm
 
@@ -314,7 +314,7 @@ def _progress(batches: list, description: str, enabled: bool):
     bar.close()
 
 
-def _keep_top(rotated: FactoredProjector, eigen: dict, energy: torch.Tensor, sketch_dim: int) -> dict:
+def keep_top(rotated: FactoredProjector, eigen: dict, energy: torch.Tensor, sketch_dim: int) -> dict:
     """Per parameter, the smallest rectangle of leading eigen-directions holding its share of the top entries
     (`rotated`: a projector with the blocks' layout in the full eigenbases, or the reduced sides: the same)."""
     chosen = torch.zeros_like(energy, dtype=torch.bool)
@@ -323,7 +323,7 @@ def _keep_top(rotated: FactoredProjector, eigen: dict, energy: torch.Tensor, ske
     # rounding noise (a null direction of the moments): which of those won a tie would depend on the thread count.
     chosen &= energy > CLUSTER_TOLERANCE * energy.max()
     bases = {}
-    for block in _blocks(rotated):
+    for block in coordinate_blocks(rotated):
         mask = chosen[block.offset : block.offset + block.k]
         if not mask.any():
             continue
@@ -338,7 +338,7 @@ def _keep_top(rotated: FactoredProjector, eigen: dict, energy: torch.Tensor, ske
     return bases
 
 
-def _reduced_sides(denoiser: nn.Module, parameters: dict, seed: int) -> dict:
+def reduced_sides(denoiser: nn.Module, parameters: dict, seed: int) -> dict:
     """Per handled parameter, the calibration's starting sides: I, or MAX_SIDE seeded orthonormal directions."""
     def side(name: str, rows: int, role: str) -> torch.Tensor:
         if rows <= MAX_SIDE:
@@ -361,7 +361,7 @@ def _zero_moments(block, device) -> tuple[torch.Tensor, ...]:
     return tuple(torch.zeros(size, size, dtype=torch.float64, device=device) for size in sizes)
 
 
-def _eigenvectors(matrix: torch.Tensor) -> torch.Tensor:
+def eigenvectors(matrix: torch.Tensor) -> torch.Tensor:
     """Eigenvectors of a symmetric PSD matrix as columns, by descending eigenvalue (float64, CPU), canonical."""
     return canonical_eigenvectors(matrix)
 
@@ -405,7 +405,7 @@ def canonical_eigenvectors(matrix: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _blocks(projector: FactoredProjector):
+def coordinate_blocks(projector: FactoredProjector):
     return sorted((b for blocks in projector.blocks.values() for b in blocks), key=lambda b: b.offset)
 
 

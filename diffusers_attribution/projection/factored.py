@@ -72,7 +72,7 @@ class Block:
     k_out: int = 0  # weights only
     k_in: int = 0
     offset: int = 0
-    basis: dict[str, torch.Tensor] | None = None  # given matrices ("out"/"in", or "dense"): calibration.py
+    basis: dict[str, torch.Tensor] | None = None  # given matrices ("out"/"in", or "dense"): projection/calibrated.py
 
     @property
     def d_out(self) -> int:
@@ -211,7 +211,7 @@ class FactoredProjector(Projector):
         return self._cache[key]
 
     def spec(self) -> dict:
-        if self.bases is not None:  # the matrices themselves are stored with the features (calibration.py)
+        if self.bases is not None:  # the matrices themselves are stored with the features (projection/calibrated.py)
             return {"kind": self.kind, "version": VERSION, "dim": self.dim, "bases": "given",
                     "parameters": {b.name: {"role": b.role, "shape": list(b.shape), "k": b.k, "k_out": b.k_out,
                                             "k_in": b.k_in} for blocks in self.blocks.values() for b in blocks}}

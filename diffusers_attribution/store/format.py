@@ -12,7 +12,9 @@ On disk (format 2), a directory:
                                              "calibrated" as 0.2 wrote it): the projector's state, e.g. the
                                              calibrated per-layer bases ("<parameter>::out" / "::in" / "::dense")
     method_state.safetensors                 only for methods that keep tensors besides Φ (the projected Fisher's
-                                             F, DAS's residuals, EK-FAC's Λ; `method_state_file`)
+                                             F, DAS's residuals, EK-FAC's Λ)
+                                             config.json lists both in one versioned section, "fitted":
+                                             {"version": 1, "projection": entry, "method": entry}
     README.md                                a dataset card (hub.store_card)
 
 Every file is written to a temporary name, fsynced and renamed, and `config.json` is written last: a
@@ -58,7 +60,7 @@ from .files import (
     write_shard,
 )
 from .lock import writer_lock
-from .schema import fitted_projection, method_facts, parse_header, validate_header
+from .schema import FITTED_VERSION, fitted_projection, method_facts, parse_header, validate_header
 
 
 def read_shard_run(path: Path) -> dict[str, Any]:
@@ -341,8 +343,7 @@ class FeatureStore:
             "shard_rows": shard_rows,
             "shards": shards,
             "kernel": kernel_entry,
-            "projection_file": projection_entry,
-            "method_state_file": method_state_entry,
+            "fitted": {"version": FITTED_VERSION, "projection": projection_entry, "method": method_state_entry},
         }
         try:  # what a reader will accept (store/schema.py), checked before anything is written
             validate_header(json.loads(json.dumps(header)), str(directory / CONFIG_NAME))
@@ -393,8 +394,8 @@ class FeatureStore:
         header.pop("config")
         header.pop("format_version")
         shards, kernel_entry = header.pop("shards"), header.pop("kernel")
-        projection_entry = header.pop("projection_file")
-        method_state_entry = header.pop("method_state_file", None)  # stores written before it have none
+        fitted = header.pop("fitted")  # what the method fitted on data (schema: older stores read as version 0)
+        projection_entry, method_state_entry = fitted["projection"], fitted["method"]
         run = run_identity(config, header, header["num_examples"], header["shard_rows"], header["dim"])
         for entry in shards + [e for e in (kernel_entry, projection_entry, method_state_entry) if e]:
             _check_file(store_path(directory, entry["file"]), entry, verify)

@@ -17,7 +17,7 @@ from huggingface_hub.utils import HFValidationError, validate_repo_id
 from .backends import register_backend
 from .errors import CorruptStoreError
 from .files import CARD_MARKER, CARD_NAME, CONFIG_NAME, file_digest, store_path
-from .schema import listed_files, method_facts, parse_header, validate_header
+from .schema import listed_entries, listed_files, method_facts, parse_header, validate_header
 
 CITATIONS = """```bibtex
 @inproceedings{park2023trak,
@@ -212,8 +212,7 @@ def push_store(store, repo_id: str, *, private: bool | None = None, token: str |
         _stage(store_path(directory, CONFIG_NAME), staging / CONFIG_NAME)
         where = str(directory / CONFIG_NAME)
         _, header = validate_header(parse_header((staging / CONFIG_NAME).read_text(encoding="utf-8"), where), where)
-        for entry in header["shards"] + [header[key] for key in ("kernel", "projection_file", "method_state_file")
-                                         if header.get(key)]:
+        for entry in listed_entries(header):
             staged = staging / entry["file"]
             _stage(store_path(directory, entry["file"]), staged)
             if file_digest(staged) != (entry["bytes"], entry["sha256"]):

@@ -7,6 +7,8 @@ Every failure is a `CorruptStoreError` naming the key (`shards[2].sha256`, `conf
     file names                             plain names in the store folder (`files.check_plain_name`), and the
                                            canonical ones: shard i of n is features-{i:05d}-of-{n:05d}, the
                                            kernel kernel.safetensors, the projection projection.safetensors
+    fitted                                 what the method fitted on data, one versioned section: the projection's
+                                           state and the method's state (older stores: read as version 0)
     sizes and checksums                    `bytes` and `sha256` for every file (none is ever skipped)
     rows                                   the shards tile [0, num_examples) exactly: the plan of `shard_rows`
     fingerprints                           the ones the store's method is pinned by (`Method.fingerprints`)
@@ -38,7 +40,8 @@ from .files import (
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 FINGERPRINT_RE = re.compile(r"^[0-9a-f]{16}$")
 REQUIRED = ("format_version", "config", "num_examples", "dim", "dtype", "shard_rows", "shards", "kernel",
-            "projection_file", "projection", "dataset_fingerprint")
+            "projection", "dataset_fingerprint")
+FITTED_VERSION = 1  # the version of config.json's "fitted" section (what a method fitted on data)
 OPTIONAL = {"package_version": (str,), "pipeline": (str, type(None)), "family": (str, type(None)),
             "base_model": (str, type(None)), "dataset_name": (str, type(None)), "lora_adapters": (list,),
             "checkpoints": (list, type(None)), "checkpoint_block_dim": (int,)}
@@ -112,17 +115,44 @@ def validate_header(header: dict[str, Any], where: str) -> tuple[AttributionConf
     for key in ("fitted", "calibrated"):
         if projection.get(key) not in (None, True, False):
             fail(f"projection.{key}", f"must be true or false, got {projection.get(key)!r}")
+    header = _fitted_section(header, fail)
+    section = header["fitted"]
     fitted = fitted_projection(projection)
-    entry = header["projection_file"]
+    key = "fitted.projection" if "version" in section and section["version"] else "projection_file"
+    entry = section["projection"]
     if fitted and entry is None:
-        fail("projection_file", f"is null, but the projection was fitted on data: its {PROJECTION_NAME} must be listed")
+        fail(key, f"is null, but the projection was fitted on data: its {PROJECTION_NAME} must be listed")
     if entry is not None:
         if not fitted:
-            fail("projection_file", "is listed, but the projection was not fitted on data")
-        _file_entry(entry, "projection_file", PROJECTION_NAME, fail)
-    if header.get("method_state_file") is not None:  # optional: the tensors a method's scorer needs besides Φ
-        _file_entry(header["method_state_file"], "method_state_file", METHOD_STATE_NAME, fail)
+            fail(key, "is listed, but the projection was not fitted on data")
+        _file_entry(entry, key, PROJECTION_NAME, fail)
+    if section["method"] is not None:  # optional: the tensors a method keeps besides Φ
+        _file_entry(section["method"], "fitted.method" if section["version"] else "method_state_file",
+                    METHOD_STATE_NAME, fail)
     return config, header
+
+
+def _fitted_section(header: dict[str, Any], fail) -> dict[str, Any]:
+    """The header with its "fitted" section: {"version", "projection": the projection's state file entry or None,
+    "method": the method state's or None}. Stores written before the section (0.1) list the two files at the top
+    level ("projection_file", required, and "method_state_file"): read as version 0 of the section."""
+    if "fitted" not in header:
+        if "projection_file" not in header:
+            fail("fitted", "is missing")
+        header = {**header, "fitted": {"version": 0, "projection": header["projection_file"],
+                                       "method": header.get("method_state_file")}}
+        header.pop("projection_file")
+        header.pop("method_state_file", None)
+        return header
+    section = header["fitted"]
+    if not isinstance(section, dict) or set(section) != {"version", "projection", "method"}:
+        fail("fitted", "must be an object with exactly 'version', 'projection' and 'method'")
+    if type(section["version"]) is not int or section["version"] != FITTED_VERSION:
+        fail("fitted.version", f"is {section['version']!r}: this version of diffusers-attribution reads version "
+                               f"{FITTED_VERSION} (a newer one wrote it: upgrade to read it)")
+    if "projection_file" in header or "method_state_file" in header:
+        fail("fitted", "is given together with the top-level projection_file / method_state_file of older stores")
+    return header
 
 
 def validate_config(data: Any, where: str) -> AttributionConfig:
@@ -151,10 +181,15 @@ def validate_config(data: Any, where: str) -> AttributionConfig:
     return config
 
 
+def listed_entries(header: dict[str, Any]) -> list[dict[str, Any]]:
+    """The entries (file, bytes, sha256) of every file a validated header lists besides config.json."""
+    fitted = header["fitted"]
+    return header["shards"] + [e for e in (header["kernel"], fitted["projection"], fitted["method"]) if e]
+
+
 def listed_files(header: dict[str, Any]) -> list[str]:
     """The files a validated header lists, config.json first."""
-    names = ["config.json"] + [entry["file"] for entry in header["shards"]]
-    return names + [header[key]["file"] for key in ("kernel", "projection_file", "method_state_file") if header.get(key)]
+    return ["config.json"] + [entry["file"] for entry in listed_entries(header)]
 
 
 # ---------------------------------------------------------------------------------------------- helpers
