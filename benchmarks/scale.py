@@ -19,9 +19,9 @@ opened store, which also verifies every shard's sha256, is reported on its own):
              the 64 measured queries (not used in tuning)
   peak RSS   VmHWM of a child process that only opens the store and runs exact for 64 queries
 
-    python benchmarks/scale.py --sizes 10000,100000            # about 4 minutes on 2 CPU cores
-    python benchmarks/scale.py --sizes 1000000                 # the 1M row (8 GiB of shards; ~15 minutes)
-    python benchmarks/scale.py --sizes 100000 --profile        # + where store.blocks() spends its time (cProfile)
+    python benchmarks/scale.py --sizes 10000,100000 --rounds 3 --profile --index-kinds auto,hnsw \
+        --plot docs/images/scale_latency.png                   # docs/scale.md: 5.6 minutes on 2 shared CPU cores
+    python benchmarks/scale.py --sizes 1000000                 # the 1M row (8 GiB of shards in --workdir)
 """
 
 from __future__ import annotations
