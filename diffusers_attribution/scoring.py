@@ -98,7 +98,7 @@ class _Rows:
     def dim(self) -> int:
         return self.features.shape[1]
 
-    def blocks(self, block_rows=None, shards=None):
+    def blocks(self, block_rows=None, shards=None, check_finite=True):
         if shards is not None:
             raise ValueError("bare features have no shards")
         yield 0, self.features
@@ -211,24 +211,35 @@ class KernelScorer(Scorer):
             out[:, start : start + len(block)] = self._weighted((projected @ block.double().T).float(), start)
         return out
 
-    def topk(self, query_features: torch.Tensor, k: int, shards=None):
-        """`TopK` of `scores`, never forming the n × N matrix in the primal form. `shards`: only those shards'
-        rows (global indices), so processes can each score some shards and `merge_topk` the results. The dual
-        form (N ≤ k) scores densely: its n × N is below n × k anyway."""
-        from .result import TopK
-
-        q = query_features.detach().double().cpu()
+    def query_weights(self, query_features: torch.Tensor) -> torch.Tensor:
+        """q' = φ(q) (C + λI)⁻¹ [n, k] float64 (primal form): the query side of every score, computed once."""
         if self.dual:
-            return super().topk(q, k, shards)
-        projected = q @ self.inverse
-        best_values = torch.empty(len(q), 0, dtype=torch.float32)
-        best_indices = torch.empty(len(q), 0, dtype=torch.long)
-        for start, block in self._blocks(shards):
-            scores = self._weighted((projected @ block.double().T).float(), start)
-            values, where = scores.topk(min(k, len(block)), dim=1)
-            best_values, best_indices = _keep_best(torch.cat([best_values, values], 1),
-                                                   torch.cat([best_indices, where + start], 1), k)
-        return TopK(best_indices, best_values)
+            raise ValueError("the dual form (N ≤ k) has no per-query q': score densely")
+        return query_features.detach().double().cpu() @ self.inverse
+
+    def topk(self, query_features: torch.Tensor, k: int, shards=None):
+        """`TopK` of `scores` (indices [n, k'] into the training set, best first; scores float32), k' = min(k, N):
+        q' once, then one streaming pass of float32 GEMMs over the store's rows (search.exact_topk), never forming
+        the n × N matrix. `shards`: only those shards' rows (global indices), so processes can each score some
+        shards and `merge_topk` the results. The dual form (N ≤ k) scores densely: its n × N is below n × k anyway.
+        Scores agree with `scores` to float32 GEMM rounding; a non-finite score is a `CorruptStoreError`."""
+        from .result import TopK
+        from .search import exact_topk
+        from .store.errors import CorruptStoreError
+
+        if k < 1:
+            raise ValueError(f"top_k must be ≥ 1, got {k}")
+        if self.dual:
+            return super().topk(query_features, k, shards)
+        if not torch.isfinite(query_features).all():
+            raise ValueError("the query features contain NaN or infinite values")
+        try:
+            indices, values = exact_topk(self.query_weights(query_features),
+                                         self.store.blocks(self.block_rows, shards, check_finite=False), k,
+                                         self.row_weights)
+        except ValueError as error:  # the query is finite: a row or its weight is not
+            raise CorruptStoreError(f"the store's features: {error}") from None
+        return TopK(indices, values)
 
 
 class DotScorer(Scorer):
@@ -266,21 +277,16 @@ def unit_rows(x: torch.Tensor) -> torch.Tensor:
 
 
 def merge_topk(parts, k: int):
-    """One `TopK` from several over disjoint rows (e.g. one per process)."""
+    """One `TopK` from several over disjoint rows (e.g. one per process): search.merge_topk's order (score
+    descending, ties by lower row index)."""
+    from . import search
     from .result import TopK
 
-    values = torch.cat([part.scores for part in parts], 1)
-    indices = torch.cat([part.indices for part in parts], 1)
-    best_values, best_indices = _keep_best(values, indices, k)
-    return TopK(best_indices, best_values)
+    indices, values = search.merge_topk(parts, k)
+    return TopK(indices, values)
 
 
-def _keep_best(values: torch.Tensor, indices: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    top, where = values.topk(min(k, values.shape[1]), dim=1)
-    return top, indices.gather(1, where)
-
-
-def distributed_topk(scorer, query_features: torch.Tensor, k: int, group: ProcessGroup):
+def distributed_topk(scorer, query_features: torch.Tensor, k: int, group):
     """Top-k over a whole store with every process scoring its share of the shards, merged on every process."""
     if getattr(scorer, "dual", True) or not getattr(scorer.store, "shards", None):
         return scorer.topk(query_features, k)

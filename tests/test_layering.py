@@ -29,7 +29,7 @@ LAYERS = [
     ["gradients", "objectives"],
     ["projection", "curvature"],
     ["store"],
-    ["scoring", "result", "plotting"],
+    ["scoring", "search", "result", "plotting"],
     ["featurize", "checkpoint_features", "image_features"],
     ["methods"],
     ["api", "mixin", "trajectory", "ensemble"],
