@@ -105,28 +105,60 @@ def featurize_and_store(pipe, train_data: Any, config: AttributionConfig | None,
     return featurizer, store
 
 
+class AttributionSession:
+    """What a store determines for its queries, built once and reused for every call: the featurizer (with the
+    store's fitted state: its projection is never regenerated), the scorer (the inverse (C + λI)⁻¹ solved once),
+    and the compatibility and reference checks. The CLI and the explorer keep one per store.
+
+        session = AttributionSession(pipe, store)             # or pipe.attribution_session(store)
+        session.attribute(images, top_k=10)                   # TopK only: one streaming pass, no [n, N] matrix
+
+    `train_data` and the keyword arguments: as `attribute` (a training set is featurized first).
+    """
+
+    def __init__(self, pipe, train_data: Any, config: AttributionConfig | None = None, *, progress: bool = True,
+                 check_compatibility: bool = True, trust_remote_references: bool = False, **options):
+        self.featurizer, self.store = featurize_and_store(
+            pipe, train_data, config, check_compatibility=check_compatibility, progress=progress,
+            trust_remote_references=trust_remote_references, **options)
+        score_fields = {}  # the query config's score-role fields override the store's: they never change features
+        if config is not None and is_store(train_data):
+            score_fields = {name: getattr(config, name) for name in config.fields_with_role("score")}
+        self.scorer = make_scorer(self.store, **score_fields)
+
+    def attribute(self, images: Any, prompts: Sequence[str] | str | None = None, *,
+                  top_k: int | None = None) -> AttributionResult:
+        """Scores of `images` [n, N] (`top_k=None`), or only the best `top_k` per query (`result.top`; for large
+        stores: one streaming pass over the rows, memory independent of N)."""
+        n = len(self.store)
+        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= n):
+            raise ValueError(f"top_k must be an integer from 1 to the store's {n} examples, got {top_k!r}")
+        batch, prompts = query_batch(images, prompts)  # converted once, here
+        query_features = self.featurizer.featurize_queries(batch, prompts)
+        metadata = {**self.scorer.metadata, "example_hashes": self.store.example_hashes, "num_examples": n}
+        if top_k is None:
+            return AttributionResult(scores=self.scorer.scores(query_features), config=self.store.config,
+                                     query_images=batch, metadata=metadata)
+        return AttributionResult(scores=None, config=self.store.config, query_images=batch, metadata=metadata,
+                                 top=self.scorer.topk(query_features, top_k))
+
+
 def attribute(pipe, images: Any, train_data: Any, config: AttributionConfig | None = None, *,
               prompts: Sequence[str] | str | None = None, progress: bool = True,
               check_compatibility: bool = True, trust_remote_references: bool = False,
-              **options) -> AttributionResult:
-    """Score `images` against a store (or its folder / Hub repo id) or a training set (featurized first).
+              top_k: int | None = None, **options) -> AttributionResult:
+    """Score `images` against a store (or its folder / Hub repo id) or a training set (featurized first): the one
+    entry point (an `AttributionSession` used once).
 
     With a store, the store's config is used except for the score-only fields (`config.damping`,
     `config.damping_ratio`); anything else that differs is a `StoreMismatchError` unless
     `check_compatibility=False`. A store read from disk or the Hub that names checkpoints or an encoder needs
     them passed (`checkpoints=`, `encoder=`) or `trust_remote_references=True`: nothing it names is loaded otherwise.
+    `top_k`: return only the best `top_k` training examples per query (`result.top`), no [n, N] matrix.
     """
-    featurizer, store = featurize_and_store(pipe, train_data, config, check_compatibility=check_compatibility,
-                                            progress=progress, trust_remote_references=trust_remote_references,
-                                            **options)
-    score_fields = {}  # the query config's score-role fields override the store's: they never change features
-    if config is not None and is_store(train_data):
-        score_fields = {name: getattr(config, name) for name in config.fields_with_role("score")}
-    batch, prompts = query_batch(images, prompts)  # converted once, here
-    query_features = featurizer.featurize_queries(batch, prompts)
-    scorer = make_scorer(store, **score_fields)
-    return AttributionResult(scores=scorer.scores(query_features), config=store.config, query_images=batch,
-                             metadata={**scorer.metadata, "example_hashes": store.example_hashes})
+    session = AttributionSession(pipe, train_data, config, progress=progress, check_compatibility=check_compatibility,
+                                 trust_remote_references=trust_remote_references, **options)
+    return session.attribute(images, prompts, top_k=top_k)
 
 
 # ---------------------------------------------------------------------------------------------- shortcuts

@@ -51,6 +51,7 @@ class AttributionMixin:
         progress: bool = True,
         check_compatibility: bool = True,
         trust_remote_references: bool = False,
+        top_k: int | None = None,
         **options,
     ) -> AttributionResult:
         """Score `images` against a `FeatureStore`, a store's directory or Hub dataset repo id (`user/name`),
@@ -61,7 +62,8 @@ class AttributionMixin:
         differs from the store's in anything that changes features is a `StoreMismatchError` unless
         `check_compatibility=False`. A store read from disk or the Hub that names checkpoints or an encoder needs
         them passed (`checkpoints=`, `encoder=`) or `trust_remote_references=True`. A list of stores (or store
-        directories) is an ensemble: the mean of the scores against each (ensemble.py).
+        directories) is an ensemble: the mean of the scores against each (ensemble.py). `top_k`: only the best
+        `top_k` per query (`result.top`, `result.topk()`): one streaming pass, no [n, N] matrix.
         """
         if isinstance(train_data, (list, tuple)) and train_data and all(api.is_store(item) for item in train_data):
             from .ensemble import ensemble_attribute
@@ -71,7 +73,14 @@ class AttributionMixin:
             config = self._attribution_config(config)
         return api.attribute(self, images, train_data, config, prompts=prompts, progress=progress,
                              check_compatibility=check_compatibility, trust_remote_references=trust_remote_references,
-                             **options)
+                             top_k=top_k, **options)
+
+    def attribution_session(self, train_data: Any, config: AttributionConfig | None = None, **kwargs):
+        """An `api.AttributionSession`: the featurizer and scorer of a store (or of a training set, featurized
+        first), built once; `session.attribute(images, top_k=...)` per call (the CLI and the explorer use one)."""
+        if not api.is_store(train_data):
+            config = self._attribution_config(config)
+        return api.AttributionSession(self, train_data, config, **kwargs)
 
     def attribute_trajectory(self, prompt_or_seed: str | int, train_data: Any, config: AttributionConfig | None = None,
                              num_inference_steps: int = 50, **kwargs):

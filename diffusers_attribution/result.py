@@ -23,17 +23,32 @@ class TopK(NamedTuple):
 
 @dataclass
 class AttributionResult:
-    """scores [n_queries, N] float32: higher = that training example made the query more likely."""
+    """scores [n_queries, N] float32: higher = that training example made the query more likely; or, for a
+    result asked for its top-k only (`attribute(..., top_k=k)`), `scores` None and `top` the best k per query."""
 
-    scores: torch.Tensor
+    scores: torch.Tensor | None
     config: AttributionConfig
     query_images: torch.Tensor | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
+    top: TopK | None = None
+
+    @property
+    def num_examples(self) -> int:
+        """N, the number of training examples scored."""
+        return self.scores.shape[1] if self.scores is not None else int(self.metadata["num_examples"])
 
     def topk(self, k: int = 5) -> TopK:
-        k = min(k, self.scores.shape[1])
-        values, indices = self.scores.topk(k, dim=1)
-        return TopK(indices, values)
+        """The best k training examples per query (indices [n, k], scores), best first."""
+        if self.scores is not None:
+            k = min(k, self.scores.shape[1])
+            values, indices = self.scores.topk(k, dim=1)
+            return TopK(indices, values)
+        if self.top is None:
+            raise ValueError("this result holds neither scores nor a top-k")
+        if k > self.top.indices.shape[1] and self.top.indices.shape[1] < self.num_examples:
+            raise ValueError(f"this result holds the top-{self.top.indices.shape[1]} only: attribute again with "
+                             f"top_k={k} (or top_k=None for every score)")
+        return TopK(self.top.indices[:, :k], self.top.scores[:, :k])
 
     def to_image_grid(self, train_dataset: Any, k: int = 5, tile: int = 64,
                       query_label: str = "generated") -> PIL.Image.Image:
@@ -45,8 +60,8 @@ class AttributionResult:
         if self.query_images is None:
             raise ValueError("this result holds no query images to draw")
         data = as_training_data(train_dataset, self.config.image_column, self.config.caption_column)
-        if len(data) != self.scores.shape[1]:
-            raise StoreMismatchError(f"the result scores {self.scores.shape[1]} training examples, the dataset has "
+        if len(data) != self.num_examples:
+            raise StoreMismatchError(f"the result scores {self.num_examples} training examples, the dataset has "
                                      f"{len(data)}")
         best = self.topk(k)
         hashes = self.metadata.get("example_hashes")

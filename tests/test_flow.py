@@ -311,3 +311,40 @@ def test_a_method_a_fitted_projector_and_a_family_are_one_new_file_each(tmp_path
         damping = 0.5 * float(phi.pow(2).sum()) / min(phi.shape)
         expected = q @ torch.linalg.inv(phi.T @ phi + damping * torch.eye(6, dtype=torch.float64)) @ phi.T
         torch.testing.assert_close(scores.double(), expected, rtol=1e-4, atol=1e-6 * float(expected.abs().max()))
+
+
+# ---------------------------------------------------------------------------------------------- queries at scale
+
+
+@pytest.mark.parametrize("method", ["das", "d-trak", "fisher", "tracin", "pixel-cosine", "ekfac"])
+def test_top_k_equals_the_dense_top_k_across_shards_and_a_session_the_separate_calls(method, tmp_path):
+    """`attribute(..., top_k=k)`: the dense path's top-k (indices; scores to float32 GEMM rounding) for every method
+    with a scorer, across shard boundaries (shards of 3 rows); a session gives the scores of separate calls."""
+    pipe, images = setup()
+    fields = {"num_timesteps": 2, "projection_dim": 4, "calibration_examples": 3, "batch_size": 3}  # N = 7 > k: primal
+    if method == "tracin":
+        config = _config("tracin")
+    elif method == "pixel-cosine":
+        config = AttributionConfig(method=method)
+    else:
+        config = AttributionConfig(method=method, **fields)
+    pipe.featurize(images, config, progress=False, output_dir=tmp_path / "s", shard_rows=3)
+    store = FeatureStore.from_pretrained(tmp_path / "s")
+    queries = torch.rand(3, 1, 8, 8, generator=torch.Generator().manual_seed(5)) * 2 - 1
+    dense = pipe.attribute(queries, store, progress=False)
+    session = pipe.attribution_session(store)
+    assert getattr(session.scorer, "dual", False) is False  # the streaming path, not the dense one
+    torch.testing.assert_close(session.attribute(queries).scores, dense.scores)
+    for k in (1, 4, 7):
+        top = session.attribute(queries, top_k=k)
+        assert top.scores is None and top.top.indices.shape == (3, k)
+        expected = dense.topk(k)
+        assert torch.equal(top.topk(k).indices, expected.indices)
+        torch.testing.assert_close(top.topk(k).scores, expected.scores, rtol=1e-4,
+                                   atol=1e-5 * float(dense.scores.abs().max()))
+    with pytest.raises(ValueError, match="top_k"):
+        session.attribute(queries, top_k=0)
+    with pytest.raises(ValueError, match="top_k"):
+        session.attribute(queries, top_k=8)
+    with pytest.raises(ValueError, match="top-4 only"):
+        session.attribute(queries, top_k=4).topk(5)
