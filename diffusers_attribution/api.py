@@ -117,7 +117,8 @@ class AttributionSession:
     """
 
     def __init__(self, pipe, train_data: Any, config: AttributionConfig | None = None, *, progress: bool = True,
-                 check_compatibility: bool = True, trust_remote_references: bool = False, **options):
+                 check_compatibility: bool = True, trust_remote_references: bool = False, use_index: bool = True,
+                 **options):
         self.featurizer, self.store = featurize_and_store(
             pipe, train_data, config, check_compatibility=check_compatibility, progress=progress,
             trust_remote_references=trust_remote_references, **options)
@@ -125,11 +126,28 @@ class AttributionSession:
         if config is not None and is_store(train_data):
             score_fields = {name: getattr(config, name) for name in config.fields_with_role("score")}
         self.scorer = make_scorer(self.store, **score_fields)
+        self.index = None  # an approximate index of the store's rows, if one was built on this machine
+        if use_index and hasattr(self.scorer, "index"):
+            try:
+                self.index = self.scorer.index(build=False)
+            except ImportError:  # faiss is not installed: no index can have been built here
+                self.index = None
+
+    def build_index(self, **options):
+        """Build (or find in this machine's cache) the FAISS index of the store's rows; later `top_k` queries use it
+        unless `exact=True` (`KernelScorer.index` for the options). Returns the `search.SearchIndex`."""
+        if not hasattr(self.scorer, "index"):
+            raise ValueError(f"method {self.store.config.method!r} is not scored through a kernel: no index")
+        self.index = self.scorer.index(build=True, **options)
+        if self.index is None:
+            raise ValueError("an index needs a store saved in a folder with more rows than features (the primal form)")
+        return self.index
 
     def attribute(self, images: Any, prompts: Sequence[str] | str | None = None, *,
-                  top_k: int | None = None) -> AttributionResult:
+                  top_k: int | None = None, exact: bool = False) -> AttributionResult:
         """Scores of `images` [n, N] (`top_k=None`), or only the best `top_k` per query (`result.top`; for large
-        stores: one streaming pass over the rows, memory independent of N)."""
+        stores: one streaming pass over the rows, memory independent of N; with an index built on this machine,
+        its approximate top-k, unless `exact=True`)."""
         n = len(self.store)
         if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= n):
             raise ValueError(f"top_k must be an integer from 1 to the store's {n} examples, got {top_k!r}")
@@ -139,6 +157,11 @@ class AttributionSession:
         if top_k is None:
             return AttributionResult(scores=self.scorer.scores(query_features), config=self.store.config,
                                      query_images=batch, metadata=metadata)
+        index = None if exact else self.index
+        if index is not None:
+            metadata["search"] = index.describe()
+            return AttributionResult(scores=None, config=self.store.config, query_images=batch, metadata=metadata,
+                                     top=self.scorer.topk(query_features, top_k, index=index))
         return AttributionResult(scores=None, config=self.store.config, query_images=batch, metadata=metadata,
                                  top=self.scorer.topk(query_features, top_k))
 
@@ -146,7 +169,7 @@ class AttributionSession:
 def attribute(pipe, images: Any, train_data: Any, config: AttributionConfig | None = None, *,
               prompts: Sequence[str] | str | None = None, progress: bool = True,
               check_compatibility: bool = True, trust_remote_references: bool = False,
-              top_k: int | None = None, **options) -> AttributionResult:
+              top_k: int | None = None, exact: bool = False, **options) -> AttributionResult:
     """Score `images` against a store (or its folder / Hub repo id) or a training set (featurized first): the one
     entry point (an `AttributionSession` used once).
 
@@ -154,11 +177,12 @@ def attribute(pipe, images: Any, train_data: Any, config: AttributionConfig | No
     `config.damping_ratio`); anything else that differs is a `StoreMismatchError` unless
     `check_compatibility=False`. A store read from disk or the Hub that names checkpoints or an encoder needs
     them passed (`checkpoints=`, `encoder=`) or `trust_remote_references=True`: nothing it names is loaded otherwise.
-    `top_k`: return only the best `top_k` training examples per query (`result.top`), no [n, N] matrix.
+    `top_k`: return only the best `top_k` training examples per query (`result.top`), no [n, N] matrix; the store's
+    index, if one was built on this machine (`diffusers-attribution index STORE`), answers it unless `exact=True`.
     """
     session = AttributionSession(pipe, train_data, config, progress=progress, check_compatibility=check_compatibility,
-                                 trust_remote_references=trust_remote_references, **options)
-    return session.attribute(images, prompts, top_k=top_k)
+                                 trust_remote_references=trust_remote_references, use_index=not exact, **options)
+    return session.attribute(images, prompts, top_k=top_k, exact=exact)
 
 
 # ---------------------------------------------------------------------------------------------- shortcuts

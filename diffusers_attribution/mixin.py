@@ -52,6 +52,7 @@ class AttributionMixin:
         check_compatibility: bool = True,
         trust_remote_references: bool = False,
         top_k: int | None = None,
+        exact: bool = False,
         **options,
     ) -> AttributionResult:
         """Score `images` against a `FeatureStore`, a store's directory or Hub dataset repo id (`user/name`),
@@ -73,7 +74,7 @@ class AttributionMixin:
             config = self._attribution_config(config)
         return api.attribute(self, images, train_data, config, prompts=prompts, progress=progress,
                              check_compatibility=check_compatibility, trust_remote_references=trust_remote_references,
-                             top_k=top_k, **options)
+                             top_k=top_k, exact=exact, **options)
 
     def attribution_session(self, train_data: Any, config: AttributionConfig | None = None, **kwargs):
         """An `api.AttributionSession`: the featurizer and scorer of a store (or of a training set, featurized

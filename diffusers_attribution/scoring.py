@@ -217,12 +217,26 @@ class KernelScorer(Scorer):
             raise ValueError("the dual form (N ≤ k) has no per-query q': score densely")
         return query_features.detach().double().cpu() @ self.inverse
 
-    def topk(self, query_features: torch.Tensor, k: int, shards=None):
+    def index(self, *, build: bool = False, cache=None, **options):
+        """The FAISS maximum-inner-product index of this store's rows (× w_i) for q' (search.py), from this machine's
+        cache keyed by the store's shard digests; `build=True` builds (and caches) it when absent, else None is
+        returned. `options`: `search.build_index`'s (kind, params, target_recall, tuning_queries: q' of real
+        queries to tune the search on; by default the held-out rows mapped by (C + λI)⁻¹). None for the dual form
+        and for stores in memory (no digests to key it by)."""
+        if self.dual or getattr(self.store, "directory", None) is None:
+            return None
+        from .search import IndexCache
+
+        cache = cache or IndexCache()
+        return cache.for_store(self.store, self.row_weights, query_map=self.inverse.float(), build=build, **options)
+
+    def topk(self, query_features: torch.Tensor, k: int, shards=None, *, index=None):
         """`TopK` of `scores` (indices [n, k'] into the training set, best first; scores float32), k' = min(k, N):
         q' once, then one streaming pass of float32 GEMMs over the store's rows (search.exact_topk), never forming
         the n × N matrix. `shards`: only those shards' rows (global indices), so processes can each score some
         shards and `merge_topk` the results. The dual form (N ≤ k) scores densely: its n × N is below n × k anyway.
-        Scores agree with `scores` to float32 GEMM rounding; a non-finite score is a `CorruptStoreError`."""
+        Scores agree with `scores` to float32 GEMM rounding; a non-finite score is a `CorruptStoreError`.
+        `index`: a `search.SearchIndex` of this store (`index()`): its approximate top-k instead of the pass."""
         from .result import TopK
         from .search import exact_topk
         from .store.errors import CorruptStoreError
@@ -233,6 +247,13 @@ class KernelScorer(Scorer):
             return super().topk(query_features, k, shards)
         if not torch.isfinite(query_features).all():
             raise ValueError("the query features contain NaN or infinite values")
+        if index is not None:  # approximate: the index's candidates, their exact float32 scores
+            from .search import search
+
+            if shards is not None:
+                raise ValueError("an index covers the whole store: pass shards= or index=, not both")
+            indices, values = search(index, self.query_weights(query_features), k)
+            return TopK(indices, values)
         try:
             indices, values = exact_topk(self.query_weights(query_features),
                                          self.store.blocks(self.block_rows, shards, check_finite=False), k,

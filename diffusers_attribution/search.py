@@ -419,8 +419,9 @@ class IndexCache:
                      row_weights: torch.Tensor | None = None, kind: str | None = None, *,
                      params: dict[str, Any] | None = None, seed: int = 0, target_recall: float = 0.95,
                      recall_queries: int = 200, query_map: torch.Tensor | None = None,
-                     tuning_queries: torch.Tensor | None = None) -> SearchIndex:
-        """The cached index for these digests, weights, kind and parameters, or a new one (`build_index`), saved."""
+                     tuning_queries: torch.Tensor | None = None, build: bool = True) -> SearchIndex | None:
+        """The cached index for these digests, weights, kind and parameters, or a new one (`build_index`), saved;
+        `build=False`: the cached one or None."""
         faiss = import_faiss()
         from .store.files import atomic_write
 
@@ -441,6 +442,8 @@ class IndexCache:
                                        record["recall_queries"], record["build_seconds"])
             except (OSError, RuntimeError, ValueError, KeyError, TypeError):
                 pass  # unreadable: built again below, and replaced
+        if not build:
+            return None
         built = build_index(blocks, dim, num_rows, row_weights, kind, params=params, seed=seed,
                             target_recall=target_recall, recall_queries=recall_queries, query_map=query_map,
                             tuning_queries=tuning_queries)
@@ -450,6 +453,6 @@ class IndexCache:
         return built
 
     def for_store(self, store, row_weights: torch.Tensor | None = None, kind: str | None = None,
-                  **options: Any) -> SearchIndex:
+                  **options: Any) -> SearchIndex | None:
         """`get_or_build` for a `FeatureStore`: keyed by its shard digests, built from `store.blocks`."""
         return self.get_or_build(store_digests(store), store.blocks, store.dim, len(store), row_weights, kind, **options)

@@ -348,3 +348,32 @@ def test_top_k_equals_the_dense_top_k_across_shards_and_a_session_the_separate_c
         session.attribute(queries, top_k=8)
     with pytest.raises(ValueError, match="top-4 only"):
         session.attribute(queries, top_k=4).topk(5)
+
+
+def test_an_index_built_on_this_machine_answers_top_k_unless_exact(tmp_path, monkeypatch):
+    """`session.build_index()` (or `diffusers-attribution index STORE`): later top-k queries come from the cached
+    index (here an exact Flat one: the same top-k), `exact=True` bypasses it; the cache lives outside the store."""
+    pytest.importorskip("faiss")
+    from diffusers_attribution import search
+
+    monkeypatch.setattr(search, "default_cache_dir", lambda: tmp_path / "cache")
+    pipe, images = setup()
+    config = AttributionConfig(method="das", num_timesteps=2, projection_dim=4, calibration_examples=3, batch_size=3)
+    pipe.featurize(images, config, progress=False, output_dir=tmp_path / "s", shard_rows=3)
+    queries = images[:2]
+    session = pipe.attribution_session(tmp_path / "s")
+    assert session.index is None
+    exact = session.attribute(queries, top_k=3)
+    index = session.build_index(kind="flat")
+    assert index.num_rows == 7 and list((tmp_path / "cache").glob("*.faiss")) and not list((tmp_path / "s").glob("*.faiss"))
+    approximate = session.attribute(queries, top_k=3)
+    assert approximate.metadata["search"]["kind"] == "flat" and "search" not in exact.metadata
+    assert torch.equal(approximate.top.indices, exact.top.indices)
+    torch.testing.assert_close(approximate.top.scores, exact.top.scores, rtol=1e-4, atol=1e-6)
+    again = pipe.attribution_session(tmp_path / "s")  # a new session finds the cached index
+    assert again.index is not None and "search" not in again.attribute(queries, top_k=3, exact=True).metadata
+    # the command line builds the same index (found in the cache: nothing is built twice)
+    from diffusers_attribution.cli import main
+
+    assert main(["index", str(tmp_path / "s"), "--kind", "flat", "--json"]) == 0
+    assert len(list((tmp_path / "cache").glob("*.faiss"))) == 1

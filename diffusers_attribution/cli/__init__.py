@@ -28,6 +28,7 @@ SUBCOMMANDS: list[tuple[str, str, str]] = [
     ("diffusers_attribution.cli.attribute", "add_parser", "run"),
     ("diffusers_attribution.cli.info", "add_parser", "run"),
     ("diffusers_attribution.cli.push", "add_parser", "run"),
+    ("diffusers_attribution.cli.index", "add_parser", "run"),
     ("diffusers_attribution.explorer.cli", "add_explore_parser", "run_explore"),
 ]
 

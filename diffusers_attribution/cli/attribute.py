@@ -43,6 +43,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                                                 "dataset when it can be loaded)")
     parser.add_argument("--split", default="train", help="dataset split (default: train)")
     parser.add_argument("--topk", "-k", type=int, default=5, help="training images listed per query (default: 5)")
+    parser.add_argument("--exact", action="store_true", help="an exact pass even when the store has an index built "
+                                                             "on this machine (diffusers-attribution index)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument("--grid", metavar="PNG", help="also write each image beside its top-k training images")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -89,7 +91,8 @@ def run(args: argparse.Namespace) -> int:
     say(f"attributing {len(images)} image(s)" + (f" (featurizing {len(train_dataset)} training examples first)"
                                                   if store is None else ""))
     result = pipe.attribute(images, store if store is not None else train_dataset, config, prompts=prompts,
-                            progress=not args.no_progress)
+                            progress=not args.no_progress, exact=args.exact,
+                            top_k=min(args.topk, len(store)) if store is not None else None)
     best = result.topk(args.topk)
     rows = [{"image": str(path), "topk": [{"rank": rank + 1, "index": int(index), "score": float(score)}
                                           for rank, (index, score) in enumerate(zip(indices, scores))]}
