@@ -144,10 +144,11 @@ class AttributionSession:
         return self.index
 
     def attribute(self, images: Any, prompts: Sequence[str] | str | None = None, *,
-                  top_k: int | None = None, exact: bool = False) -> AttributionResult:
+                  top_k: int | None = None, exact: bool = False, accelerator: Any = None) -> AttributionResult:
         """Scores of `images` [n, N] (`top_k=None`), or only the best `top_k` per query (`result.top`; for large
         stores: one streaming pass over the rows, memory independent of N; with an index built on this machine,
-        its approximate top-k, unless `exact=True`)."""
+        its approximate top-k, unless `exact=True`). Under `accelerate launch` (or with an `accelerator`) a top-k
+        is split by shards over the processes and their top-k merged: every process gets the whole answer."""
         n = len(self.store)
         if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= n):
             raise ValueError(f"top_k must be an integer from 1 to the store's {n} examples, got {top_k!r}")
@@ -162,14 +163,22 @@ class AttributionSession:
             metadata["search"] = index.describe()
             return AttributionResult(scores=None, config=self.store.config, query_images=batch, metadata=metadata,
                                      top=self.scorer.topk(query_features, top_k, index=index))
+        from .distributed import ProcessGroup, launched_with_several_processes
+
+        if accelerator is not None or launched_with_several_processes():
+            from .scoring import distributed_topk
+
+            best = distributed_topk(self.scorer, query_features, top_k, ProcessGroup(accelerator))
+        else:
+            best = self.scorer.topk(query_features, top_k)
         return AttributionResult(scores=None, config=self.store.config, query_images=batch, metadata=metadata,
-                                 top=self.scorer.topk(query_features, top_k))
+                                 top=best)
 
 
 def attribute(pipe, images: Any, train_data: Any, config: AttributionConfig | None = None, *,
               prompts: Sequence[str] | str | None = None, progress: bool = True,
               check_compatibility: bool = True, trust_remote_references: bool = False,
-              top_k: int | None = None, exact: bool = False, **options) -> AttributionResult:
+              top_k: int | None = None, exact: bool = False, accelerator: Any = None, **options) -> AttributionResult:
     """Score `images` against a store (or its folder / Hub repo id) or a training set (featurized first): the one
     entry point (an `AttributionSession` used once).
 
@@ -178,11 +187,12 @@ def attribute(pipe, images: Any, train_data: Any, config: AttributionConfig | No
     `check_compatibility=False`. A store read from disk or the Hub that names checkpoints or an encoder needs
     them passed (`checkpoints=`, `encoder=`) or `trust_remote_references=True`: nothing it names is loaded otherwise.
     `top_k`: return only the best `top_k` training examples per query (`result.top`), no [n, N] matrix; the store's
-    index, if one was built on this machine (`diffusers-attribution index STORE`), answers it unless `exact=True`.
+    index, if one was built on this machine (`diffusers-attribution index STORE`), answers it unless `exact=True`;
+    under `accelerate launch` (or with an `accelerator`) the store's shards are split over the processes.
     """
     session = AttributionSession(pipe, train_data, config, progress=progress, check_compatibility=check_compatibility,
                                  trust_remote_references=trust_remote_references, use_index=not exact, **options)
-    return session.attribute(images, prompts, top_k=top_k, exact=exact)
+    return session.attribute(images, prompts, top_k=top_k, exact=exact, accelerator=accelerator)
 
 
 # ---------------------------------------------------------------------------------------------- shortcuts

@@ -309,7 +309,7 @@ def merge_topk(parts, k: int):
 
 def distributed_topk(scorer, query_features: torch.Tensor, k: int, group):
     """Top-k over a whole store with every process scoring its share of the shards, merged on every process."""
-    if getattr(scorer, "dual", True) or not getattr(scorer.store, "shards", None):
+    if not isinstance(scorer, KernelScorer) or scorer.dual or not getattr(scorer.store, "shards", None):
         return scorer.topk(query_features, k)
     mine = group.share(range(len(scorer.store.shards)))
     return merge_topk(group.gather(scorer.topk(query_features, k, shards=mine)), k)

@@ -165,3 +165,29 @@ def test_processes_score_their_shards_and_merge_topk(setup, tmp_path):
         best = load_file(str(tmp_path / f"topk-{rank}.safetensors"))
         assert torch.equal(best["indices"], expected.indices)
         torch.testing.assert_close(best["scores"], expected.values)
+
+
+def _session_topk_in_process(store_dir: Path, queries: torch.Tensor, out: Path) -> None:
+    from accelerate import PartialState
+    from safetensors.torch import save_file
+
+    pipe = enable_attribution(tiny_ddpm_pipeline())
+    state = PartialState(cpu=True)
+    result = pipe.attribute(queries, store_dir, progress=False, top_k=5, accelerator=state)
+    save_file({"indices": result.top.indices, "scores": result.top.scores},
+              str(out / f"session-{state.process_index}.safetensors"))
+
+
+def test_attribute_top_k_under_two_processes_merges_their_shards(setup, tmp_path):
+    """`pipe.attribute(..., top_k=k)` with an accelerator: each process scores its shards, every process ends with
+    the one-process answer."""
+    from safetensors.torch import load_file
+
+    root, reference = setup
+    queries = torch.rand(2, 1, 8, 8, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    launch(_session_topk_in_process, reference.directory, queries, tmp_path)
+    expected = enable_attribution(tiny_ddpm_pipeline()).attribute(queries, reference, progress=False, top_k=5).top
+    for rank in range(2):
+        best = load_file(str(tmp_path / f"session-{rank}.safetensors"))
+        assert torch.equal(best["indices"], expected.indices)
+        torch.testing.assert_close(best["scores"], expected.scores)
