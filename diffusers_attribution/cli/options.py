@@ -16,6 +16,7 @@ from typing import Any
 from ..config import DTYPES, NOISE_MODES, OUTPUTS, TIMESTEP_SCHEDULES
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+MAX_CONFIG_FILE_BYTES = 1 << 20  # an AttributionConfig is a few hundred bytes
 
 # (flag, AttributionConfig field, argparse keywords); every flag defaults to None = "not given".
 CONFIG_FLAGS: list[tuple[str, str, dict[str, Any]]] = [
@@ -87,16 +88,26 @@ def config_from_args(args: argparse.Namespace, base: dict[str, Any] | None = Non
 
     fields = dict(base or {})
     if getattr(args, "config", None):
-        path = Path(args.config)
-        try:
-            fields.update(json.loads(path.read_text()))
-        except (OSError, ValueError) as error:
-            raise SystemExit(f"error: --config {path}: {error}") from None
+        fields.update(read_config_file(args.config))
     fields.update(config_overrides(args))
     try:
         return AttributionConfig.from_dict(fields)
+    except (ValueError, TypeError) as error:
+        raise SystemExit(f"error: {error}") from None
+
+
+def read_config_file(path: str) -> dict[str, Any]:
+    """The fields of a --config JSON file: at most MAX_CONFIG_FILE_BYTES, nested at most MAX_JSON_DEPTH, an object."""
+    from ..store.files import load_json_bounded
+
+    try:
+        fields = load_json_bounded(path, MAX_CONFIG_FILE_BYTES, where=f"--config {path}", error=ValueError)
     except ValueError as error:
         raise SystemExit(f"error: {error}") from None
+    if not isinstance(fields, dict):
+        kind = "null" if fields is None else type(fields).__name__
+        raise SystemExit(f"error: --config {path} must hold a JSON object of AttributionConfig fields, not {kind}")
+    return fields
 
 
 def _key_value(option: str) -> tuple[str, Any]:

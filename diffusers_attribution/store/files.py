@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import json
 import os
 import re
@@ -41,6 +42,61 @@ SHARD_RE = re.compile(r"^features-(\d{5})-of-(\d{5})\.safetensors$")
 OWN_TEMPORARY_RE = re.compile(r"^\.(config\.json|README\.md|kernel\.safetensors|projection\.safetensors|method_state\.safetensors|"
                               r"features-\d{5}-of-\d{5}\.safetensors|diffusers-attribution\.writer\.json)"
                               r"\.[0-9a-f]{12}\.tmp$")
+
+
+MAX_CONFIG_BYTES = 16 << 20  # a store's config.json: ~200 bytes a shard, so ~80k shards; real ones are a few KB
+MAX_JSON_DEPTH = 32  # nesting of any JSON read from outside (config.json is 4 deep; adapter options a few more)
+_JSON_STRING_RE = re.compile(r'"(?:[^"\\]|\\.)*"')
+_JSON_BRACKET_RE = re.compile(r"[\[\]{}]")
+_JSON_STEP = {"[": 1, "{": 1, "]": -1, "}": -1}
+
+
+def load_json_bounded(source: str | os.PathLike | bytes, max_bytes: int, max_depth: int = MAX_JSON_DEPTH, *,
+                      where: str | None = None, error: type[Exception] = CorruptStoreError) -> Any:
+    """JSON from a file or bytes that may be hostile: the size checked before anything is read (a file is opened
+    once, its size read from that handle, and at most `max_bytes` + 1 bytes read), UTF-8, the nesting depth
+    counted on the text without recursion, NaN / Infinity refused; then parsed. Every failure is `error`
+    (the library's `CorruptStoreError` for store files, `ValueError` for the CLI's files) naming `where`."""
+    where = where or ("the JSON" if isinstance(source, (bytes, bytearray)) else str(source))
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        data = bytes(source[: max_bytes + 1])
+    else:
+        try:
+            with open(source, "rb") as handle:
+                if os.fstat(handle.fileno()).st_size > max_bytes:
+                    raise error(f"{where} is {os.fstat(handle.fileno()).st_size} bytes, more than the {max_bytes} "
+                                "this file may have: refused before reading it")
+                data = handle.read(max_bytes + 1)
+        except OSError as failure:
+            raise error(f"cannot read {where}: {failure.strerror or failure}") from None
+    if len(data) > max_bytes:
+        raise error(f"{where} is more than {max_bytes} bytes: refused")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as failure:
+        raise error(f"{where} is not UTF-8 text: {failure}") from None
+    depth = json_depth(text)
+    if depth > max_depth:
+        raise error(f"{where} nests {depth} levels deep, more than the {max_depth} a valid file has: refused")
+
+    refused = []
+
+    def refuse(constant):
+        refused.append(constant)
+        raise ValueError(constant)
+
+    try:
+        return json.loads(text, parse_constant=refuse)
+    except ValueError as failure:
+        if refused:
+            raise error(f"{where}: {refused[0]} is not a valid JSON value here") from None
+        raise error(f"{where} is not valid JSON: {failure}") from None
+
+
+def json_depth(text: str) -> int:
+    """The deepest nesting of [ and { in JSON text (strings skipped), counted without recursion."""
+    steps = map(_JSON_STEP.__getitem__, _JSON_BRACKET_RE.findall(_JSON_STRING_RE.sub('""', text)))
+    return max(itertools.accumulate(steps), default=0)
 
 
 def shard_name(index: int, count: int) -> str:
@@ -238,7 +294,8 @@ def write_projection(directory: Path, state: dict[str, torch.Tensor], identity: 
 def read_projection(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """(bases state, identity) of a projection.safetensors; a truncated or foreign file is a `CorruptStoreError`."""
     with open_shard(path) as handle:
-        identity = json.loads((handle.metadata() or {}).get("identity", "{}"))
+        identity = load_json_bounded((handle.metadata() or {}).get("identity", "{}").encode(), 64 << 20,
+                                     where=f"{path}: its identity")
         return {key: handle.get_tensor(key) for key in handle.keys()}, identity
 
 

@@ -38,6 +38,7 @@ from .files import (
     FORMAT_VERSION,
     HASH_BYTES,
     KERNEL_NAME,
+    MAX_CONFIG_BYTES,
     METHOD_STATE_NAME,
     OWN_TEMPORARY_RE,
     PROJECTION_NAME,
@@ -46,6 +47,7 @@ from .files import (
     dataset_fingerprint,
     file_digest,
     identity_difference,
+    load_json_bounded,
     open_shard,
     rows_per_shard,
     run_identity,
@@ -386,11 +388,7 @@ class FeatureStore:
             )
         config_path = store_path(directory, CONFIG_NAME)
         where = str(directory / CONFIG_NAME)
-        try:
-            text = config_path.read_text(encoding="utf-8")
-        except UnicodeDecodeError as error:
-            raise CorruptStoreError(f"{where} is not UTF-8 text: {error}") from error
-        config, header = validate_header(parse_header(text, where), where)
+        config, header = validate_header(parse_header(config_path, where), where)
         header = dict(header)
         header.pop("config")
         header.pop("format_version")
@@ -466,7 +464,7 @@ def check_foreign_files(directory: Path) -> None:
     config = directory / CONFIG_NAME
     if os.path.lexists(config):
         try:
-            header = json.loads(config.read_text())
+            header = load_json_bounded(config, MAX_CONFIG_BYTES)
             ours = not config.is_symlink() and isinstance(header, dict) and {"format_version", "shards"} <= set(header)
         except (ValueError, OSError):
             ours = False

@@ -187,7 +187,7 @@ def download_store(repo_id: str, *, revision: str | None = None, endpoint: str |
         raise FileNotFoundError(f"the Hub dataset repository {repo_id!r} holds no feature store (no {CONFIG_NAME})") from error
     commit = config_path.parent.name  # snapshots/<commit>/config.json: the rest comes from the same commit
     where = f"{repo_id}@{commit}/{CONFIG_NAME}"
-    _, header = validate_header(parse_header(config_path.read_text(encoding="utf-8"), where), where)
+    _, header = validate_header(parse_header(config_path, where), where)
     names = listed_files(header)[1:] + [CARD_NAME]
     return Path(snapshot_download(repo_id, revision=commit, allow_patterns=names, **options))
 
@@ -212,7 +212,7 @@ def push_store(store, repo_id: str, *, private: bool | None = None, token: str |
         staging.mkdir()
         _stage(store_path(directory, CONFIG_NAME), staging / CONFIG_NAME)
         where = str(directory / CONFIG_NAME)
-        _, header = validate_header(parse_header((staging / CONFIG_NAME).read_text(encoding="utf-8"), where), where)
+        _, header = validate_header(parse_header(staging / CONFIG_NAME, where), where)
         for entry in header["shards"] + [header[key] for key in ("kernel", "projection_file", "method_state_file")
                                          if header.get(key)]:
             staged = staging / entry["file"]
