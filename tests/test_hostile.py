@@ -174,3 +174,72 @@ def test_huge_numeric_flags_are_refused_before_allocation(tmp_path, flag, cap):
     message = _cli_error(["featurize", "--pipeline", "p", "--dataset", "d", "--out", str(tmp_path / "o"),
                           flag, str(10**12)])
     assert f"must be an integer <= {cap}, got 1000000000000" in message
+
+
+# ---------------------------------------------------------------------------------------------- 2. readers, writer
+
+WRITER = """
+import sys, time, torch
+from diffusers_attribution import FeatureStore
+source, target, seconds, rows = sys.argv[1], sys.argv[2], float(sys.argv[3]), int(sys.argv[4])
+reference = FeatureStore.from_pretrained(source)
+stores = [FeatureStore(torch.full((len(reference), reference.dim), value), reference.config, reference.metadata)
+          for value in (1.0, 2.0)]
+print("ready", flush=True)
+end, count = time.monotonic() + seconds, 0
+while time.monotonic() < end:
+    stores[count % 2].save_pretrained(target, shard_rows=rows, overwrite=True)  # the same run, other features
+    count += 1
+print(count, flush=True)
+"""
+
+
+def test_readers_beside_a_writer_get_one_store_or_a_clear_error(reference, tmp_path):
+    """Issue 25.2: a process rewriting a store (save_pretrained(overwrite=True), same run) while others load it:
+    every load reads features and a kernel of one store (all 1 or all 2, the kernel of those very features) or
+    raises `StoreChangedError`; never a mix, never a raw FileNotFoundError. Each file is hashed and read through
+    one handle, and config.json is checked to be the same file after every other file was opened."""
+    import os
+    import subprocess
+    import sys
+    import threading
+
+    from diffusers_attribution.store.errors import StoreChangedError
+
+    target = tmp_path / "store"
+    FeatureStore(torch.full((N, K), 1.0), reference.config, reference.metadata).save_pretrained(
+        target, shard_rows=SHARD_ROWS)
+    root = Path(__file__).resolve().parents[1]
+    writer = subprocess.Popen([sys.executable, "-c", WRITER, str(reference.directory), str(target), "3", str(SHARD_ROWS)],
+                              stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(root),
+                                                                      "OMP_NUM_THREADS": "1"})
+    assert writer.stdout.readline().strip() == "ready"
+    outcomes: dict[str, int] = {}
+    failures: list[str] = []
+
+    def read():
+        while writer.poll() is None:
+            try:
+                store = FeatureStore.from_pretrained(target)
+                features, kernel = store.features, store.kernel
+                value = float(features[0, 0])
+                if not (value in (1.0, 2.0) and bool((features == value).all())
+                        and bool((kernel == K * value * value).all())):
+                    failures.append(f"mixed: features {features.unique().tolist()}, kernel {kernel.unique().tolist()}")
+                outcome = f"store {value:g}"
+            except StoreChangedError:
+                outcome = "StoreChangedError"
+            except Exception as error:  # noqa: BLE001 - any other error is a failure of the test
+                failures.append(f"{type(error).__name__}: {error}")
+                outcome = type(error).__name__
+            outcomes[outcome] = outcomes.get(outcome, 0) + 1
+
+    readers = [threading.Thread(target=read) for _ in range(2)]
+    for thread in readers:
+        thread.start()
+    for thread in readers:
+        thread.join()
+    rewrites = int(writer.stdout.readline())
+    assert writer.wait() == 0
+    assert not failures, (failures[:5], outcomes)
+    assert rewrites >= 5 and outcomes.get("store 1", 0) + outcomes.get("store 2", 0) >= 10, (rewrites, outcomes)

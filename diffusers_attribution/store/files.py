@@ -16,6 +16,7 @@ import contextlib
 import hashlib
 import itertools
 import json
+import math
 import os
 import re
 import secrets
@@ -160,6 +161,151 @@ def open_shard(path: Path) -> Iterator[Any]:
             yield handle
     except SafetensorError as error:
         raise CorruptStoreError(f"{path} is corrupt or truncated: {error}") from error
+
+
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                       "BOOL": torch.bool}
+MAX_SAFETENSORS_HEADER = 100 << 20  # the safetensors library's own limit
+
+
+class StoreFile:
+    """A store file opened once, without following a symbolic link: its size, identity, sha256 and tensors are all
+    read from this one handle, so the bytes that were checked are the bytes that are used (a writer replaces
+    files by renaming new ones over them: an open handle keeps reading the file it opened).
+
+    Reads a safetensors file as `safe_open` does (`keys`, `metadata`, `get_slice`, `get_tensor`; tensors are copies
+    read with `pread`), its header parsed with `load_json_bounded` and every offset checked against the file's size.
+    Any failure is a `CorruptStoreError` naming the file."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        try:
+            self.fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
+        except FileNotFoundError:
+            raise CorruptStoreError(f"missing store file {self.path}") from None
+        except OSError as error:
+            raise CorruptStoreError(f"cannot open {self.path} (not a regular file?): {error.strerror}") from None
+        info = os.fstat(self.fd)
+        if not stat.S_ISREG(info.st_mode):
+            self.close()
+            raise CorruptStoreError(f"{self.path} is not a regular file")
+        self.size = info.st_size
+        self.identity = file_identity(info)
+        self._header: dict[str, Any] | None = None
+        self._data_start = 0
+
+    def __enter__(self) -> "StoreFile":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    def read(self, offset: int, count: int) -> bytearray:
+        """`count` bytes from `offset`; fewer (the file was truncated under us) is a `CorruptStoreError`."""
+        data = bytearray(count)
+        view, done = memoryview(data), 0
+        while done < count:
+            chunk = os.preadv(self.fd, [view[done:]], offset + done)
+            if chunk <= 0:
+                raise CorruptStoreError(f"{self.path} is truncated: {count} bytes expected at offset {offset}")
+            done += chunk
+        return data
+
+    def sha256(self) -> str:
+        digest = hashlib.sha256()
+        for offset in range(0, self.size, 8 << 20):
+            digest.update(self.read(offset, min(8 << 20, self.size - offset)))
+        return digest.hexdigest()
+
+    # -------------------------------------------------------------------------------- safetensors
+
+    def header(self) -> dict[str, Any]:
+        if self._header is None:
+            if self.size < 8:
+                raise CorruptStoreError(f"{self.path} is corrupt or truncated: {self.size} bytes")
+            length = int.from_bytes(self.read(0, 8), "little")
+            if length > min(self.size - 8, MAX_SAFETENSORS_HEADER):
+                raise CorruptStoreError(f"{self.path} is corrupt or truncated: a header of {length} bytes")
+            header = load_json_bounded(self.read(8, length), length, 4, where=f"{self.path}: its safetensors header")
+            self._data_start, data_size = 8 + length, self.size - 8 - length
+            if not isinstance(header, dict):
+                raise CorruptStoreError(f"{self.path}: its safetensors header is not an object")
+            metadata = header.get("__metadata__", {})
+            if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+                raise CorruptStoreError(f"{self.path}: its safetensors metadata is not a map of strings")
+            spans = []
+            for name, info in header.items():
+                if name == "__metadata__":
+                    continue
+                dtype, shape, span = (info.get(k) for k in ("dtype", "shape", "data_offsets")) \
+                    if isinstance(info, dict) else (None, None, None)
+                if dtype not in _SAFETENSORS_DTYPES or not isinstance(shape, list) or not isinstance(span, list) \
+                        or len(span) != 2 or not all(type(v) is int and v >= 0 for v in shape + span):
+                    raise CorruptStoreError(f"{self.path}: tensor {name!r} has no valid dtype, shape and offsets")
+                count = math.prod(shape) * _SAFETENSORS_DTYPES[dtype].itemsize
+                if span[1] - span[0] != count or span[1] > data_size:
+                    raise CorruptStoreError(f"{self.path} is corrupt or truncated: tensor {name!r} {dtype} {shape} "
+                                            f"does not fit bytes {span} of {data_size}")
+                spans.append(span)
+            spans.sort()
+            if any(a[1] > b[0] for a, b in zip(spans, spans[1:])):
+                raise CorruptStoreError(f"{self.path} is corrupt: its tensors overlap")
+            self._header = header
+        return self._header
+
+    def keys(self) -> list[str]:
+        return [name for name in self.header() if name != "__metadata__"]
+
+    def metadata(self) -> dict[str, str]:
+        return dict(self.header().get("__metadata__", {}))
+
+    def get_slice(self, name: str) -> "_TensorSlice":
+        if name not in self.keys():
+            raise CorruptStoreError(f"{self.path} holds no tensor {name!r}")
+        return _TensorSlice(self, name, self.header()[name])
+
+    def get_tensor(self, name: str) -> torch.Tensor:
+        return self.get_slice(name)[:]
+
+
+class _TensorSlice:
+    """A tensor of a `StoreFile`: its dtype and shape from the header; rows read on indexing (`[a:b]`)."""
+
+    def __init__(self, file: StoreFile, name: str, info: dict[str, Any]):
+        self.file, self.name, self.info = file, name, info
+
+    def get_dtype(self) -> str:
+        return self.info["dtype"]
+
+    def get_shape(self) -> list[int]:
+        return list(self.info["shape"])
+
+    def __getitem__(self, rows: slice) -> torch.Tensor:
+        shape, dtype = self.get_shape(), _SAFETENSORS_DTYPES[self.info["dtype"]]
+        if not shape:
+            return torch.frombuffer(self.file.read(self.file._data_start + self.info["data_offsets"][0],
+                                                   dtype.itemsize), dtype=dtype).reshape(())
+        start, stop, step = rows.indices(shape[0])
+        if step != 1:
+            raise ValueError("only contiguous row ranges are read")
+        stop = max(start, stop)
+        row_bytes = math.prod(shape[1:]) * dtype.itemsize
+        data = self.file.read(self.file._data_start + self.info["data_offsets"][0] + start * row_bytes,
+                              (stop - start) * row_bytes)
+        if not data:
+            return torch.empty([0, *shape[1:]], dtype=dtype)
+        return torch.frombuffer(data, dtype=dtype).reshape([stop - start, *shape[1:]])
+
+
+def file_identity(info: os.stat_result) -> tuple[int, ...]:
+    """What tells one file from the file that replaced it under the same name (device, inode, size, times)."""
+    return info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns
 
 
 def run_identity(config, metadata: dict[str, Any], num_examples: int, shard_rows: int,
