@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -197,6 +198,11 @@ def image_paths(specs: list[str]) -> list[Path]:
             found = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
             if not found:
                 raise SystemExit(f"error: {path} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+            root = Path(os.path.realpath(path))
+            for image in found:  # a folder's images are its own: a symbolic link out of it is refused
+                if root not in Path(os.path.realpath(image)).parents:
+                    raise SystemExit(f"error: {ascii(str(image))} is a symbolic link out of {ascii(str(path))}: refused "
+                                     "(pass the file itself to use it)")
             paths.extend(found)
         elif path.is_file():
             paths.append(path)
@@ -207,15 +213,14 @@ def image_paths(specs: list[str]) -> list[Path]:
 
 def load_images(paths: list[Path], pipe) -> list:
     """PIL images in the channels the pipeline's model takes: grayscale for a 1-channel pixel-space model, else RGB."""
-    import PIL.Image
-
     denoiser = getattr(pipe, "unet", None)
     gray = getattr(pipe, "vae", None) is None and getattr(getattr(denoiser, "config", None), "in_channels", 3) == 1
+    from ..data import open_image_file
+
     images = []
-    for path in paths:
+    for path in paths:  # each checked from its header first: pixel count, bit depth (data.open_image_file)
         try:
-            with PIL.Image.open(path) as image:
-                images.append(image.convert("L" if gray else "RGB"))
-        except (OSError, ValueError) as error:
-            raise SystemExit(f"error: cannot read the image {path}: {error}") from None
+            images.append(open_image_file(path, "L" if gray else "RGB"))
+        except ValueError as error:
+            raise SystemExit(f"error: {error}") from None
     return images
