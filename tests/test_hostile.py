@@ -79,6 +79,35 @@ def test_a_huge_shard_plan_is_refused_without_being_built(reference, tmp_path, e
     assert peak < 20 << 20, f"validating the header allocated {peak / 2**20:.0f} MB"
 
 
+def test_a_hub_store_with_a_huge_shard_plan_is_refused_by_download_store(reference, tmp_path):
+    """Issue 25.1: `download_store` (the explorer's "add a store" box, an exported Space) ran the same check."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from hub_server import LocalHub
+    from huggingface_hub import HfApi
+
+    from diffusers_attribution.store.hub import download_store
+
+    directory = copy_store(reference, tmp_path / "upload")
+    header = header_of(directory)
+    header.update(num_examples=10**9, shard_rows=1)
+    write_header(directory, header)
+    with LocalHub() as hub:
+        api = HfApi(endpoint=hub.endpoint, token="test")
+        api.create_repo("tester/plan", repo_type="dataset")
+        api.upload_folder(repo_id="tester/plan", repo_type="dataset", folder_path=directory)
+        tracemalloc.start()
+        try:
+            with pytest.raises(CorruptStoreError, match="shards lists 3 shards; 1000000000 examples"):
+                download_store("tester/plan", endpoint=hub.endpoint, token="test", cache_dir=tmp_path / "cache")
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+    assert peak < 50 << 20, f"{peak / 2**20:.0f} MB"
+    assert not list((tmp_path / "cache").rglob("*.safetensors"))  # nothing but config.json was fetched
+
+
 def test_counts_are_checked_against_the_bytes_that_back_them(reference, tmp_path):
     directory = copy_store(reference, tmp_path / "store")
     header = header_of(directory)
@@ -171,9 +200,14 @@ def test_config_file_of_the_wrong_shape_is_a_clear_error(tmp_path, content, matc
 @pytest.mark.parametrize("flag,cap", [("--num-timesteps", 10_000), ("--projection-dim", 1 << 20),
                                       ("--batch-size", 1 << 16)])
 def test_huge_numeric_flags_are_refused_before_allocation(tmp_path, flag, cap):
+    """Issue 25.4: --num-timesteps 1e12 / --projection-dim 1e12 tried to allocate terabytes."""
     message = _cli_error(["featurize", "--pipeline", "p", "--dataset", "d", "--out", str(tmp_path / "o"),
                           flag, str(10**12)])
     assert f"must be an integer <= {cap}, got 1000000000000" in message
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), pytest.raises(SystemExit) as stopped:  # "1e12" is not an int: argparse
+        main(["featurize", "--pipeline", "p", "--dataset", "d", "--out", str(tmp_path / "o"), flag, "1e12"])
+    assert stopped.value.code == 2 and "invalid int value: '1e12'" in err.getvalue()
 
 
 # ---------------------------------------------------------------------------------------------- 2. readers, writer

@@ -181,7 +181,8 @@ class StoreFile:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         try:
-            self.fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
+            self.fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+                              | getattr(os, "O_BINARY", 0))
         except FileNotFoundError:
             raise CorruptStoreError(f"missing store file {self.path}") from None
         except OSError as error:
@@ -211,7 +212,7 @@ class StoreFile:
         data = bytearray(count)
         view, done = memoryview(data), 0
         while done < count:
-            chunk = os.preadv(self.fd, [view[done:]], offset + done)
+            chunk = _pread_into(self.fd, view[done:], offset + done)
             if chunk <= 0:
                 raise CorruptStoreError(f"{self.path} is truncated: {count} bytes expected at offset {offset}")
             done += chunk
@@ -301,6 +302,16 @@ class _TensorSlice:
         if not data:
             return torch.empty([0, *shape[1:]], dtype=dtype)
         return torch.frombuffer(data, dtype=dtype).reshape([stop - start, *shape[1:]])
+
+
+def _pread_into(fd: int, view: memoryview, offset: int) -> int:
+    """Read into `view` from `offset` of `fd` without moving a shared file position where the OS allows."""
+    if hasattr(os, "preadv"):
+        return os.preadv(fd, [view], offset)
+    os.lseek(fd, offset, os.SEEK_SET)  # Windows: the handle is this StoreFile's own
+    data = os.read(fd, len(view))
+    view[: len(data)] = data
+    return len(data)
 
 
 def file_identity(info: os.stat_result) -> tuple[int, ...]:
