@@ -244,6 +244,12 @@ def test_info_checks_the_store_as_loading_does(setup, tmp_path):
         (store / "config.json").write_text(text)
         message = _run_in_process_error(["info", str(store)], expected)
         assert "CorruptStoreError" in message and len(message.strip().splitlines()) == 1
+    shard = _copy_store(root, tmp_path / "shard-link")  # a listed file linked out of the folder, as loading refuses
+    name = json.loads((shard / "config.json").read_text())["shards"][0]["file"]
+    (tmp_path / "elsewhere.safetensors").write_bytes((shard / name).read_bytes())
+    (shard / name).unlink()
+    (shard / name).symlink_to(tmp_path / "elsewhere.safetensors")
+    _run_in_process_error(["info", str(shard)], "symbolic link")
     proc = cli("info", str(tmp_path / "bare"), check=False)
     assert proc.returncode == 1 and "config is missing" in proc.stderr and "Traceback" not in proc.stderr
 

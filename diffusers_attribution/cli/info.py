@@ -30,11 +30,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     directory, header = read_header(args)
-    if args.verify:
+    if directory is not None:  # a local store (or one --verify downloaded): every check loading makes
         from ..store import FeatureStore
 
-        with step(f"checking the sha256 of every file of {directory}"):
-            FeatureStore.from_pretrained(directory, verify=True)
+        if args.verify:
+            with step(f"checking the sha256 of every file of {directory}"):
+                FeatureStore.from_pretrained(directory, verify=True)
+        else:
+            FeatureStore.from_pretrained(directory)
     if args.json:
         print(json.dumps(header, indent=2))
     else:
