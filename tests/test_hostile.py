@@ -277,3 +277,32 @@ def test_readers_beside_a_writer_get_one_store_or_a_clear_error(reference, tmp_p
     assert writer.wait() == 0
     assert not failures, (failures[:5], outcomes)
     assert rewrites >= 5 and outcomes.get("store 1", 0) + outcomes.get("store 2", 0) >= 10, (rewrites, outcomes)
+
+
+def test_an_overwrite_is_staged_complete_then_moved_in(reference, tmp_path, monkeypatch):
+    """save_pretrained(overwrite=True) writes the whole new store into a hidden folder inside the target first: while
+    it writes, the old store stays whole and loadable; then config.json is removed, the files renamed in and
+    config.json renamed in last. A killed save's staging folder is removed by the next save."""
+    import diffusers_attribution.store.format as store_format
+
+    target = tmp_path / "store"
+    old = FeatureStore(torch.full((N, K), 1.0), reference.config, reference.metadata)
+    old.save_pretrained(target, shard_rows=SHARD_ROWS)
+    (target / (store_format.STAGING_PREFIX + "killed")).mkdir()
+    seen = []
+    original = store_format.write_shard
+
+    def writing(directory, entry, *args, **kwargs):  # while the new shards are written, the old store loads whole
+        seen.append(float(FeatureStore.from_pretrained(target, verify=True).features.unique()))
+        assert Path(directory).parent == target and Path(directory).name.startswith(store_format.STAGING_PREFIX)
+        return original(directory, entry, *args, **kwargs)
+
+    monkeypatch.setattr(store_format, "write_shard", writing)
+    FeatureStore(torch.full((N, K), 2.0), reference.config, reference.metadata).save_pretrained(
+        target, shard_rows=SHARD_ROWS, overwrite=True)
+    assert seen == [1.0] * (N // SHARD_ROWS)
+    new = FeatureStore.from_pretrained(target, verify=True)
+    assert bool((new.features == 2.0).all()) and bool((new.kernel == K * 4.0).all())
+    assert not [p.name for p in target.iterdir() if p.name.startswith(store_format.STAGING_PREFIX)]
+    assert str(target) in (target / "README.md").read_text() and store_format.STAGING_PREFIX not in \
+        (target / "README.md").read_text()

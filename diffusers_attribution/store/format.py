@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -83,6 +85,7 @@ def read_shard_run(path: Path | StoreFile) -> dict[str, Any]:
     return recorded
 
 
+STAGING_PREFIX = ".diffusers-attribution.staging-"  # save_pretrained's complete new store, before it is moved in
 OPEN_ATTEMPTS = 5  # `from_pretrained` opens a store that changed while it was being opened up to this many times
 
 # ---------------------------------------------------------------------------------------------- store
@@ -291,6 +294,10 @@ class FeatureStore:
         `kernel`: store the Gram matrix (computed if not yet known); default: for the kernel methods
         (TRAK, D-TRAK, Journey-TRAK), whose scores need it. A folder that already holds a store (or its shards)
         is an error unless `overwrite=True`, which replaces that store's own files and nothing else.
+
+        The new store is first written complete into a hidden folder inside `directory` (`STAGING_PREFIX`), then
+        moved in by renames: config.json removed, each file renamed over the old one, config.json last. Readers
+        (`from_pretrained`) see the old store, the new one, or `StoreChangedError` in that instant, never a mix.
         """
         if kernel is None:
             from ..methods.base import get_method
@@ -311,19 +318,25 @@ class FeatureStore:
             if existing and not overwrite:
                 raise FileExistsError(f"{directory} already holds a feature store: pass overwrite=True to replace it, "
                                       "or save into another folder")
-            (directory / CONFIG_NAME).unlink(missing_ok=True)  # unfinished until the new config.json is written
-            for entry in plan:
-                write_shard(directory, entry, self.rows(entry["start"], entry["stop"]),
-                            hashes[entry["start"] : entry["stop"]], run)
-            if self.projection_state is not None:
-                write_projection(directory, self.projection_state)
-            staged = FeatureStore(None, self.config, {**self.metadata, "dim": self.dim, "num_examples": len(self)},
-                                  directory=directory, shards=plan, kernel=self.kernel, method_state=self.method_state)
-            if kernel and staged.kernel is None:
-                from ..scoring import kernel_matrix
+            for leftover in directory.glob(STAGING_PREFIX + "*"):  # of a save that was killed
+                shutil.rmtree(leftover, ignore_errors=True)
+            staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=directory))
+            try:
+                for entry in plan:
+                    write_shard(staging, entry, self.rows(entry["start"], entry["stop"]),
+                                hashes[entry["start"] : entry["stop"]], run)
+                if self.projection_state is not None:
+                    write_projection(staging, self.projection_state)
+                staged = FeatureStore(None, self.config, {**self.metadata, "dim": self.dim, "num_examples": len(self)},
+                                      directory=staging, shards=plan, kernel=self.kernel, method_state=self.method_state)
+                if kernel and staged.kernel is None:
+                    from ..scoring import kernel_matrix
 
-                staged.kernel = kernel_matrix(staged)
-            staged.finalize(rows, {entry["file"]: file_digest(directory / entry["file"]) for entry in plan})
+                    staged.kernel = kernel_matrix(staged)
+                staged.finalize(rows, {entry["file"]: file_digest(staging / entry["file"]) for entry in plan})
+                _move_in(staging, directory)
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
         self.kernel = staged.kernel
         return directory
 
@@ -389,11 +402,7 @@ class FeatureStore:
         card = store_card(header, location=directory)
         atomic_write(directory / CARD_NAME, lambda p: Path(p).write_text(str(card), encoding="utf-8"))
         atomic_write(directory / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(header, indent=2)))
-        listed = {entry["file"] for entry in shards}
-        for stale in directory.iterdir():
-            if OWN_TEMPORARY_RE.match(stale.name) or SHARD_RE.match(stale.name) and stale.name not in listed \
-                    and _is_own_shard(stale):
-                stale.unlink(missing_ok=True)
+        _remove_own_leftovers(directory, {entry["file"] for entry in shards})
         self.shards = shards
 
     @classmethod
@@ -527,6 +536,32 @@ def check_foreign_files(directory: Path) -> None:
             ours = False
         if not ours:
             raise FileExistsError(f"{config} is not a feature store's config.json: write the store into another folder")
+
+
+def _move_in(staging: Path, directory: Path) -> None:
+    """Move the complete store written in `staging` into `directory` (under its writer lock): config.json removed
+    first (a reader that opened the old one sees it gone: `_open_directory`), every other file renamed over its
+    old self, the card regenerated for `directory`, config.json renamed in last; then the old layout's leftovers
+    (shards no longer listed, the writer's temporaries) removed."""
+    from .hub import store_card
+
+    header = json.loads((staging / CONFIG_NAME).read_text(encoding="utf-8"))  # written by finalize just now
+    card = str(store_card(header, location=directory))
+    atomic_write(staging / CARD_NAME, lambda p: Path(p).write_text(card, encoding="utf-8"))
+    (directory / CONFIG_NAME).unlink(missing_ok=True)
+    for name in sorted(os.listdir(staging)):
+        if name != CONFIG_NAME and not name.startswith("."):
+            os.replace(staging / name, directory / name)
+    os.replace(staging / CONFIG_NAME, directory / CONFIG_NAME)
+    _remove_own_leftovers(directory, {entry["file"] for entry in header["shards"]})
+
+
+def _remove_own_leftovers(directory: Path, listed: set[str]) -> None:
+    """The writer's own temporaries, and shards of an earlier layout of this store that it no longer lists."""
+    for stale in directory.iterdir():
+        if OWN_TEMPORARY_RE.match(stale.name) or SHARD_RE.match(stale.name) and stale.name not in listed \
+                and _is_own_shard(stale):
+            stale.unlink(missing_ok=True)
 
 
 def _is_own_card(text: str) -> bool:
