@@ -300,7 +300,7 @@ class _TensorSlice:
         data = self.file.read(self.file._data_start + self.info["data_offsets"][0] + start * row_bytes,
                               (stop - start) * row_bytes)
         if not data:
-            return torch.empty([0, *shape[1:]], dtype=dtype)
+            return torch.empty([stop - start, *shape[1:]], dtype=dtype)
         return torch.frombuffer(data, dtype=dtype).reshape([stop - start, *shape[1:]])
 
 

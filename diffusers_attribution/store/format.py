@@ -439,7 +439,8 @@ class FeatureStore:
         if not os.path.lexists(config_path):
             if os.path.lexists(directory / WRITER_NAME):
                 raise StoreChangedError(f"{directory} is being written by another process (its {CONFIG_NAME} is "
-                                        "written last): open it again when that process has finished")
+                                        f"written last; it records itself in {WRITER_NAME}): open it again when that "
+                                        "process has finished (if it was killed, rerun it to finish the store)")
             unfinished = any(SHARD_RE.match(p.name) for p in directory.iterdir())
             raise NotAStoreError(
                 f"{directory} is not a feature store: it has no {CONFIG_NAME}"
