@@ -330,7 +330,8 @@ def png_header_only(width: int, height: int, path: Path) -> Path:
     return path
 
 
-def test_add_store_takes_hub_ids_and_folders_under_the_store_root_only(app, client, store_dir, workdir, tmp_path):
+def test_add_store_takes_hub_ids_and_folders_under_the_store_root_only(app, client, store_dir, workdir, tmp_path,
+                                                                      monkeypatch):
     """Issue 25.3: any visitor could load any server path; errors told which folders exist; relative paths resolved
     against the server's working folder."""
     explorer = app[0].explorer
@@ -355,6 +356,21 @@ def test_add_store_takes_hub_ids_and_folders_under_the_store_root_only(app, clie
         client.predict(store_dir.name, api_name="/add_store")  # the root's own store, by its relative name
     finally:
         os.chdir(cwd)
+    # A Hub repo id is downloaded (download_store), never looked up as a folder of the server's working folder.
+    import diffusers_attribution.store.hub as hub_module
+
+    asked = []
+    monkeypatch.setattr(hub_module, "download_store", lambda repo: asked.append(repo) or store_dir)
+    cwd = os.getcwd()
+    try:
+        os.chdir(tmp_path)
+        (tmp_path / "user").mkdir()
+        shutil.copytree(store_dir, tmp_path / "user" / "store")
+        session = explorer.new_session()
+        assert explorer.add_visitor_store("user/store", session) == "user/store"
+    finally:
+        os.chdir(cwd)
+    assert asked == ["user/store"] and session["stores"]["user/store"].directory == store_dir
     without_root = Explorer.__new__(Explorer)
     without_root.store_root = None
     with pytest.raises(FileNotFoundError, match="local folders cannot be added"):
