@@ -21,6 +21,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import numbers
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,6 +36,11 @@ PARAMETER_SETS = ("all", "lora")
 DTYPES = ("float32", "float16", "bfloat16")
 ROLES = ("feature", "projection", "score", "execution", "data")
 HASHED_ROLES = ("feature", "projection")
+# Upper bounds of the count fields, checked before anything is allocated from them (a store's config.json, --config
+# and the CLI flags come from outside): far above any real run, far below an allocation that cannot succeed.
+CAPS = {"num_timesteps": 10_000, "noise_draws": 10_000, "query_timesteps": 10_000, "query_noise_draws": 10_000,
+        "projection_dim": 1 << 20, "sketch_dim": 1 << 21, "calibration_examples": 1 << 20, "batch_size": 1 << 16,
+        "timestep_chunk_size": 1 << 16}
 
 
 def _field(role: str, default: Any = None, *, omit: tuple = (), factory=None, help: str, choices: tuple | None = None,
@@ -172,6 +178,10 @@ class AttributionConfig:
         for name, value in method.resolved_defaults().items():
             if getattr(self, name) is None:
                 setattr(self, name, value)
+        for name, cap in CAPS.items():
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral) or value > cap):
+                raise ValueError(f"AttributionConfig.{name} must be an integer <= {cap}, got {value!r}")
         _check_method_fields(self, method)
         for f in dataclasses.fields(self):
             if f.metadata["choices"] is not None:

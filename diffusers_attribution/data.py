@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import numbers
+import warnings
 from typing import Any, Sequence
 
 import numpy as np
@@ -45,6 +46,35 @@ def to_image_tensor(image: Any) -> torch.Tensor:
         _check_range(tensor, "image tensor (expected values in [-1, 1])")
         return tensor
     raise InvalidImageError(f"cannot read an image from a {type(image).__name__}")
+
+
+MAX_IMAGE_PIXELS = 4096 * 4096  # an image file from outside (a CLI query, an explorer upload): checked before decoding
+HIGH_DEPTH_MODES = ("I", "I;16", "I;16L", "I;16B", "I;16N", "F")  # 16/32-bit: 8-bit conversion would clip them
+
+
+def open_image_file(path: Any, mode: str | None = None, max_pixels: int = MAX_IMAGE_PIXELS) -> PIL.Image.Image:
+    """An image file from outside, decoded only once its header has passed: at most `max_pixels` pixels (PIL reads
+    only the header on open; its own decompression-bomb limit is an error too), and an 8-bit mode: 16- and 32-bit
+    images (modes I;16, I, F) are refused rather than clipped by a conversion to 8 bits (pass them to the Python
+    API as arrays in [0, 1]). Converted to `mode` ("L", "RGB") when given. Failures are an `InvalidImageError`."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", PIL.Image.DecompressionBombWarning)
+            with PIL.Image.open(path) as image:
+                width, height = image.size
+                if width * height > max_pixels:
+                    raise InvalidImageError(f"the image {path} is {width}×{height} pixels, more than the {max_pixels} "
+                                            "an image may have here: refused before decoding it")
+                if image.mode in HIGH_DEPTH_MODES:
+                    raise InvalidImageError(f"the image {path} has {image.mode!r} pixels (16 or 32 bits), which "
+                                            "converting to 8 bits would clip: save it as an 8-bit image, or pass it to "
+                                            "the Python API as an array in [0, 1]")
+                image.load()
+                return image.convert(mode) if mode and image.mode != mode else image.copy()
+    except (PIL.Image.DecompressionBombError, PIL.Image.DecompressionBombWarning) as error:
+        raise InvalidImageError(f"the image {path} is refused: {error}") from None
+    except (PIL.UnidentifiedImageError, OSError, SyntaxError) as error:
+        raise InvalidImageError(f"cannot read the image {path}: {error}") from None
 
 
 # PIL modes by what their numbers mean: scaled by the mode's bit depth to [0, 1].

@@ -210,3 +210,107 @@ def _run_in_process_error(argv: list[str], expected: str) -> str:
     assert status not in (0, None), f"{argv} did not fail"
     assert expected in message, message
     return message
+
+
+# ---------------------------------------------------------------------------------------------- issue 25.4
+
+
+def _copy_store(root: Path, where: Path) -> Path:
+    import shutil
+
+    return Path(shutil.copytree(root / "store", where, symlinks=True))
+
+
+def test_info_checks_the_store_as_loading_does(setup, tmp_path):
+    """Issue 25.4: info skipped the schema and symlink checks (a config.json linked to a secret printed it with
+    --json); malformed stores gave AttributeError / RecursionError; a bare {"format_version": 2} was a store."""
+    root, _, _, _ = setup
+    secret = tmp_path / "secret.json"
+    secret.write_text('{"format_version": 2, "password": "hunter2", "shards": []}')
+    linked = _copy_store(root, tmp_path / "linked")
+    (linked / "config.json").unlink()
+    (linked / "config.json").symlink_to(secret)
+    message = _run_in_process_error(["info", str(linked), "--json"], "symbolic link")
+    assert "hunter2" not in message
+    proc = cli("info", str(linked), "--json", check=False)
+    assert proc.returncode == 1 and "hunter2" not in proc.stdout + proc.stderr and "Traceback" not in proc.stderr
+    for name, text, expected in (
+            ("bare", '{"format_version": 2}', "config is missing"),
+            ("deep", "[" * 100_000 + "]" * 100_000, "nests 100000 levels deep"),
+            ("list", "[]", "expected a JSON object"),
+            ("typed", json.dumps({**json.loads((root / "store" / "config.json").read_text()), "shards": 5}),
+             "shards must be a non-empty list")):
+        store = _copy_store(root, tmp_path / name)
+        (store / "config.json").write_text(text)
+        message = _run_in_process_error(["info", str(store)], expected)
+        assert "CorruptStoreError" in message and len(message.strip().splitlines()) == 1
+    shard = _copy_store(root, tmp_path / "shard-link")  # a listed file linked out of the folder, as loading refuses
+    name = json.loads((shard / "config.json").read_text())["shards"][0]["file"]
+    (tmp_path / "elsewhere.safetensors").write_bytes((shard / name).read_bytes())
+    (shard / name).unlink()
+    (shard / name).symlink_to(tmp_path / "elsewhere.safetensors")
+    _run_in_process_error(["info", str(shard)], "symbolic link")
+    proc = cli("info", str(tmp_path / "bare"), check=False)
+    assert proc.returncode == 1 and "config is missing" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_info_verify_downloads_only_the_listed_files(setup, tmp_path):
+    """Issue 25.4: `info REPO --verify` downloaded every file of the repository (a 30 MB blob and a .py)."""
+    root, _, env, _ = setup
+    from huggingface_hub import HfApi
+
+    extra = tmp_path / "upload"
+    _copy_store(root, extra)
+    (extra / "blob.bin").write_bytes(os.urandom(2 << 20))
+    (extra / "evil.py").write_text("import os; os.system('id')\n")
+    with LocalHub() as hub:
+        api = HfApi(endpoint=hub.endpoint, token="test")
+        api.create_repo("tester/extra", repo_type="dataset")
+        api.upload_folder(repo_id="tester/extra", repo_type="dataset", folder_path=extra)
+        home = tmp_path / "hf-home"
+        proc = cli("info", "tester/extra", "--verify", "--endpoint", hub.endpoint, "--token", "test",
+                   env={**env, "HF_HOME": str(home)})
+    assert "every sha256 checked" in proc.stdout
+    fetched = {path.name for path in home.rglob("*") if "snapshots" in path.parts and not path.is_dir()}
+    listed = {"config.json", *(p.name for p in (root / "store").iterdir() if p.name.endswith(".safetensors"))}
+    assert listed <= fetched and not {"blob.bin", "evil.py"} & fetched, fetched
+    assert sum(p.stat().st_size for p in home.rglob("*") if p.is_file()) < 2 << 20
+
+
+def test_attribute_refuses_hostile_images_and_escapes_names(setup, tmp_path):
+    """Issue 25.4: a decompression-bomb PNG raised an uncaught DecompressionBombError; a symbolic link in a query
+    folder pointing outside it was followed; a file name with a newline forged a row of the table; 16-bit PNGs
+    were clipped to 8 bits."""
+    import struct
+    import zlib
+
+    root, queries, _, _ = setup
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    bomb = tmp_path / "bomb.png"  # 100000² gray pixels claimed by a 100-byte file
+    bomb.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 100000, 100000, 8, 0, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+    store = ["--store", str(root / "store"), "--no-progress"]
+    message = _run_in_process_error(["attribute", str(bomb), *store], "decompression bomb")
+    assert "Traceback" not in message
+    deep = tmp_path / "deep.png"
+    Image.fromarray((torch.arange(64).reshape(8, 8) * 1000).numpy().astype("uint16")).save(deep)
+    _run_in_process_error(["attribute", str(deep), *store], "16 or 32 bits")
+
+    folder = tmp_path / "queries"
+    folder.mkdir()
+    (folder / "q0.png").write_bytes(queries[0].read_bytes())
+    outside = tmp_path / "outside.png"
+    outside.write_bytes(queries[1].read_bytes())
+    (folder / "link.png").symlink_to(outside)
+    _run_in_process_error(["attribute", str(folder), *store], "is a symbolic link out of")
+    (folder / "link.png").unlink()
+
+    forged = folder / "z.png\nforged.png     1        99999  1e+09.png"
+    forged.write_bytes(queries[1].read_bytes())
+    table = _run_in_process(["attribute", str(folder), *store, "--topk", "1"])
+    lines = table.strip().splitlines()
+    assert len(lines) == 3 and not any(line.startswith("forged") for line in lines)
+    assert "z.png\\nforged.png" in lines[2]

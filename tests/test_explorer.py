@@ -25,7 +25,13 @@ import torch  # noqa: E402
 gradio_client = pytest.importorskip("gradio_client")
 pytest.importorskip("gradio")
 
-from diffusers_attribution import AttributionConfig, InvalidImageError, StoreMismatchError, enable_attribution  # noqa: E402
+from diffusers_attribution import (  # noqa: E402
+    AttributionConfig,
+    FeatureStore,
+    InvalidImageError,
+    StoreMismatchError,
+    enable_attribution,
+)
 from diffusers_attribution.demo.digits import load_digits_dataset  # noqa: E402
 from diffusers_attribution.evaluation.bias import generally_influential  # noqa: E402
 from diffusers_attribution.explorer import (  # noqa: E402
@@ -110,7 +116,7 @@ def other_store_dir(dataset_dir, workdir):
 def app(pipe, store_dir, dtrak_dir, dataset_dir):
     port = free_port()
     demo = launch_explorer({NAME: str(store_dir), "d-trak": str(dtrak_dir)}, load_dataset(dataset_dir), pipe, port=port,
-                           block=False, k=K)
+                           block=False, k=K, store_root=store_dir.parent)
     yield demo, f"http://127.0.0.1:{port}/"
     demo.close()
 
@@ -304,6 +310,158 @@ def test_export_space_runs_against_the_hub(pipe, store_dir, dataset_dir, workdir
                               text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip().splitlines()[-1] == f"Blocks ['tester/store'] {N}"
+
+
+# ---------------------------------------------------------------------------------------------- issue 25.3
+
+
+def png_header_only(width: int, height: int, path: Path) -> Path:
+    """A valid PNG header of width × height 8-bit gray pixels with almost no data (a 'decompression bomb' that
+    PIL opens by its header; decoding it in full would allocate width · height bytes)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+                     + chunk(b"IEND", b""))
+    return path
+
+
+def test_add_store_takes_hub_ids_and_folders_under_the_store_root_only(app, client, store_dir, workdir, tmp_path,
+                                                                      monkeypatch):
+    """Issue 25.3: any visitor could load any server path; errors told which folders exist; relative paths resolved
+    against the server's working folder."""
+    explorer = app[0].explorer
+    assert explorer.store_root == Path(os.path.realpath(store_dir.parent))
+    outside = tmp_path / "outside-store"
+    shutil.copytree(store_dir, outside)
+    (store_dir.parent / "link-out").symlink_to(outside)
+    messages = []
+    for spec in (str(outside), str(tmp_path), str(tmp_path / "missing"), "/etc", "../" * 12 + "etc", "link-out",
+                 "../" + tmp_path.name, "/nonexistent/folder"):
+        with pytest.raises(gradio_client.exceptions.AppError) as shown:
+            client.predict(spec, api_name="/add_store")
+        messages.append(str(shown.value).replace(repr(spec), "SPEC"))
+    assert len(set(messages)) == 1, messages  # the same error whether the folder exists or not
+    assert "no store SPEC to add: enter a Hub dataset repo id (user/name) or a folder under" in messages[0]
+    cwd = os.getcwd()
+    try:  # a relative name resolves under the store root, never against the server's working folder
+        os.chdir(tmp_path)
+        shutil.copytree(store_dir, tmp_path / "cwd-store")
+        with pytest.raises(gradio_client.exceptions.AppError, match="no store 'cwd-store' to add"):
+            client.predict("cwd-store", api_name="/add_store")
+        client.predict(store_dir.name, api_name="/add_store")  # the root's own store, by its relative name
+    finally:
+        os.chdir(cwd)
+    # A Hub repo id is downloaded (download_store), never looked up as a folder of the server's working folder.
+    import diffusers_attribution.store.hub as hub_module
+
+    asked = []
+    monkeypatch.setattr(hub_module, "download_store", lambda repo: asked.append(repo) or store_dir)
+    cwd = os.getcwd()
+    try:
+        os.chdir(tmp_path)
+        (tmp_path / "user").mkdir()
+        shutil.copytree(store_dir, tmp_path / "user" / "store")
+        session = explorer.new_session()
+        assert explorer.add_visitor_store("user/store", session) == "user/store"
+    finally:
+        os.chdir(cwd)
+    assert asked == ["user/store"] and session["stores"]["user/store"].directory == store_dir
+    without_root = Explorer.__new__(Explorer)
+    without_root.store_root = None
+    with pytest.raises(FileNotFoundError, match="local folders cannot be added"):
+        without_root.resolve_visitor_store(str(store_dir))
+    assert without_root.resolve_visitor_store("user/store") == "user/store"
+
+
+def test_a_store_added_by_one_visitor_is_theirs_only(app, pipe, other_store_dir, queries):
+    first = gradio_client.Client(app[1], verbose=False, download_files=False)
+    second = gradio_client.Client(app[1], verbose=False, download_files=False)
+    first.predict(other_store_dir.name, api_name="/add_store")
+    assert other_store_dir.name not in app[0].explorer.stores
+    with pytest.raises(ValueError, match="no store named 'other-store' here"):
+        app[0].explorer.store(other_store_dir.name, app[0].explorer.new_session())
+    # gradio itself refuses the name for the second visitor (their dropdown never listed it); were it let through,
+    # Explorer.store would refuse it: "no store named 'other-store' here".
+    with pytest.raises(gradio_client.exceptions.AppError, match="other-store.* not in the list of choices|no store named"):
+        second.predict(gradio_client.handle_file(str(queries[0])), K, NAME, other_store_dir.name, api_name="/attribute")
+    with pytest.raises(gradio_client.exceptions.AppError, match="model_fingerprint"):  # the first visitor has it
+        first.predict(gradio_client.handle_file(str(queries[0])), K, NAME, other_store_dir.name, api_name="/attribute")
+
+
+def test_uploads_are_bounded_before_decoding(app, client, workdir, queries):
+    """Issue 25.3: a 140 KB PNG of 12000² pixels was decoded in full (19 s, 3 GB); no max_file_size."""
+    import time
+
+    for side, match in ((12000, "is refused: Image size .144000000 pixels. exceeds limit"),  # PIL's own limit
+                        (8000, "8000×8000 pixels, more than the 16777216 an image may have here")):
+        bomb = png_header_only(side, side, workdir / f"bomb{side}.png")
+        assert bomb.stat().st_size < 1000
+        start = time.perf_counter()
+        with pytest.raises(gradio_client.exceptions.AppError, match=match):
+            client.predict(gradio_client.handle_file(str(bomb)), K, NAME, "(none)", api_name="/attribute")
+        assert time.perf_counter() - start < 10
+        with pytest.raises(InvalidImageError, match=match):
+            app[0].explorer.query_image(str(bomb))
+    big = workdir / "big.png"  # a valid 8-bit PNG of 11 MB: refused by its size, before the app sees it
+    PIL.Image.fromarray(np.random.default_rng(0).integers(0, 256, (1700, 1700, 4), dtype=np.uint8)).save(big)
+    assert big.stat().st_size > 10 << 20
+    with pytest.raises(ValueError, match="exceeds the maximum file size of 10485760 bytes"):  # the client, told
+        client.predict(gradio_client.handle_file(str(big)), K, NAME, "(none)", api_name="/attribute")
+    import httpx  # gradio's dependency: the server's own upload route, past any client
+
+    response = httpx.post(app[1] + "gradio_api/upload", files={"files": ("big.png", big.read_bytes(), "image/png")})
+    assert response.status_code == 413, (response.status_code, response.text[:300])
+    out = client.predict(gradio_client.handle_file(str(queries[0])), K, NAME, "(none)", api_name="/attribute")
+    assert len(table_rows(out[1])) == K  # the next request is served
+
+
+def test_sixteen_bit_uploads_are_refused_not_clipped(app, client, workdir):
+    """Issue 25.3: 16-bit PNGs were clipped to 8 bits by .convert("L")."""
+    deep = workdir / "deep.png"
+    PIL.Image.fromarray((np.arange(64, dtype=np.uint16).reshape(8, 8) * 1000)).save(deep)
+    assert PIL.Image.open(deep).mode in ("I;16", "I")
+    with pytest.raises(gradio_client.exceptions.AppError, match="16 or 32 bits"):
+        client.predict(gradio_client.handle_file(str(deep)), K, NAME, "(none)", api_name="/attribute")
+
+
+def test_store_metadata_is_escaped_in_markdown(app, store_dir):
+    store = FeatureStore.from_pretrained(store_dir)
+    payload = 'x` <img src="http://attacker.example/p.png"> **bold** [link](http://attacker.example)'
+    store.metadata.update(dataset_name=payload, base_model=payload)
+    text = app[0].explorer.describe("evil`<b>", {"stores": {"evil`<b>": store}, "history": {}})
+    assert "<img" not in text and "<b>" not in text and "](" not in text and "**bold**" not in text
+    assert "&lt;img src=&quot;http://attacker\\.example/p\\.png&quot;&gt;" in text
+
+
+def test_scores_csv_neutralizes_formulas_and_exports_are_cleaned_up(app, client, queries, monkeypatch):
+    """Issue 25.3: captions went raw into scores.csv (=HYPERLINK, +cmd|...); every query left an explorer-* folder."""
+    import csv
+    import tempfile
+
+    import diffusers_attribution.explorer.session as session_module
+
+    explorer = app[0].explorer
+    before = sorted(Path(tempfile.gettempdir()).glob("explorer-*"))
+    for path in queries:
+        client.predict(gradio_client.handle_file(str(path)), K, NAME, "(none)", api_name="/attribute")
+    assert sorted(Path(tempfile.gettempdir()).glob("explorer-*")) == before
+    monkeypatch.setattr(session_module, "EXPORTS_KEPT", 2)
+    hostile = ["=HYPERLINK(\"http://x\")", "+cmd|' /C calc'!A0", "-2+3", "@SUM(1)", "\tx", "\rx", "plain"]
+    monkeypatch.setattr(explorer, "caption", lambda index: hostile[index % len(hostile)])
+    result = explorer.attribute(PIL.Image.open(queries[0]), NAME)
+    written = [explorer.export(result, NAME, K) for _ in range(4)]
+    assert [paths[0].parent.exists() for paths in written] == [False, False, True, True]
+    assert all(Path(explorer._exports.name) in paths[0].parents for paths in written)
+    with open(written[-1][1], newline="", encoding="utf-8") as handle:
+        rows = list(csv.reader(handle))[1:]
+    captions = {row[3] for row in rows}
+    assert captions == {"'" + text for text in hostile[:-1]} | {"plain"}
+    assert all(float(row[2]) == float(row[2]) for row in rows)  # scores stay numbers (a minus sign is kept)
 
 
 def test_store_card_links_the_space():

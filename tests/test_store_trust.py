@@ -771,3 +771,35 @@ def test_fuzzed_stores_score_exactly_or_are_refused(reference, queries, tmp_path
     print(f"fuzz: {sum(outcomes.values())} mutations tried: {outcomes['refused']} refused, "
           f"{outcomes['identical']} scored exactly as the original")
     assert outcomes["refused"] > 200 and outcomes["identical"] > 5
+
+
+# ---------------------------------------------------------------------------------------------- issue 25.5
+
+
+@pytest.mark.parametrize("payload", ['x"); __import__("os").system("id"); ("', "x'); __import__('os').system('id'); ('",
+                                     'x\\"); __import__("os").system("id")  # \n```\n<script>', "a\"'``` b"])
+def test_store_card_snippets_hold_names_as_literals(reference, payload):
+    """Issue 25.5: base_model and the repo id went into the card's copy-paste code as "...": a crafted base_model
+    gave `from_pretrained("x"); __import__("os").system("id"); ("")`. Every Python block of the card must parse,
+    call nothing but the card's own functions, and pass the names as string constants equal to them."""
+    import ast
+    import re
+
+    from diffusers_attribution.store.hub import store_card
+
+    header = json.loads((reference.directory / "config.json").read_text())
+    header["base_model"] = payload
+    for card in (str(store_card(header, location=payload)), str(store_card(header, repo_id="me/store"))):
+        blocks = re.findall(r"^(`{3,})python\n(.*?)^\1$", card, flags=re.S | re.M)
+        assert len(blocks) == 2, card
+        calls, constants = set(), []
+        for _, code in blocks:
+            tree = ast.parse(code.replace("\n    ...", "\n    pass"))
+            for node in ast.walk(tree):
+                if isinstance(node, ast.Call):
+                    function = node.func
+                    calls.add(function.attr if isinstance(function, ast.Attribute) else function.id)
+                    constants += [arg.value for arg in node.args if isinstance(arg, ast.Constant)]
+        assert calls == {"enable_attribution", "from_pretrained", "attribute", "topk", "blocks"}, calls
+        assert payload in constants
+        assert "<script>" not in card.split("## Use")[1].split("## Files")[0].replace(repr(payload), "")

@@ -64,8 +64,8 @@ def run(args: argparse.Namespace) -> int:
         with step(f"opening the feature store {args.store}"):
             store = FeatureStore.from_pretrained(args.store, revision=args.revision, endpoint=args.endpoint,
                                                  token=args.token)
-        say(f"{store}: {store.metadata.get('dataset_name') or 'unnamed dataset'}, "
-            f"featurized from {store.metadata.get('base_model') or 'an unnamed pipeline'}")
+        say(printable(f"{store}: {store.metadata.get('dataset_name') or 'unnamed dataset'}, "
+                      f"featurized from {store.metadata.get('base_model') or 'an unnamed pipeline'}"))
         # The store's config, with the flags given; a feature-changing flag is refused, naming the difference.
         config = config_from_args(args, base=store.config.to_dict()) if (config_overrides(args) or args.config) else None
         pipeline = args.pipeline or store.metadata.get("base_model")
@@ -110,13 +110,21 @@ def run(args: argparse.Namespace) -> int:
 
 
 def format_table(rows: list[dict]) -> str:
-    """One line per (image, rank): image, rank, training index, score."""
-    width = max([len("image")] + [len(row["image"]) for row in rows])
+    """One line per (image, rank): image, rank, training index, score; control characters in a file name (a
+    newline would forge a row) are shown escaped."""
+    names = [printable(row["image"]) for row in rows]
+    width = max([len("image")] + [len(name) for name in names])
     lines = [f"{'image':<{width}}  rank  train_index  score"]
-    for row in rows:
+    for name, row in zip(names, rows):
         for entry in row["topk"]:
-            lines.append(f"{row['image']:<{width}}  {entry['rank']:>4}  {entry['index']:>11}  {entry['score']:.6g}")
+            lines.append(f"{name:<{width}}  {entry['rank']:>4}  {entry['index']:>11}  {entry['score']:.6g}")
     return "\n".join(lines)
+
+
+def printable(text: str) -> str:
+    """`text` with every non-printable character (newline, carriage return, escape, ...) as its Python escape."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape", "backslashreplace").decode("ascii")
+                   for c in str(text))
 
 
 def _store_dataset(store, args):

@@ -1,4 +1,5 @@
-"""`info`: what a feature store holds, how it was made, and its size, read from its config.json (no torch).
+"""`info`: what a feature store holds, how it was made, and its size, read from its config.json, checked as loading
+checks it (schema, size, no symbolic link out of the folder).
 
     diffusers-attribution info STORE              # a store directory or a Hub dataset repo id
     diffusers-attribution info STORE --json       # config.json as it is
@@ -9,8 +10,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
+from .attribute import printable
 from .options import add_hub_arguments, add_subparser, step
 
 CONFIG_NAME = "config.json"  # the store's header (store.py)
@@ -27,11 +30,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     directory, header = read_header(args)
-    if args.verify:
+    if directory is not None:  # a local store (or one --verify downloaded): every check loading makes
         from ..store import FeatureStore
 
-        with step(f"checking the sha256 of every file of {directory}"):
-            FeatureStore.from_pretrained(directory, verify=True)
+        if args.verify:
+            with step(f"checking the sha256 of every file of {directory}"):
+                FeatureStore.from_pretrained(directory, verify=True)
+        else:
+            FeatureStore.from_pretrained(directory)
     if args.json:
         print(json.dumps(header, indent=2))
     else:
@@ -40,31 +46,37 @@ def run(args: argparse.Namespace) -> int:
 
 
 def read_header(args: argparse.Namespace) -> tuple[Path | None, dict]:
-    """(local directory or None, config.json) of a store directory, or of a Hub repo (only config.json is fetched,
-    unless --verify needs every file)."""
+    """(local directory or None, config.json) of a store directory, or of a Hub repo, after the checks loading makes:
+    config.json a regular file of the folder (no symbolic link out of it), bounded, and valid (store/schema.py);
+    a malformed store is the library's `CorruptStoreError`. From the Hub only config.json is fetched, or with
+    --verify the files it lists (store/hub.py `download_store`), never a repository's other files."""
+    from ..store.files import store_path
+    from ..store.schema import parse_header, validate_header
+
     path = Path(args.store)
     if not path.is_dir():
-        from ..store.hub import is_repo_id
+        from ..store.hub import download_store, is_repo_id
 
         if not is_repo_id(args.store):
             raise SystemExit(f"error: no feature store at {args.store!r}: not a directory, and not a Hub repo id")
-        from huggingface_hub import hf_hub_download, snapshot_download
+        from huggingface_hub import hf_hub_download
 
-        options = dict(repo_type="dataset", revision=args.revision, endpoint=args.endpoint, token=args.token)
+        options = dict(revision=args.revision, endpoint=args.endpoint, token=args.token)
         try:
             if args.verify:
-                path = Path(snapshot_download(args.store, **options))
+                path = download_store(args.store, **options)
             else:
-                return None, json.loads(Path(hf_hub_download(args.store, CONFIG_NAME, **options)).read_text())
+                where = f"{args.store}/{CONFIG_NAME}"
+                config = Path(hf_hub_download(args.store, CONFIG_NAME, repo_type="dataset", **options))
+                return None, validate_header(parse_header(config, where), where)[1]
+        except (ValueError, FileNotFoundError):
+            raise
         except Exception as error:  # noqa: BLE001 - any Hub failure ends here, named
             raise SystemExit(f"error: cannot read the store {args.store!r} from the Hub: {error}") from None
-    config_path = path / CONFIG_NAME
-    if not config_path.is_file():
+    if not os.path.lexists(path / CONFIG_NAME):
         raise SystemExit(f"error: {path} is not a feature store: it has no {CONFIG_NAME}")
-    try:
-        return path, json.loads(config_path.read_text())
-    except ValueError as error:
-        raise SystemExit(f"error: {config_path} is not valid JSON: {error}") from None
+    where = str(path / CONFIG_NAME)
+    return path, validate_header(parse_header(store_path(path, CONFIG_NAME), where), where)[1]
 
 
 def describe(header: dict, directory: Path | None, verified: bool = False) -> str:
@@ -105,7 +117,7 @@ def describe(header: dict, directory: Path | None, verified: bool = False) -> st
     lines.append(f"written by    diffusers-attribution {header.get('package_version')}, store format "
                  f"{header.get('format_version')}" + (" — every sha256 checked" if verified else ""))
     lines.append("config        " + json.dumps({k: v for k, v in sorted(config.items()) if v not in (None, {}, [])}))
-    return "\n".join(lines)
+    return "\n".join(printable(line) for line in lines)  # a name with a newline cannot add a line
 
 
 def _feature_hash(config: dict) -> str:

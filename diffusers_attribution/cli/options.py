@@ -13,6 +13,7 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import os
 import sys
 import time
 import types
@@ -23,6 +24,7 @@ from typing import Any
 from ..config import PARAMETER_SETS, AttributionConfig
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+MAX_CONFIG_FILE_BYTES = 1 << 20  # an AttributionConfig is a few hundred bytes
 
 
 def config_flags() -> list[tuple[str, str, dict[str, Any]]]:
@@ -111,16 +113,26 @@ def config_from_args(args: argparse.Namespace, base: dict[str, Any] | None = Non
 
     fields = dict(base or {})
     if getattr(args, "config", None):
-        path = Path(args.config)
-        try:
-            fields.update(json.loads(path.read_text()))
-        except (OSError, ValueError) as error:
-            raise SystemExit(f"error: --config {path}: {error}") from None
+        fields.update(read_config_file(args.config))
     fields.update(config_overrides(args))
     try:
         return AttributionConfig.from_dict(fields)
+    except (ValueError, TypeError) as error:
+        raise SystemExit(f"error: {error}") from None
+
+
+def read_config_file(path: str) -> dict[str, Any]:
+    """The fields of a --config JSON file: at most MAX_CONFIG_FILE_BYTES, nested at most MAX_JSON_DEPTH, an object."""
+    from ..store.files import load_json_bounded
+
+    try:
+        fields = load_json_bounded(path, MAX_CONFIG_FILE_BYTES, where=f"--config {path}", error=ValueError)
     except ValueError as error:
         raise SystemExit(f"error: {error}") from None
+    if not isinstance(fields, dict):
+        kind = "null" if fields is None else type(fields).__name__
+        raise SystemExit(f"error: --config {path} must hold a JSON object of AttributionConfig fields, not {kind}")
+    return fields
 
 
 def _key_value(flag: str, option: str) -> tuple[str, Any]:
@@ -210,6 +222,11 @@ def image_paths(specs: list[str]) -> list[Path]:
             found = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
             if not found:
                 raise SystemExit(f"error: {path} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+            root = Path(os.path.realpath(path))
+            for image in found:  # a folder's images are its own: a symbolic link out of it is refused
+                if root not in Path(os.path.realpath(image)).parents:
+                    raise SystemExit(f"error: {ascii(str(image))} is a symbolic link out of {ascii(str(path))}: refused "
+                                     "(pass the file itself to use it)")
             paths.extend(found)
         elif path.is_file():
             paths.append(path)
@@ -220,15 +237,14 @@ def image_paths(specs: list[str]) -> list[Path]:
 
 def load_images(paths: list[Path], pipe) -> list:
     """PIL images in the channels the pipeline's model takes: grayscale for a 1-channel pixel-space model, else RGB."""
-    import PIL.Image
-
     denoiser = getattr(pipe, "unet", None)
     gray = getattr(pipe, "vae", None) is None and getattr(getattr(denoiser, "config", None), "in_channels", 3) == 1
+    from ..data import open_image_file
+
     images = []
-    for path in paths:
+    for path in paths:  # each checked from its header first: pixel count, bit depth (data.open_image_file)
         try:
-            with PIL.Image.open(path) as image:
-                images.append(image.convert("L" if gray else "RGB"))
-        except (OSError, ValueError) as error:
-            raise SystemExit(f"error: cannot read the image {path}: {error}") from None
+            images.append(open_image_file(path, "L" if gray else "RGB"))
+        except ValueError as error:
+            raise SystemExit(f"error: {error}") from None
     return images

@@ -4,11 +4,16 @@ against the loaded `FeatureStore`s; the training features are never recomputed."
 
 from __future__ import annotations
 
+import collections
 import csv
+import html
 import inspect
 import io
 import json
 import os
+import re
+import shutil
+import tempfile
 import threading
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -17,13 +22,27 @@ import PIL.Image
 import torch
 
 from ..adapters import get_adapter
-from ..data import InvalidImageError, TrainingData, to_image_tensor
+from ..data import InvalidImageError, TrainingData, open_image_file, to_image_tensor
 from ..evaluation.bias import GeneralInfluence, generally_influential
 from ..mixin import enable_attribution
 from ..result import AttributionResult, _to_pil
 from ..store import FeatureStore
 
 StoreSpec = FeatureStore | str | os.PathLike
+EXPORTS_KEPT = 64  # the downloads of this many recent queries stay on disk (gradio copies them into its cache)
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")  # a spreadsheet cell starting with one of these is a formula
+
+
+def escape_markdown(value: Any) -> str:
+    """Text from outside (store metadata, names a visitor typed, prompts) as literal Markdown text on one line:
+    HTML characters as entities, Markdown punctuation backslash-escaped."""
+    text = html.escape(" ".join(str(value).split()), quote=True)
+    return re.sub(r"([\\`*_{}\[\]()#+\-.!|~<>])", r"\\\1", text)
+
+
+def csv_cell(value: Any) -> Any:
+    """A CSV cell a spreadsheet shows as text: a string starting with = + - @ tab or CR gets a leading quote."""
+    return "'" + value if isinstance(value, str) and value.startswith(FORMULA_START) else value
 
 
 def open_store(spec: StoreSpec) -> FeatureStore:
@@ -69,11 +88,17 @@ class Explorer:
     mapping; `dataset`: the training set the stores were featurized from (checked example by example
     against the stores' content hashes when `check_dataset`); `pipe`: a pipeline, its directory or Hub id,
     or None for the first store's recorded base model.
+
+    Stores a visitor adds (`add_visitor_store`) live in that visitor's session, never in `stores`: a Hub dataset
+    repo id, or a folder under `store_root` (None: no local folder may be added).
     """
 
     def __init__(self, stores: StoreSpec | Sequence[StoreSpec] | Mapping[str, StoreSpec], dataset: Any,
                  pipe: Any = None, *, image_column: str | None = None, caption_column: str | None = None,
-                 check_dataset: bool = True):
+                 check_dataset: bool = True, store_root: str | os.PathLike | None = None):
+        self.store_root = Path(os.path.realpath(store_root)) if store_root is not None else None
+        self._exports = tempfile.TemporaryDirectory(prefix="explorer-")  # removed with the explorer, or at exit
+        self._recent: collections.deque[Path] = collections.deque()
         if isinstance(stores, Mapping):
             named = list(stores.items())
         else:
@@ -108,12 +133,62 @@ class Explorer:
             self.history.setdefault(name, [])
         return name
 
-    def describe(self, name: str) -> str:
-        """One Markdown line about a store."""
-        store = self.stores[name]
+    def new_session(self) -> dict[str, dict]:
+        """What one visitor adds: their stores and the queries attributed against them."""
+        return {"stores": {}, "history": {}}
+
+    def store(self, name: str, session: Mapping | None = None) -> FeatureStore:
+        """The named store: one of the visitor's own (`session`), else one the explorer was launched with."""
+        stores = {**self.stores, **((session or {}).get("stores") or {})}
+        if name not in stores:
+            raise ValueError(f"no store named {name!r} here: pick one of the list, or add it first")
+        return stores[name]
+
+    def _history(self, name: str, session: Mapping | None) -> list[torch.Tensor]:
+        if session is not None and name in session.get("stores", {}):
+            return session["history"].setdefault(name, [])
+        return self.history[name]
+
+    def resolve_visitor_store(self, spec: str) -> str:
+        """What a visitor typed → a Hub dataset repo id, or a folder inside `store_root` (resolved, links followed).
+        Anything else is one error that says nothing of whether such a path exists on the server."""
+        from ..store.hub import is_repo_id
+
+        spec = str(spec).strip()
+        if self.store_root is not None and spec and "\0" not in spec:
+            candidate = Path(os.path.realpath(self.store_root / spec))
+            if (candidate == self.store_root or self.store_root in candidate.parents) and candidate.is_dir():
+                return str(candidate)
+        if is_repo_id(spec) and spec.count("/") == 1:
+            return spec
+        where = "a folder under the explorer's store folder" if self.store_root is not None else \
+            "local folders cannot be added (the explorer was started without a store folder)"
+        raise FileNotFoundError(f"no store {spec!r} to add: enter a Hub dataset repo id (user/name) or {where}")
+
+    def add_visitor_store(self, spec: str, session: dict) -> str:
+        """Load a store a visitor asked for (`resolve_visitor_store`) into their `session` only; returns its name."""
+        from ..store.hub import download_store
+
+        location = self.resolve_visitor_store(spec)
+        local = self.store_root is not None and Path(location).is_absolute()
+        store = FeatureStore.from_pretrained(location if local else download_store(location))
+        if self.check_dataset:
+            store.check_dataset(self.data)
+        name = str(spec).strip()
+        session["stores"][name] = store
+        session["history"].setdefault(name, [])
+        return name
+
+    def names(self, session: Mapping | None = None) -> list[str]:
+        return list(self.stores) + [n for n in ((session or {}).get("stores") or {}) if n not in self.stores]
+
+    def describe(self, name: str, session: Mapping | None = None) -> str:
+        """One Markdown line about a store; its metadata and name escaped (they come from the store's files)."""
+        store = self.store(name, session)
         meta = store.metadata
-        return (f"**{name}**: `{store.config.method}`, N = {len(store)}, k = {store.dim}, model "
-                f"`{meta.get('base_model') or meta.get('pipeline', '?')}`, dataset `{meta.get('dataset_name') or '?'}`")
+        model = meta.get("base_model") or meta.get("pipeline") or "?"
+        return (f"**{escape_markdown(name)}**: {escape_markdown(store.config.method)}, N = {len(store)}, "
+                f"k = {store.dim}, model {escape_markdown(model)}, dataset {escape_markdown(meta.get('dataset_name') or '?')}")
 
     # ------------------------------------------------------------------------------------ queries
 
@@ -134,36 +209,41 @@ class Explorer:
         """An uploaded file path, PIL image or tensor → what `pipe.attribute` takes; None is an error."""
         if image is None or isinstance(image, str) and not image:
             raise InvalidImageError("no query image: upload an image first")
-        if isinstance(image, (str, os.PathLike)):
-            with PIL.Image.open(image) as opened:
-                opened.load()
-                return opened.copy()
+        if isinstance(image, (str, os.PathLike)):  # an upload: its header checked before it is decoded
+            return open_image_file(image, self.image_mode)
         return image
 
     def query_tensor(self, image: Any) -> torch.Tensor:
         """The query as the pipeline reads it: [C, H, W] in [-1, 1]."""
         return to_image_tensor(self.query_image(image))
 
-    def attribute(self, image: Any, name: str, prompts: str | None = None) -> AttributionResult:
+    def attribute(self, image: Any, name: str, prompts: str | None = None,
+                  session: Mapping | None = None) -> AttributionResult:
         """`pipe.attribute(image, store)` with the named store; the scores join that store's query history."""
         image = self.query_image(image)
+        store = self.store(name, session)
         with self.lock:
-            result = self.pipe.attribute(image, self.stores[name], prompts=prompts, progress=False)
-            self.history[name].append(result.scores[0])
+            result = self.pipe.attribute(image, store, prompts=prompts, progress=False)
+            self._history(name, session).append(result.scores[0])
         return result
 
     def trajectory(self, prompt_or_seed: str | int, name: str, num_inference_steps: int, *, seed: int = 0,
-                   progress: bool = True):
+                   progress: bool = True, session: Mapping | None = None):
         """Journey-TRAK: `pipe.attribute_trajectory` against the named store → `JourneyResult` ([steps, N])."""
+        store = self.store(name, session)
         with self.lock:
-            return self.pipe.attribute_trajectory(prompt_or_seed, self.stores[name],
+            return self.pipe.attribute_trajectory(prompt_or_seed, store,
                                                   num_inference_steps=num_inference_steps, seed=seed, progress=progress)
 
-    def general_influence(self, name: str, k: int = 5, share: float = 0.5) -> GeneralInfluence:
-        """`generally_influential` over every query attributed against the named store so far (by any visitor)."""
-        if not self.history[name]:
+    def general_influence(self, name: str, k: int = 5, share: float = 0.5,
+                          session: Mapping | None = None) -> GeneralInfluence:
+        """`generally_influential` over every query attributed against the named store so far (by any visitor of a
+        store the explorer was launched with; by this visitor for one they added)."""
+        self.store(name, session)
+        history = self._history(name, session)
+        if not history:
             raise ValueError(f"no queries have been attributed against {name} yet: attribute some images first")
-        return generally_influential(torch.stack(self.history[name]), k=k, share=share)
+        return generally_influential(torch.stack(history), k=k, share=share)
 
     # ------------------------------------------------------------------------------------ views
 
@@ -200,15 +280,25 @@ class Explorer:
         figure.tight_layout()
         return figure
 
-    def influence_plot(self, influence: GeneralInfluence, name: str):
+    def influence_plot(self, influence: GeneralInfluence, name: str, session: Mapping | None = None):
         from ..evaluation.bias import plot_influence_frequency
 
-        return plot_influence_frequency({name: influence}, title=f"{len(self.history[name])} queries against {name}")
+        return plot_influence_frequency({name: influence},
+                                        title=f"{len(self._history(name, session))} queries against {name}")
 
     # ------------------------------------------------------------------------------------ downloads
 
-    def export(self, result: AttributionResult, name: str, k: int, directory: str | os.PathLike) -> list[Path]:
-        """Write result.json (top-k and all N scores), scores.csv (every example, best first) and the grid PNG."""
+    def export(self, result: AttributionResult, name: str, k: int,
+               directory: str | os.PathLike | None = None) -> list[Path]:
+        """Write result.json (top-k and all N scores), scores.csv (every example, best first; captions that a
+        spreadsheet would run as formulas start with a quote) and the grid PNG. Default `directory`: a new folder
+        in the explorer's own temporary folder, of which the last EXPORTS_KEPT stay (the rest are removed)."""
+        if directory is None:
+            directory = Path(tempfile.mkdtemp(prefix="query-", dir=self._exports.name))
+            with self.lock:
+                self._recent.append(directory)
+                while len(self._recent) > EXPORTS_KEPT:
+                    shutil.rmtree(self._recent.popleft(), ignore_errors=True)
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         scores = result.scores[0]
@@ -224,7 +314,7 @@ class Explorer:
         buffer = io.StringIO()
         writer = csv.writer(buffer)
         writer.writerow(["rank", "index", "score", "caption"])
-        writer.writerows(self.table(scores, len(scores)))
+        writer.writerows([[csv_cell(cell) for cell in row] for row in self.table(scores, len(scores))])
         paths[1].write_text(buffer.getvalue(), encoding="utf-8")
         result.to_image_grid(self.data, k=k).save(paths[2])
         return paths

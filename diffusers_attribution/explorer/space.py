@@ -12,7 +12,6 @@ Upload with `hf upload USER/SPACE DIR . --repo-type space`, and the store card w
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Sequence
@@ -35,7 +34,7 @@ PIPELINE = {pipeline}  # None: the model the first store was featurized from (it
 demo = build_explorer(STORES, load_dataset(DATASET, SPLIT), PIPELINE, title={title})
 
 if __name__ == "__main__":
-    demo.queue().launch()
+    demo.queue().launch(max_file_size="10mb")
 '''
 
 
@@ -91,8 +90,11 @@ def export_space(directory: str | os.PathLike, stores: str | Sequence[str], data
         _require_repo_id(space_id, "Space id")
         from huggingface_hub import hf_hub_download
 
-        header = json.loads(Path(hf_hub_download(stores[0], "config.json", repo_type="dataset",
-                                                 endpoint=endpoint)).read_text())
+        from ..store.schema import parse_header, validate_header
+
+        path = Path(hf_hub_download(stores[0], "config.json", repo_type="dataset", endpoint=endpoint))
+        where = f"{stores[0]}/config.json"
+        _, header = validate_header(parse_header(path, where), where)
         written["store-README.md"] = str(store_card(header, stores[0], space=space_id))
     paths = []
     for name, text in written.items():

@@ -20,3 +20,8 @@ class UntrustedReferenceError(StoreMismatchError):
 
 class NotAStoreError(CorruptStoreError, FileNotFoundError):
     """A folder without a store's config.json (e.g. an unfinished featurization): a `FileNotFoundError` too."""
+
+
+class StoreChangedError(CorruptStoreError):
+    """A store's files were replaced while it was being read (another process rewrote the store in place):
+    nothing of the two stores is mixed; open the store again."""

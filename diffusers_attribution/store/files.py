@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import json
+import math
 import os
 import re
 import secrets
@@ -41,6 +43,61 @@ SHARD_RE = re.compile(r"^features-(\d{5})-of-(\d{5})\.safetensors$")
 OWN_TEMPORARY_RE = re.compile(r"^\.(config\.json|README\.md|kernel\.safetensors|projection\.safetensors|method_state\.safetensors|"
                               r"features-\d{5}-of-\d{5}\.safetensors|diffusers-attribution\.writer\.json)"
                               r"\.[0-9a-f]{12}\.tmp$")
+
+
+MAX_CONFIG_BYTES = 16 << 20  # a store's config.json: ~200 bytes a shard, so ~80k shards; real ones are a few KB
+MAX_JSON_DEPTH = 32  # nesting of any JSON read from outside (config.json is 4 deep; adapter options a few more)
+_JSON_STRING_RE = re.compile(r'"(?:[^"\\]|\\.)*"')
+_JSON_BRACKET_RE = re.compile(r"[\[\]{}]")
+_JSON_STEP = {"[": 1, "{": 1, "]": -1, "}": -1}
+
+
+def load_json_bounded(source: str | os.PathLike | bytes, max_bytes: int, max_depth: int = MAX_JSON_DEPTH, *,
+                      where: str | None = None, error: type[Exception] = CorruptStoreError) -> Any:
+    """JSON from a file or bytes that may be hostile: the size checked before anything is read (a file is opened
+    once, its size read from that handle, and at most `max_bytes` + 1 bytes read), UTF-8, the nesting depth
+    counted on the text without recursion, NaN / Infinity refused; then parsed. Every failure is `error`
+    (the library's `CorruptStoreError` for store files, `ValueError` for the CLI's files) naming `where`."""
+    where = where or ("the JSON" if isinstance(source, (bytes, bytearray)) else str(source))
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        data = bytes(source[: max_bytes + 1])
+    else:
+        try:
+            with open(source, "rb") as handle:
+                if os.fstat(handle.fileno()).st_size > max_bytes:
+                    raise error(f"{where} is {os.fstat(handle.fileno()).st_size} bytes, more than the {max_bytes} "
+                                "this file may have: refused before reading it")
+                data = handle.read(max_bytes + 1)
+        except OSError as failure:
+            raise error(f"cannot read {where}: {failure.strerror or failure}") from None
+    if len(data) > max_bytes:
+        raise error(f"{where} is more than {max_bytes} bytes: refused")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as failure:
+        raise error(f"{where} is not UTF-8 text: {failure}") from None
+    depth = json_depth(text)
+    if depth > max_depth:
+        raise error(f"{where} nests {depth} levels deep, more than the {max_depth} a valid file has: refused")
+
+    refused = []
+
+    def refuse(constant):
+        refused.append(constant)
+        raise ValueError(constant)
+
+    try:
+        return json.loads(text, parse_constant=refuse)
+    except ValueError as failure:
+        if refused:
+            raise error(f"{where}: {refused[0]} is not a valid JSON value here") from None
+        raise error(f"{where} is not valid JSON: {failure}") from None
+
+
+def json_depth(text: str) -> int:
+    """The deepest nesting of [ and { in JSON text (strings skipped), counted without recursion."""
+    steps = map(_JSON_STEP.__getitem__, _JSON_BRACKET_RE.findall(_JSON_STRING_RE.sub('""', text)))
+    return max(itertools.accumulate(steps), default=0)
 
 
 def shard_name(index: int, count: int) -> str:
@@ -104,6 +161,162 @@ def open_shard(path: Path) -> Iterator[Any]:
             yield handle
     except SafetensorError as error:
         raise CorruptStoreError(f"{path} is corrupt or truncated: {error}") from error
+
+
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                       "BOOL": torch.bool}
+MAX_SAFETENSORS_HEADER = 100 << 20  # the safetensors library's own limit
+
+
+class StoreFile:
+    """A store file opened once, without following a symbolic link: its size, identity, sha256 and tensors are all
+    read from this one handle, so the bytes that were checked are the bytes that are used (a writer replaces
+    files by renaming new ones over them: an open handle keeps reading the file it opened).
+
+    Reads a safetensors file as `safe_open` does (`keys`, `metadata`, `get_slice`, `get_tensor`; tensors are copies
+    read with `pread`), its header parsed with `load_json_bounded` and every offset checked against the file's size.
+    Any failure is a `CorruptStoreError` naming the file."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        try:
+            self.fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+                              | getattr(os, "O_BINARY", 0))
+        except FileNotFoundError:
+            raise CorruptStoreError(f"missing store file {self.path}") from None
+        except OSError as error:
+            raise CorruptStoreError(f"cannot open {self.path} (not a regular file?): {error.strerror}") from None
+        info = os.fstat(self.fd)
+        if not stat.S_ISREG(info.st_mode):
+            self.close()
+            raise CorruptStoreError(f"{self.path} is not a regular file")
+        self.size = info.st_size
+        self.identity = file_identity(info)
+        self._header: dict[str, Any] | None = None
+        self._data_start = 0
+
+    def __enter__(self) -> "StoreFile":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    def read(self, offset: int, count: int) -> bytearray:
+        """`count` bytes from `offset`; fewer (the file was truncated under us) is a `CorruptStoreError`."""
+        data = bytearray(count)
+        view, done = memoryview(data), 0
+        while done < count:
+            chunk = _pread_into(self.fd, view[done:], offset + done)
+            if chunk <= 0:
+                raise CorruptStoreError(f"{self.path} is truncated: {count} bytes expected at offset {offset}")
+            done += chunk
+        return data
+
+    def sha256(self) -> str:
+        digest = hashlib.sha256()
+        for offset in range(0, self.size, 8 << 20):
+            digest.update(self.read(offset, min(8 << 20, self.size - offset)))
+        return digest.hexdigest()
+
+    # -------------------------------------------------------------------------------- safetensors
+
+    def header(self) -> dict[str, Any]:
+        if self._header is None:
+            if self.size < 8:
+                raise CorruptStoreError(f"{self.path} is corrupt or truncated: {self.size} bytes")
+            length = int.from_bytes(self.read(0, 8), "little")
+            if length > min(self.size - 8, MAX_SAFETENSORS_HEADER):
+                raise CorruptStoreError(f"{self.path} is corrupt or truncated: a header of {length} bytes")
+            header = load_json_bounded(self.read(8, length), length, 4, where=f"{self.path}: its safetensors header")
+            self._data_start, data_size = 8 + length, self.size - 8 - length
+            if not isinstance(header, dict):
+                raise CorruptStoreError(f"{self.path}: its safetensors header is not an object")
+            metadata = header.get("__metadata__", {})
+            if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+                raise CorruptStoreError(f"{self.path}: its safetensors metadata is not a map of strings")
+            spans = []
+            for name, info in header.items():
+                if name == "__metadata__":
+                    continue
+                dtype, shape, span = (info.get(k) for k in ("dtype", "shape", "data_offsets")) \
+                    if isinstance(info, dict) else (None, None, None)
+                if dtype not in _SAFETENSORS_DTYPES or not isinstance(shape, list) or not isinstance(span, list) \
+                        or len(span) != 2 or not all(type(v) is int and v >= 0 for v in shape + span):
+                    raise CorruptStoreError(f"{self.path}: tensor {name!r} has no valid dtype, shape and offsets")
+                count = math.prod(shape) * _SAFETENSORS_DTYPES[dtype].itemsize
+                if span[1] - span[0] != count or span[1] > data_size:
+                    raise CorruptStoreError(f"{self.path} is corrupt or truncated: tensor {name!r} {dtype} {shape} "
+                                            f"does not fit bytes {span} of {data_size}")
+                spans.append(span)
+            spans.sort()
+            if any(a[1] > b[0] for a, b in zip(spans, spans[1:])):
+                raise CorruptStoreError(f"{self.path} is corrupt: its tensors overlap")
+            self._header = header
+        return self._header
+
+    def keys(self) -> list[str]:
+        return [name for name in self.header() if name != "__metadata__"]
+
+    def metadata(self) -> dict[str, str]:
+        return dict(self.header().get("__metadata__", {}))
+
+    def get_slice(self, name: str) -> "_TensorSlice":
+        if name not in self.keys():
+            raise CorruptStoreError(f"{self.path} holds no tensor {name!r}")
+        return _TensorSlice(self, name, self.header()[name])
+
+    def get_tensor(self, name: str) -> torch.Tensor:
+        return self.get_slice(name)[:]
+
+
+class _TensorSlice:
+    """A tensor of a `StoreFile`: its dtype and shape from the header; rows read on indexing (`[a:b]`)."""
+
+    def __init__(self, file: StoreFile, name: str, info: dict[str, Any]):
+        self.file, self.name, self.info = file, name, info
+
+    def get_dtype(self) -> str:
+        return self.info["dtype"]
+
+    def get_shape(self) -> list[int]:
+        return list(self.info["shape"])
+
+    def __getitem__(self, rows: slice) -> torch.Tensor:
+        shape, dtype = self.get_shape(), _SAFETENSORS_DTYPES[self.info["dtype"]]
+        if not shape:
+            return torch.frombuffer(self.file.read(self.file._data_start + self.info["data_offsets"][0],
+                                                   dtype.itemsize), dtype=dtype).reshape(())
+        start, stop, step = rows.indices(shape[0])
+        if step != 1:
+            raise ValueError("only contiguous row ranges are read")
+        stop = max(start, stop)
+        row_bytes = math.prod(shape[1:]) * dtype.itemsize
+        data = self.file.read(self.file._data_start + self.info["data_offsets"][0] + start * row_bytes,
+                              (stop - start) * row_bytes)
+        if not data:
+            return torch.empty([stop - start, *shape[1:]], dtype=dtype)
+        return torch.frombuffer(data, dtype=dtype).reshape([stop - start, *shape[1:]])
+
+
+def _pread_into(fd: int, view: memoryview, offset: int) -> int:
+    """Read into `view` from `offset` of `fd` without moving a shared file position where the OS allows."""
+    if hasattr(os, "preadv"):
+        return os.preadv(fd, [view], offset)
+    os.lseek(fd, offset, os.SEEK_SET)  # Windows: the handle is this StoreFile's own
+    data = os.read(fd, len(view))
+    view[: len(data)] = data
+    return len(data)
+
+
+def file_identity(info: os.stat_result) -> tuple[int, ...]:
+    """What tells one file from the file that replaced it under the same name (device, inode, size, times)."""
+    return info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns
 
 
 def run_identity(config, metadata: dict[str, Any], num_examples: int, shard_rows: int,
@@ -238,7 +451,8 @@ def write_projection(directory: Path, state: dict[str, torch.Tensor], identity: 
 def read_projection(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """(bases state, identity) of a projection.safetensors; a truncated or foreign file is a `CorruptStoreError`."""
     with open_shard(path) as handle:
-        identity = json.loads((handle.metadata() or {}).get("identity", "{}"))
+        identity = load_json_bounded((handle.metadata() or {}).get("identity", "{}").encode(), 64 << 20,
+                                     where=f"{path}: its identity")
         return {key: handle.get_tensor(key) for key in handle.keys()}, identity
 
 

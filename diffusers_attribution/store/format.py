@@ -26,13 +26,16 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
+import time
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import torch
 
 from ..config import AttributionConfig
-from .errors import CorruptStoreError, NotAStoreError, StoreMismatchError
+from .errors import CorruptStoreError, NotAStoreError, StoreChangedError, StoreMismatchError
 from .files import (
     CARD_MARKER,
     CARD_NAME,
@@ -41,14 +44,18 @@ from .files import (
     FORMAT_VERSION,
     HASH_BYTES,
     KERNEL_NAME,
+    MAX_CONFIG_BYTES,
     METHOD_STATE_NAME,
     OWN_TEMPORARY_RE,
     PROJECTION_NAME,
     SHARD_RE,
+    StoreFile,
     atomic_write,
     dataset_fingerprint,
     file_digest,
+    file_identity,
     identity_difference,
+    load_json_bounded,
     open_shard,
     rows_per_shard,
     run_identity,
@@ -59,14 +66,18 @@ from .files import (
     write_projection,
     write_shard,
 )
-from .lock import writer_lock
+from .lock import WRITER_NAME, writer_lock
 from .schema import FITTED_VERSION, fitted_projection, method_facts, parse_header, validate_header
 
 
-def read_shard_run(path: Path) -> dict[str, Any]:
-    """The run identity and row range recorded in a shard's header (reads the header only)."""
-    with open_shard(path) as handle:
-        meta = handle.metadata() or {}
+def read_shard_run(path: Path | StoreFile) -> dict[str, Any]:
+    """The run identity and row range recorded in a shard's header (reads the header only), of a path or an open
+    `StoreFile`."""
+    if isinstance(path, StoreFile):
+        meta, path = path.metadata(), path.path
+    else:
+        with open_shard(path) as handle:
+            meta = handle.metadata() or {}
     try:
         recorded = {"start": int(meta["start"]), "stop": int(meta["stop"]), "run": json.loads(meta["run"]),
                     "process": meta.get("process")}
@@ -76,6 +87,9 @@ def read_shard_run(path: Path) -> dict[str, Any]:
         raise CorruptStoreError(f"{path}: not a feature-store shard (its run is {recorded['run']!r})")
     return recorded
 
+
+STAGING_PREFIX = ".diffusers-attribution.staging-"  # save_pretrained's complete new store, before it is moved in
+OPEN_ATTEMPTS = 5  # `from_pretrained` opens a store that changed while it was being opened up to this many times
 
 # ---------------------------------------------------------------------------------------------- store
 
@@ -103,7 +117,8 @@ class FeatureStore:
         self._kernel_entry: dict[str, Any] | None = None
         self._projection_state = projection_state
         self._projection_entry: dict[str, Any] | None = None
-        self._checked: set[str] = set()  # files whose size and sha256 matched config.json (each read once)
+        self._checked: set[str] = set()  # files whose size and sha256 matched config.json (each hashed once)
+        self._identities: dict[str, tuple] = {}  # the file each name was when the store was opened (files.file_identity)
         self._method_state = method_state
         self._method_state_entry: dict[str, Any] | None = None
 
@@ -112,8 +127,8 @@ class FeatureStore:
         """Tensors the method's scorer needs besides Φ (the projected Fisher's F, DAS's residuals, EK-FAC's Λ;
         methods/fisher.py, das.py, ekfac.py); None for most methods."""
         if self._method_state is None and self._method_state_entry is not None:
-            path = self._checked_file(self._method_state_entry)
-            with open_shard(path) as handle:
+            with self._open(self._method_state_entry) as handle:
+                path = handle.path
                 state = {key: handle.get_tensor(key) for key in handle.keys()}
             _check_finite([v for v in state.values() if v.is_floating_point()], f"{path}: the method state")
             self._method_state = state
@@ -128,8 +143,8 @@ class FeatureStore:
         """What the projection fitted on data (the calibrated bases, projection/calibrated.py) that the features were
         made with; None for projections that are functions of seeds. Checked by the projector when it loads them."""
         if self._projection_state is None and self._projection_entry is not None:
-            path = self._checked_file(self._projection_entry)
-            with open_shard(path) as handle:
+            with self._open(self._projection_entry) as handle:
+                path = handle.path
                 for key in handle.keys():
                     if handle.get_slice(key).get_dtype() != "F32" or len(handle.get_slice(key).get_shape()) != 2:
                         raise CorruptStoreError(f"{path}: {key} is not a float32 matrix")
@@ -148,9 +163,9 @@ class FeatureStore:
     def kernel(self) -> torch.Tensor | None:
         """The float64 Gram matrix (ΦᵀΦ, or ΦΦᵀ when N ≤ k) if stored or computed, read from disk on first use."""
         if self._kernel is None and self._kernel_entry is not None:
-            path = self._checked_file(self._kernel_entry)
             size = len(self) if self._kernel_entry["form"] == "dual" else self.dim
-            with open_shard(path) as handle:
+            with self._open(self._kernel_entry) as handle:
+                path = handle.path
                 _check_tensors(handle, path, {"gram": ("F64", [size, size])})
                 gram = handle.get_tensor("gram")
             _check_finite([gram], f"{path}: the kernel")
@@ -161,14 +176,35 @@ class FeatureStore:
     def kernel(self, value: torch.Tensor | None) -> None:
         self._kernel, self._kernel_entry = value, None
 
-    def _checked_file(self, entry: dict[str, Any]) -> Path:
-        """The path of a listed file, its size and sha256 checked against config.json on first use. (A store being
-        written lists planned shards, without digests yet: the writer reads back what it wrote under its lock.)"""
-        path = store_path(self.directory, entry["file"])
-        if entry["file"] not in self._checked and "sha256" in entry:
-            _check_file(path, entry, True)
-            self._checked.add(entry["file"])
-        return path
+    def _open(self, entry: dict[str, Any]) -> StoreFile:
+        """A listed file, opened once (`files.StoreFile`): its size and, on first use, its sha256 checked against
+        config.json from this very handle, which the caller then reads. A file replaced since the store was opened
+        (another process rewrote the store) is hashed again: the same bytes are used, other bytes are a
+        `StoreChangedError`. (A store being written lists
+        planned shards, without digests yet: the writer reads back what it wrote under its lock.)"""
+        name, known = entry["file"], self._identities.get(entry["file"])
+        try:
+            handle = StoreFile(store_path(self.directory, name))
+        except CorruptStoreError:
+            if known is None:
+                raise
+            raise StoreChangedError(f"{self.directory / name} was removed since the store was opened (another process "
+                                    "is rewriting the store?): open the store again") from None
+        try:
+            replaced = known is not None and handle.identity != known
+            if replaced:  # the same bytes under a new file are the same store; anything else is another store's
+                if "sha256" not in entry or handle.size != entry["bytes"] or handle.sha256() != entry["sha256"]:
+                    raise StoreChangedError(f"{handle.path} was replaced since the store was opened (another process "
+                                            "rewrote the store): open the store again")
+            elif "sha256" in entry:
+                _check_file(handle, entry, name not in self._checked)
+            if "sha256" in entry:
+                self._checked.add(name)
+            self._identities[name] = handle.identity
+        except BaseException:
+            handle.close()
+            raise
+        return handle
 
     def __len__(self) -> int:
         return self._features.shape[0] if self._features is not None else int(self.metadata["num_examples"])
@@ -208,9 +244,9 @@ class FeatureStore:
                     yield start, self._features[start : min(start + block_rows, end)]
             return
         for entry in (self.shards if shards is None else [self.shards[i] for i in shards]):
-            path = self._checked_file(entry)
             rows = entry["stop"] - entry["start"]
-            with open_shard(path) as handle:
+            with self._open(entry) as handle:
+                path = handle.path
                 _check_tensors(handle, path, {"features": ("F32", [rows, self.dim]),
                                               "example_hashes": ("U8", [rows, HASH_BYTES])})
                 sliced = handle.get_slice("features")
@@ -264,6 +300,10 @@ class FeatureStore:
         `kernel`: store the Gram matrix (computed if not yet known); default: for the kernel methods
         (TRAK, D-TRAK, Journey-TRAK), whose scores need it. A folder that already holds a store (or its shards)
         is an error unless `overwrite=True`, which replaces that store's own files and nothing else.
+
+        The new store is first written complete into a hidden folder inside `directory` (`STAGING_PREFIX`), then
+        moved in by renames: config.json removed, each file renamed over the old one, config.json last. Readers
+        (`from_pretrained`) see the old store, the new one, or `StoreChangedError` in that instant, never a mix.
         """
         if kernel is None:
             kernel = bool(self.method_facts.get("kernel"))
@@ -282,19 +322,25 @@ class FeatureStore:
             if existing and not overwrite:
                 raise FileExistsError(f"{directory} already holds a feature store: pass overwrite=True to replace it, "
                                       "or save into another folder")
-            (directory / CONFIG_NAME).unlink(missing_ok=True)  # unfinished until the new config.json is written
-            for entry in plan:
-                write_shard(directory, entry, self.rows(entry["start"], entry["stop"]),
-                            hashes[entry["start"] : entry["stop"]], run)
-            if self.projection_state is not None:
-                write_projection(directory, self.projection_state)
-            staged = FeatureStore(None, self.config, {**self.metadata, "dim": self.dim, "num_examples": len(self)},
-                                  directory=directory, shards=plan, kernel=self.kernel, method_state=self.method_state)
-            if kernel and staged.kernel is None:
-                from .kernel import kernel_matrix
+            for leftover in directory.glob(STAGING_PREFIX + "*"):  # of a save that was killed
+                shutil.rmtree(leftover, ignore_errors=True)
+            staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=directory))
+            try:
+                for entry in plan:
+                    write_shard(staging, entry, self.rows(entry["start"], entry["stop"]),
+                                hashes[entry["start"] : entry["stop"]], run)
+                if self.projection_state is not None:
+                    write_projection(staging, self.projection_state)
+                staged = FeatureStore(None, self.config, {**self.metadata, "dim": self.dim, "num_examples": len(self)},
+                                      directory=staging, shards=plan, kernel=self.kernel, method_state=self.method_state)
+                if kernel and staged.kernel is None:
+                    from .kernel import kernel_matrix
 
-                staged.kernel = kernel_matrix(staged)
-            staged.finalize(rows, {entry["file"]: file_digest(directory / entry["file"]) for entry in plan})
+                    staged.kernel = kernel_matrix(staged)
+                staged.finalize(rows, {entry["file"]: file_digest(staging / entry["file"]) for entry in plan})
+                _move_in(staging, directory)
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
         self.kernel = staged.kernel
         return directory
 
@@ -359,11 +405,7 @@ class FeatureStore:
         card = store_card(header, location=directory)
         atomic_write(directory / CARD_NAME, lambda p: Path(p).write_text(str(card), encoding="utf-8"))
         atomic_write(directory / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(header, indent=2)))
-        listed = {entry["file"] for entry in shards}
-        for stale in directory.iterdir():
-            if OWN_TEMPORARY_RE.match(stale.name) or SHARD_RE.match(stale.name) and stale.name not in listed \
-                    and _is_own_shard(stale):
-                stale.unlink(missing_ok=True)
+        _remove_own_leftovers(directory, {entry["file"] for entry in shards})
         self.shards = shards
 
     @classmethod
@@ -381,19 +423,53 @@ class FeatureStore:
         from .backends import locate
 
         directory = locate(repo_id_or_dir, revision=revision, endpoint=endpoint, token=token, cache_dir=cache_dir)
-        if not os.path.lexists(directory / CONFIG_NAME):
+        for attempt in range(OPEN_ATTEMPTS):  # a rewrite seen while opening: open what it wrote, a few times
+            try:
+                return cls._open_directory(directory, verify)
+            except StoreChangedError:
+                if attempt == OPEN_ATTEMPTS - 1:
+                    raise
+                time.sleep(0.05 * (attempt + 1))
+        raise AssertionError("unreachable")
+
+    @classmethod
+    def _open_directory(cls, directory: Path, verify: bool) -> "FeatureStore":
+        """`from_pretrained` of a local folder: one consistent store, or an error. config.json is read from one
+        handle held open until every listed file has been opened and checked; a writer removes config.json before
+        it replaces any file (and writes it last), so if config.json is still that file at the end, every file
+        read belongs to it; if not, the store was rewritten meanwhile: a `StoreChangedError`."""
+        config_path = directory / CONFIG_NAME
+        if not os.path.lexists(config_path):
+            if os.path.lexists(directory / WRITER_NAME):
+                raise StoreChangedError(f"{directory} is being written by another process (its {CONFIG_NAME} is "
+                                        f"written last; it records itself in {WRITER_NAME}): open it again when that "
+                                        "process has finished (if it was killed, rerun it to finish the store)")
             unfinished = any(SHARD_RE.match(p.name) for p in directory.iterdir())
             raise NotAStoreError(
                 f"{directory} is not a feature store: it has no {CONFIG_NAME}"
                 + (" (it holds shards of an unfinished featurization: rerun featurize with this output_dir)" if unfinished else "")
             )
-        config_path = store_path(directory, CONFIG_NAME)
-        where = str(directory / CONFIG_NAME)
+        config_file = None
         try:
-            text = config_path.read_text(encoding="utf-8")
-        except UnicodeDecodeError as error:
-            raise CorruptStoreError(f"{where} is not UTF-8 text: {error}") from error
-        config, header = validate_header(parse_header(text, where), where)
+            config_file = StoreFile(store_path(directory, CONFIG_NAME))
+            with config_file:
+                store = cls._read_listed(directory, config_file, verify)
+                _unchanged(config_file)
+            return store
+        except CorruptStoreError as error:
+            if isinstance(error, StoreChangedError) or config_file is not None and not _changed(config_file) \
+                    or config_file is None and os.path.lexists(config_path):
+                raise
+            raise StoreChangedError(f"{directory} changed while it was being opened (another process rewrote it; "
+                                    f"{error}): open it again") from None
+
+    @classmethod
+    def _read_listed(cls, directory: Path, config_file: StoreFile, verify: bool) -> "FeatureStore":
+        where = str(directory / CONFIG_NAME)
+        if config_file.size > MAX_CONFIG_BYTES:
+            raise CorruptStoreError(f"{where} is {config_file.size} bytes, more than the {MAX_CONFIG_BYTES} this file "
+                                    "may have: refused before reading it")
+        config, header = validate_header(parse_header(config_file.read(0, config_file.size), where), where)
         header = dict(header)
         header.pop("config")
         header.pop("format_version")
@@ -401,26 +477,15 @@ class FeatureStore:
         fitted = header.pop("fitted")  # what the method fitted on data (schema: older stores read as version 0)
         projection_entry, method_state_entry = fitted["projection"], fitted["method"]
         run = run_identity(config, header, header["num_examples"], header["shard_rows"], header["dim"])
-        for entry in shards + [e for e in (kernel_entry, projection_entry, method_state_entry) if e]:
-            _check_file(store_path(directory, entry["file"]), entry, verify)
+        identities: dict[str, tuple] = {}
         hashes: list[str] = []
-        for entry in shards:
-            path = store_path(directory, entry["file"])
-            rows = entry["stop"] - entry["start"]
-            with open_shard(path) as handle:
-                _check_tensors(handle, path, {"features": ("F32", [rows, header["dim"]]),
-                                              "example_hashes": ("U8", [rows, HASH_BYTES])})
-                hashes.extend(tensor_to_hashes(handle.get_tensor("example_hashes")))
-            recorded = read_shard_run(path)
-            if (recorded["start"], recorded["stop"]) != (entry["start"], entry["stop"]):
-                raise CorruptStoreError(f"{path} holds rows [{recorded['start']}, {recorded['stop']}), config.json "
-                                        f"lists it for [{entry['start']}, {entry['stop']})")
-            differ = identity_difference(recorded["run"], run, [key for key in run if key != "feature_hash"])
-            if not differ and recorded["run"].get("feature_hash") not in _feature_hashes(config):
-                differ = (["feature_hash"], f"{recorded['run'].get('feature_hash')!r} there, {run['feature_hash']!r} now")
-            if differ:
-                raise CorruptStoreError(f"{path} belongs to another run than config.json ({', '.join(differ[0])} "
-                                        f"differ: {differ[1]})")
+        extras = [e for e in (kernel_entry, projection_entry, method_state_entry) if e]
+        for index, entry in enumerate(shards + extras):
+            with StoreFile(store_path(directory, entry["file"])) as handle:
+                _check_file(handle, entry, verify)
+                identities[entry["file"]] = handle.identity
+                if index < len(shards):
+                    hashes.extend(_shard_hashes(handle, entry, header["dim"], run, config))
         if dataset_fingerprint(hashes) != header["dataset_fingerprint"]:
             raise CorruptStoreError(f"{directory}: the example hashes in the shards do not match config.json's dataset_fingerprint")
         header["example_hashes"] = hashes
@@ -428,9 +493,9 @@ class FeatureStore:
         store._kernel_entry = kernel_entry
         store._projection_entry = projection_entry
         store._method_state_entry = method_state_entry
+        store._identities = identities
         if verify:
-            store._checked.update(entry["file"] for entry in shards
-                                  + [e for e in (kernel_entry, projection_entry, method_state_entry) if e])
+            store._checked.update(identities)
         return store
 
     def verify(self) -> None:
@@ -438,8 +503,8 @@ class FeatureStore:
         if self.directory is None:
             return
         for entry in self.listed_files:
-            _check_file(store_path(self.directory, entry["file"]), entry, True)
-            self._checked.add(entry["file"])
+            self._checked.discard(entry["file"])
+            self._open(entry).close()
 
     @property
     def listed_files(self) -> list[dict[str, Any]]:
@@ -469,12 +534,38 @@ def check_foreign_files(directory: Path) -> None:
     config = directory / CONFIG_NAME
     if os.path.lexists(config):
         try:
-            header = json.loads(config.read_text())
+            header = load_json_bounded(config, MAX_CONFIG_BYTES)
             ours = not config.is_symlink() and isinstance(header, dict) and {"format_version", "shards"} <= set(header)
         except (ValueError, OSError):
             ours = False
         if not ours:
             raise FileExistsError(f"{config} is not a feature store's config.json: write the store into another folder")
+
+
+def _move_in(staging: Path, directory: Path) -> None:
+    """Move the complete store written in `staging` into `directory` (under its writer lock): config.json removed
+    first (a reader that opened the old one sees it gone: `_open_directory`), every other file renamed over its
+    old self, the card regenerated for `directory`, config.json renamed in last; then the old layout's leftovers
+    (shards no longer listed, the writer's temporaries) removed."""
+    from .hub import store_card
+
+    header = json.loads((staging / CONFIG_NAME).read_text(encoding="utf-8"))  # written by finalize just now
+    card = str(store_card(header, location=directory))
+    atomic_write(staging / CARD_NAME, lambda p: Path(p).write_text(card, encoding="utf-8"))
+    (directory / CONFIG_NAME).unlink(missing_ok=True)
+    for name in sorted(os.listdir(staging)):
+        if name != CONFIG_NAME and not name.startswith("."):
+            os.replace(staging / name, directory / name)
+    os.replace(staging / CONFIG_NAME, directory / CONFIG_NAME)
+    _remove_own_leftovers(directory, {entry["file"] for entry in header["shards"]})
+
+
+def _remove_own_leftovers(directory: Path, listed: set[str]) -> None:
+    """The writer's own temporaries, and shards of an earlier layout of this store that it no longer lists."""
+    for stale in directory.iterdir():
+        if OWN_TEMPORARY_RE.match(stale.name) or SHARD_RE.match(stale.name) and stale.name not in listed \
+                and _is_own_shard(stale):
+            stale.unlink(missing_ok=True)
 
 
 def _is_own_card(text: str) -> bool:
@@ -501,12 +592,46 @@ def _feature_hashes(config: AttributionConfig) -> set[str]:
     return {config.feature_hash(), hashlib.sha256(blob.encode()).hexdigest()[:16]}
 
 
-def _check_file(path: Path, entry: dict[str, Any], full: bool) -> None:
-    size = os.path.getsize(path)
-    if size != entry["bytes"]:
-        raise CorruptStoreError(f"{path} is truncated or corrupt: {size} bytes, config.json records {entry['bytes']}")
-    if full and file_digest(path)[1] != entry["sha256"]:
-        raise CorruptStoreError(f"{path} is corrupt: its sha256 differs from the one config.json records")
+def _check_file(handle: StoreFile, entry: dict[str, Any], full: bool) -> None:
+    """An open file's size (and, if `full`, the sha256 of the bytes read through the same handle) against its
+    config.json entry."""
+    if handle.size != entry["bytes"]:
+        raise CorruptStoreError(f"{handle.path} is truncated or corrupt: {handle.size} bytes, config.json records "
+                                f"{entry['bytes']}")
+    if full and handle.sha256() != entry["sha256"]:
+        raise CorruptStoreError(f"{handle.path} is corrupt: its sha256 differs from the one config.json records")
+
+
+def _shard_hashes(handle: StoreFile, entry: dict[str, Any], dim: int, run: dict[str, Any],
+                  config: AttributionConfig) -> list[str]:
+    """The example hashes of an open shard, after checking its tensors' header and the run it belongs to."""
+    path, rows = handle.path, entry["stop"] - entry["start"]
+    _check_tensors(handle, path, {"features": ("F32", [rows, dim]), "example_hashes": ("U8", [rows, HASH_BYTES])})
+    recorded = read_shard_run(handle)
+    if (recorded["start"], recorded["stop"]) != (entry["start"], entry["stop"]):
+        raise CorruptStoreError(f"{path} holds rows [{recorded['start']}, {recorded['stop']}), config.json "
+                                f"lists it for [{entry['start']}, {entry['stop']})")
+    differ = identity_difference(recorded["run"], run, [key for key in run if key != "feature_hash"])
+    if not differ and recorded["run"].get("feature_hash") not in _feature_hashes(config):
+        differ = (["feature_hash"], f"{recorded['run'].get('feature_hash')!r} there, {run['feature_hash']!r} now")
+    if differ:
+        raise CorruptStoreError(f"{path} belongs to another run than config.json ({', '.join(differ[0])} "
+                                f"differ: {differ[1]})")
+    return tensor_to_hashes(handle.get_tensor("example_hashes"))
+
+
+def _changed(config_file: StoreFile) -> bool:
+    """Whether the store's config.json is no longer the file `config_file` opened (removed or replaced)."""
+    try:
+        return file_identity(os.stat(config_file.path)) != config_file.identity
+    except OSError:
+        return True
+
+
+def _unchanged(config_file: StoreFile) -> None:
+    if _changed(config_file):
+        raise StoreChangedError(f"{config_file.path} was replaced while the store was being opened (another process "
+                                "rewrote it): open it again")
 
 
 def _check_tensors(handle, path: Path, expected: dict[str, tuple[str, list[int]]]) -> None:

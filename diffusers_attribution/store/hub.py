@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -68,11 +69,11 @@ def store_card(header: dict[str, Any], repo_id: str | None = None, space: str | 
     rows = [
         ("method", f"`{config['method']}`, output `{config['output']}`"
                    + (f" — {title}" if title else "")),
-        ("base model", (f"`{base_model}`" if base_model else "not recorded")
+        ("base model", (_code(base_model) if base_model else "not recorded")
                        + f" ({header.get('pipeline', '?')}, family `{header.get('family', '?')}`)"),
-        ("LoRA adapter", ", ".join(f"`{a}`" for a in lora) if lora else "none"),
+        ("LoRA adapter", ", ".join(_code(a) for a in lora) if lora else "none"),
         ("parameters", f"`{config['parameters']}`"),
-        ("dataset", (f"`{dataset}`" if dataset else "name not recorded") + f", {header['num_examples']} examples "
+        ("dataset", (_code(dataset) if dataset else "name not recorded") + f", {header['num_examples']} examples "
                     f"(fingerprint `{header.get('dataset_fingerprint')}`)"),
         ("features", f"k = {header['dim']}, projector `{config['projector']}` (seed {config['projection_seed']})"),
         ("timesteps", timesteps),
@@ -86,12 +87,15 @@ def store_card(header: dict[str, Any], repo_id: str | None = None, space: str | 
     explore = (f"\n\nExplore it in the browser: [{space}](https://huggingface.co/spaces/{space}) (upload an image, "
                "see its top-k training images)." if space else "")
     heading = f"Attribution features: {name}" if name else f"Attribution features of {dataset or 'a training set'}"
-    where = f'"{name}"' if name else "store_directory"
+    heading = " ".join(heading.split())  # one line, whatever the names hold
+    # The copy-paste snippets hold the names as Python literals (repr), so no name can add code to them.
+    where = _literal(str(name)) if name else "store_directory"
     if base_model:
-        load_pipe = f'pipe = enable_attribution(DiffusionPipeline.from_pretrained("{base_model}"))'
+        load_pipe = f"pipe = enable_attribution(DiffusionPipeline.from_pretrained({_literal(base_model)}))"
     else:
         load_pipe = "pipe = enable_attribution(pipe)  # the pipeline the store was featurized from (config.json fingerprints)"
     fetch = "downloads this store" if repo_id else "reads this store"
+    fence = "`" * max(3, 1 + max((len(run) for run in re.findall("`+", load_pipe + where)), default=0))
     picture = "" if image is None else f"""
 ![Attribution grid]({GRID_NAME})
 
@@ -111,24 +115,24 @@ featurizing it again.{explore}
 
 ## Use
 
-```python
+{fence}python
 from diffusers import DiffusionPipeline
 from diffusers_attribution import enable_attribution
 
 {load_pipe}
 result = pipe.attribute(images, {where})   # {fetch}, checks it matches the pipeline
 result.topk(5)
-```
+{fence}
 
 or, without a pipeline:
 
-```python
+{fence}python
 from diffusers_attribution import FeatureStore
 
 store = FeatureStore.from_pretrained({where})   # memory-mapped shards
 for start, block in store.blocks():               # Φ[start:start + len(block)], float32
     ...
-```
+{fence}
 
 Scoring refuses a pipeline, LoRA adapter, projection or configuration other than the one recorded in
 `config.json` (pass `check_compatibility=False` to override). Nothing here is pickled: the features are
@@ -149,6 +153,20 @@ safetensors and the configuration is JSON.
 {CARD_MARKER}
 """
     return DatasetCard(f"---\n{data.to_yaml()}\n---\n{body}")
+
+
+def _literal(text: str) -> str:
+    """`text` as a Python string literal: its repr (a quote or anything else in it is escaped), in double quotes
+    when it holds no quote at all."""
+    literal = repr(str(text))
+    return f'"{literal[1:-1]}"' if "'" not in text and '"' not in text else literal
+
+
+def _code(value: Any) -> str:
+    """A name as inline code in a table cell: one line, `|` escaped, fenced by more backticks than it holds."""
+    text = " ".join(str(value).split()).replace("|", "\\|")
+    fence = "`" * (1 + max((len(run) for run in re.findall("`+", text)), default=0))
+    return f"{fence} {text} {fence}" if "`" in text else f"`{text}`"
 
 
 def _on_hub(value: str | None) -> bool:
@@ -186,7 +204,7 @@ def download_store(repo_id: str, *, revision: str | None = None, endpoint: str |
         raise FileNotFoundError(f"the Hub dataset repository {repo_id!r} holds no feature store (no {CONFIG_NAME})") from error
     commit = config_path.parent.name  # snapshots/<commit>/config.json: the rest comes from the same commit
     where = f"{repo_id}@{commit}/{CONFIG_NAME}"
-    _, header = validate_header(parse_header(config_path.read_text(encoding="utf-8"), where), where)
+    _, header = validate_header(parse_header(config_path, where), where)
     names = listed_files(header)[1:] + [CARD_NAME]
     return Path(snapshot_download(repo_id, revision=commit, allow_patterns=names, **options))
 
@@ -211,7 +229,7 @@ def push_store(store, repo_id: str, *, private: bool | None = None, token: str |
         staging.mkdir()
         _stage(store_path(directory, CONFIG_NAME), staging / CONFIG_NAME)
         where = str(directory / CONFIG_NAME)
-        _, header = validate_header(parse_header((staging / CONFIG_NAME).read_text(encoding="utf-8"), where), where)
+        _, header = validate_header(parse_header(staging / CONFIG_NAME, where), where)
         for entry in listed_entries(header):
             staged = staging / entry["file"]
             _stage(store_path(directory, entry["file"]), staged)

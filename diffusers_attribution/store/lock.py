@@ -20,7 +20,7 @@ from typing import Any, Iterator
 from filelock import FileLock, Timeout
 
 from .errors import StoreBusyError
-from .files import atomic_write, identity_difference
+from .files import atomic_write, identity_difference, load_json_bounded
 
 LOCK_NAME = ".diffusers-attribution.lock"
 WRITER_NAME = ".diffusers-attribution.writer.json"
@@ -59,7 +59,7 @@ def _holder(directory: Path) -> dict[str, Any] | None:
     deadline = time.monotonic() + HOLDER_WAIT_S
     while True:
         try:
-            record = json.loads((directory / WRITER_NAME).read_text())
+            record = load_json_bounded(directory / WRITER_NAME, 1 << 20)
             if isinstance(record, dict) and isinstance(record.get("run"), dict):
                 return record
         except (OSError, ValueError):

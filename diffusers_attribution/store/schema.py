@@ -10,7 +10,10 @@ Every failure is a `CorruptStoreError` naming the key (`shards[2].sha256`, `conf
     fitted                                 what the method fitted on data, one versioned section: the projection's
                                            state and the method's state (older stores: read as version 0)
     sizes and checksums                    `bytes` and `sha256` for every file (none is ever skipped)
-    rows                                   the shards tile [0, num_examples) exactly: the plan of `shard_rows`
+    rows                                   the shards tile [0, num_examples) exactly: the plan of `shard_rows`,
+                                           compared by arithmetic (never built: its length is the file's)
+    counts                                 num_examples and dim against the bytes of the files that hold them
+    size and depth                         config.json at most MAX_CONFIG_BYTES, nested at most MAX_JSON_DEPTH
     fingerprints                           the ones the store's method is pinned by (`Method.fingerprints`)
 
 Keys this version does not know are kept as metadata and never read.
@@ -19,8 +22,8 @@ Keys this version does not know are kept as metadata and never read.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
+import os
 import re
 import types
 import typing
@@ -30,11 +33,14 @@ from ..config import AttributionConfig
 from .errors import CorruptStoreError
 from .files import (
     FORMAT_VERSION,
+    HASH_BYTES,
     KERNEL_NAME,
+    MAX_CONFIG_BYTES,
     METHOD_STATE_NAME,
     PROJECTION_NAME,
     check_plain_name,
-    shard_plan,
+    load_json_bounded,
+    shard_name,
 )
 
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
@@ -47,17 +53,11 @@ OPTIONAL = {"package_version": (str,), "pipeline": (str, type(None)), "family": 
             "checkpoints": (list, type(None)), "checkpoint_block_dim": (int,)}
 
 
-def parse_header(text: str, where: str) -> dict[str, Any]:
-    """config.json's text → a dict; invalid JSON, NaN / Infinity or anything but an object is a `CorruptStoreError`."""
-    def refuse(constant):
-        raise CorruptStoreError(f"{where}: {constant} is not a valid value in a store's config.json")
-
-    try:
-        header = json.loads(text, parse_constant=refuse)
-    except CorruptStoreError:
-        raise
-    except (ValueError, RecursionError) as error:
-        raise CorruptStoreError(f"{where} is not valid JSON: {error}") from error
+def parse_header(text: str | bytes | os.PathLike, where: str) -> dict[str, Any]:
+    """config.json's text (or the file itself, opened once) → a dict, bounded (`files.load_json_bounded`: MAX_CONFIG_BYTES, MAX_JSON_DEPTH); invalid
+    JSON, NaN / Infinity, too large, too deep, or anything but an object is a `CorruptStoreError`."""
+    header = load_json_bounded(text.encode("utf-8", "surrogatepass") if isinstance(text, str) else text,
+                               MAX_CONFIG_BYTES, where=where)
     if not isinstance(header, dict):
         raise CorruptStoreError(f"{where}: expected a JSON object, got {type(header).__name__}")
     return header
@@ -95,23 +95,27 @@ def validate_header(header: dict[str, Any], where: str) -> tuple[AttributionConf
     shards = header["shards"]
     if not isinstance(shards, list) or not shards:
         fail("shards", f"must be a non-empty list, got {_kind(shards)}")
-    plan = shard_plan(n, rows)
-    if len(shards) != len(plan):
-        fail("shards", f"lists {len(shards)} shards; {n} examples in shards of {rows} rows make {len(plan)}")
-    for index, (entry, planned) in enumerate(zip(shards, plan)):
-        key = f"shards[{index}]"
-        _file_entry(entry, key, planned["file"], fail)
+    count = -(-n // rows)  # the plan of `files.shard_plan`, compared entry by entry without being built
+    if len(shards) != count:
+        fail("shards", f"lists {len(shards)} shards; {n} examples in shards of {rows} rows make {count}")
+    for index, entry in enumerate(shards):
+        key, planned = f"shards[{index}]", {"start": index * rows, "stop": min((index + 1) * rows, n)}
+        _file_entry(entry, key, shard_name(index, count), fail)
         for bound in ("start", "stop"):
             value = _integer(entry, bound, lambda k, p: fail(f"{key}.{k}", p), minimum=0)
             if value != planned[bound]:
                 fail(f"{key}.{bound}", f"is {value}: the shards must tile [0, {n}) in blocks of {rows} rows "
                                        f"(shard {index} holds [{planned['start']}, {planned['stop']}))")
+        _backed(entry, key, (planned["stop"] - planned["start"]) * (4 * dim + HASH_BYTES),
+                f"{planned['stop'] - planned['start']} rows of {dim} float32 features and their hashes", fail)
     kernel = header["kernel"]
     if kernel is not None:
         _file_entry(kernel, "kernel", KERNEL_NAME, fail)
         form = "dual" if n <= dim else "primal"
         if kernel.get("form") != form:
             fail("kernel.form", f"must be {form!r} for {n} examples of {dim} features, got {kernel.get('form')!r}")
+        side = n if form == "dual" else dim
+        _backed(kernel, "kernel", 8 * side * side, f"a float64 {side}×{side} Gram matrix", fail)
     for key in ("fitted", "calibrated"):
         if projection.get(key) not in (None, True, False):
             fail(f"projection.{key}", f"must be true or false, got {projection.get(key)!r}")
@@ -208,6 +212,13 @@ def _file_entry(entry: Any, key: str, expected: str, fail) -> None:
     _integer(entry, "bytes", lambda k, p: fail(f"{key}.{k}", p), minimum=0)
     if not isinstance(entry.get("sha256"), str) or not SHA256_RE.match(entry["sha256"]):
         fail(f"{key}.sha256", f"must be 64 lowercase hex digits, got {entry.get('sha256')!r}")
+
+
+def _backed(entry: dict, key: str, needed: int, what: str, fail) -> None:
+    """A count (rows, dims) is only believed if the file's recorded size can hold what it implies (the size
+    itself is then checked against the file before anything is read)."""
+    if entry["bytes"] < needed:
+        fail(f"{key}.bytes", f"is {entry['bytes']}: too small for {what} ({needed} bytes)")
 
 
 # What 0.1 and 0.2 stores did not record about their method (`method_facts`): the facts of the methods of
