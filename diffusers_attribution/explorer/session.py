@@ -119,6 +119,8 @@ class Explorer:
         self.adapter = get_adapter(self.pipe)
         self.history: dict[str, list[torch.Tensor]] = {name: [] for name in self.stores}
         self.lock = threading.Lock()  # gradio serves events on threads; featurizing hooks the one denoiser
+        # one AttributionSession per store object: its featurizer and (C + λI)⁻¹ are built once, not per upload
+        self._sessions: dict[int, Any] = {}
 
     # ------------------------------------------------------------------------------------ stores
 
@@ -219,11 +221,15 @@ class Explorer:
 
     def attribute(self, image: Any, name: str, prompts: str | None = None,
                   session: Mapping | None = None) -> AttributionResult:
-        """`pipe.attribute(image, store)` with the named store; the scores join that store's query history."""
+        """`pipe.attribute(image, store)` with the named store, through the store's `AttributionSession` (built on
+        its first query, reused after); the scores join that store's query history."""
         image = self.query_image(image)
         store = self.store(name, session)
         with self.lock:
-            result = self.pipe.attribute(image, store, prompts=prompts, progress=False)
+            attribution = self._sessions.get(id(store))
+            if attribution is None or attribution.store is not store:
+                attribution = self._sessions[id(store)] = self.pipe.attribution_session(store, progress=False)
+            result = attribution.attribute(image, prompts)
             self._history(name, session).append(result.scores[0])
         return result
 
