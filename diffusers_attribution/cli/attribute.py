@@ -99,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
             for path, indices, scores in zip(paths, best.indices.tolist(), best.scores.tolist())]
     if args.json:
         print(json.dumps({"store": args.store, "dataset": args.dataset, "pipeline": pipeline,
-                          "method": result.config.method, "num_train": int(result.scores.shape[1]),
+                          "method": result.config.method, "num_train": result.num_examples,
                           "results": rows}, indent=2))
     else:
         print(format_table(rows))
