@@ -178,6 +178,9 @@ def method_rows(quick: bool) -> list[dict]:
         for K in ((10,) if quick else (10, 30, 100) if method == "d-trak" else (10, 100)):
             rows.append({"name": f"{label} K={K} factored", "config": {"method": method, "num_timesteps": K,
                                                                         "projector": "factored"}, "seeded": True})
+    if not quick:  # a float16 store (issue 23: half the bytes) beside the float32 default of the same row
+        rows.append({"name": "D-TRAK K=30 factored float16", "config": {"method": "d-trak", "num_timesteps": 30,
+                     "projector": "factored", "feature_dtype": "float16"}, "seeded": True})
     for projector in projector_names():
         if projector == "factored":
             continue
@@ -209,6 +212,7 @@ INFLUENCE_ROWS = (
     ("projected Fisher K=20", "fisher", {"num_timesteps": 20}),
     ("projected Fisher K=10 k=4096", "fisher", {"projection_dim": 4096}),
     ("DAS K=10", "das", {}),
+    ("DAS K=10 float16", "das", {"feature_dtype": "float16"}),
 )
 
 

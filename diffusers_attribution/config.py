@@ -149,6 +149,9 @@ class AttributionConfig:
     timestep_chunk_size: int | None = _field("execution", help="timesteps per forward pass, a memory knob "
                                                                "(default: all K)")
     dtype: str = _field("feature", "float32", choices=DTYPES, help="dtype of the denoiser's forward pass")
+    feature_dtype: str = _field("feature", "float32", omit=("float32",), choices=DTYPES,
+                                help="dtype of the stored features (float16 / bfloat16: half the size and read time; "
+                                     "kernels and curvature stay float64)")
     device: str | None = _field("execution", help="where to featurize, e.g. cpu, cuda, cuda:1 "
                                                   "(default: the pipeline's)")
     image_column: str | None = _field("data", help="image column of a datasets.Dataset (default: detected)")

@@ -126,9 +126,14 @@ def parse_size(size: int | str) -> int:
     return int(float(match.group(1)) * scale)
 
 
-def rows_per_shard(dim: int, max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE) -> int:
-    """The number of float32 rows of width `dim` that fit in `max_shard_size`."""
-    return max(1, parse_size(max_shard_size) // (4 * dim))
+# The stored features' dtypes (`AttributionConfig.feature_dtype`): torch dtype and safetensors code.
+FEATURE_DTYPES = {"float32": (torch.float32, "F32"), "float16": (torch.float16, "F16"),
+                  "bfloat16": (torch.bfloat16, "BF16")}
+
+
+def rows_per_shard(dim: int, max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE, feature_dtype: str = "float32") -> int:
+    """The number of rows of width `dim` (in `feature_dtype`) that fit in `max_shard_size`."""
+    return max(1, parse_size(max_shard_size) // (FEATURE_DTYPES[feature_dtype][0].itemsize * dim))
 
 
 def hashes_to_tensor(hashes: Sequence[str]) -> torch.Tensor:
@@ -333,14 +338,15 @@ def run_identity(config, metadata: dict[str, Any], num_examples: int, shard_rows
 
 
 def write_shard(directory: Path, entry: dict[str, Any], features: torch.Tensor, hashes: Sequence[str],
-                run: dict[str, Any], process: str = "0/1") -> None:
+                run: dict[str, Any], process: str = "0/1", feature_dtype: str = "float32") -> None:
     """Write one shard atomically: `features` [stop - start, k] float32 and the rows' example hashes.
 
     `process` ("rank/world") is recorded in the header, to tell which process wrote which shard."""
     rows = entry["stop"] - entry["start"]
     if features.shape[0] != rows or len(hashes) != rows:
         raise ValueError(f"{entry['file']}: expected {rows} rows, got {features.shape[0]} features, {len(hashes)} hashes")
-    tensors = {"features": features.detach().to("cpu", torch.float32).contiguous(), "example_hashes": hashes_to_tensor(hashes)}
+    tensors = {"features": features.detach().to("cpu", FEATURE_DTYPES[feature_dtype][0]).contiguous(),
+               "example_hashes": hashes_to_tensor(hashes)}
     metadata = {"start": str(entry["start"]), "stop": str(entry["stop"]), "run": json.dumps(run, sort_keys=True),
                 "process": process}
     atomic_write(directory / entry["file"], lambda path: save_safetensors(tensors, path, metadata))

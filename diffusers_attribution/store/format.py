@@ -37,6 +37,7 @@ import torch
 from ..config import AttributionConfig
 from .errors import CorruptStoreError, NotAStoreError, StoreChangedError, StoreMismatchError
 from .files import (
+    FEATURE_DTYPES,
     CARD_MARKER,
     CARD_NAME,
     CONFIG_NAME,
@@ -219,10 +220,11 @@ class FeatureStore:
 
     @property
     def features(self) -> torch.Tensor:
-        """Φ [N, k] float32, all in memory (loaded from the shards on first use; prefer `blocks()` for big stores)."""
+        """Φ [N, k] float32, all in memory (loaded from the shards on first use; prefer `blocks()` for big stores; a
+        float16 / bfloat16 store keeps its stored dtype in memory and gives a float32 copy here)."""
         if self._features is None:
             self._features = torch.cat([block for _, block in self.blocks()]) if len(self) else torch.empty(0, self.dim)
-        return self._features
+        return self._features.float()
 
     @property
     def example_hashes(self) -> list[str]:
@@ -247,7 +249,7 @@ class FeatureStore:
             rows = entry["stop"] - entry["start"]
             with self._open(entry) as handle:
                 path = handle.path
-                _check_tensors(handle, path, {"features": ("F32", [rows, self.dim]),
+                _check_tensors(handle, path, {"features": (FEATURE_DTYPES[self.config.feature_dtype][1], [rows, self.dim]),
                                               "example_hashes": ("U8", [rows, HASH_BYTES])})
                 sliced = handle.get_slice("features")
                 for offset in range(0, rows, block_rows):
@@ -313,7 +315,7 @@ class FeatureStore:
         hashes = self.example_hashes
         if len(hashes) != len(self):
             raise ValueError(f"the store has {len(self)} rows but {len(hashes)} example hashes")
-        rows = shard_rows or rows_per_shard(self.dim, max_shard_size)
+        rows = shard_rows or rows_per_shard(self.dim, max_shard_size, self.config.feature_dtype)
         plan = shard_plan(len(self), rows)
         run = run_identity(self.config, self.metadata, len(self), rows, self.dim)
         with writer_lock(directory, run):
@@ -328,7 +330,7 @@ class FeatureStore:
             try:
                 for entry in plan:
                     write_shard(staging, entry, self.rows(entry["start"], entry["stop"]),
-                                hashes[entry["start"] : entry["stop"]], run)
+                                hashes[entry["start"] : entry["stop"]], run, feature_dtype=self.config.feature_dtype)
                 if self.projection_state is not None:
                     write_projection(staging, self.projection_state)
                 staged = FeatureStore(None, self.config, {**self.metadata, "dim": self.dim, "num_examples": len(self)},
@@ -389,7 +391,7 @@ class FeatureStore:
             **metadata,
             "num_examples": len(self),
             "dim": self.dim,
-            "dtype": "float32",
+            "dtype": self.config.feature_dtype,
             "shard_rows": shard_rows,
             "shards": shards,
             "kernel": kernel_entry,
@@ -606,7 +608,8 @@ def _shard_hashes(handle: StoreFile, entry: dict[str, Any], dim: int, run: dict[
                   config: AttributionConfig) -> list[str]:
     """The example hashes of an open shard, after checking its tensors' header and the run it belongs to."""
     path, rows = handle.path, entry["stop"] - entry["start"]
-    _check_tensors(handle, path, {"features": ("F32", [rows, dim]), "example_hashes": ("U8", [rows, HASH_BYTES])})
+    _check_tensors(handle, path, {"features": (FEATURE_DTYPES[config.feature_dtype][1], [rows, dim]),
+                                  "example_hashes": ("U8", [rows, HASH_BYTES])})
     recorded = read_shard_run(handle)
     if (recorded["start"], recorded["stop"]) != (entry["start"], entry["stop"]):
         raise CorruptStoreError(f"{path} holds rows [{recorded['start']}, {recorded['stop']}), config.json "

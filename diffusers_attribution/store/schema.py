@@ -32,6 +32,7 @@ from typing import Any, Union
 from ..config import AttributionConfig
 from .errors import CorruptStoreError
 from .files import (
+    FEATURE_DTYPES,
     FORMAT_VERSION,
     HASH_BYTES,
     KERNEL_NAME,
@@ -83,8 +84,9 @@ def validate_header(header: dict[str, Any], where: str) -> tuple[AttributionConf
     n = _integer(header, "num_examples", fail, minimum=1)
     dim = _integer(header, "dim", fail, minimum=1)
     rows = _integer(header, "shard_rows", fail, minimum=1)
-    if header["dtype"] != "float32":
-        fail("dtype", f"must be 'float32', got {header['dtype']!r}")
+    if header["dtype"] != config.feature_dtype:
+        fail("dtype", f"must be the config's feature_dtype {config.feature_dtype!r}, got {header['dtype']!r}")
+    itemsize = FEATURE_DTYPES[config.feature_dtype][0].itemsize
     if not isinstance(header["dataset_fingerprint"], str) or not FINGERPRINT_RE.match(header["dataset_fingerprint"]):
         fail("dataset_fingerprint", f"must be 16 hex digits, got {header['dataset_fingerprint']!r}")
     projection = header["projection"]
@@ -106,8 +108,9 @@ def validate_header(header: dict[str, Any], where: str) -> tuple[AttributionConf
             if value != planned[bound]:
                 fail(f"{key}.{bound}", f"is {value}: the shards must tile [0, {n}) in blocks of {rows} rows "
                                        f"(shard {index} holds [{planned['start']}, {planned['stop']}))")
-        _backed(entry, key, (planned["stop"] - planned["start"]) * (4 * dim + HASH_BYTES),
-                f"{planned['stop'] - planned['start']} rows of {dim} float32 features and their hashes", fail)
+        _backed(entry, key, (planned["stop"] - planned["start"]) * (itemsize * dim + HASH_BYTES),
+                f"{planned['stop'] - planned['start']} rows of {dim} {config.feature_dtype} features and their hashes",
+                fail)
     kernel = header["kernel"]
     if kernel is not None:
         _file_entry(kernel, "kernel", KERNEL_NAME, fail)
@@ -165,10 +168,14 @@ def validate_config(data: Any, where: str) -> AttributionConfig:
     if not isinstance(data, dict):
         raise CorruptStoreError(f"{where}: config must be an object, got {_kind(data)}")
     hints = typing.get_type_hints(AttributionConfig)
-    known = {f.name for f in dataclasses.fields(AttributionConfig)}
+    fields = {f.name: f for f in dataclasses.fields(AttributionConfig)}
+    known = set(fields)
     for key in data:
         if key not in known:
             raise CorruptStoreError(f"{where}: config.{key} is not an AttributionConfig field")
+    # a field added later whose default keeps old features (its `omit`) may be missing from older stores
+    later = {name: f.default for name, f in fields.items() if name not in data and f.default in f.metadata["omit"]}
+    data = {**data, **later}
     for name in known:
         if name not in data:
             raise CorruptStoreError(f"{where}: config.{name} is missing")

@@ -23,6 +23,7 @@ from ..config import AttributionConfig
 from ..distributed import ProcessGroup
 from .errors import CorruptStoreError, StoreMismatchError
 from .files import (
+    FEATURE_DTYPES,
     CONFIG_NAME,
     DEFAULT_MAX_SHARD_SIZE,
     PROJECTION_NAME,
@@ -50,8 +51,9 @@ FITTED_METHOD = "fitted-method.safetensors"
 def memory_store(features: torch.Tensor, config: AttributionConfig, metadata: dict[str, Any], facts: dict[str, Any],
                  *, projection_state: dict[str, torch.Tensor] | None = None,
                  method_state: dict[str, torch.Tensor] | None = None) -> FeatureStore:
-    """A store in memory: Φ, its config and metadata, the method's facts (recorded as `method_facts`), and what
-    was fitted (the projection's state, the method's state)."""
+    """A store in memory: Φ (in `config.feature_dtype`, as a saved store holds it), its config and metadata, the
+    method's facts (recorded as `method_facts`), and what was fitted (the projection's state, the method's state)."""
+    features = features.to(FEATURE_DTYPES[config.feature_dtype][0])
     return FeatureStore(features, config, {**metadata, "method_facts": facts}, projection_state=projection_state,
                         method_state=method_state)
 
@@ -63,7 +65,7 @@ class DirectoryWriter:
                  *, shard_rows: int | None = None, max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE):
         self.directory, self.group, self.config = Path(directory), group, config
         self.num_examples, self.dim = num_examples, dim
-        self.shard_rows = shard_rows or rows_per_shard(dim, max_shard_size)
+        self.shard_rows = shard_rows or rows_per_shard(dim, max_shard_size, config.feature_dtype)
         self.plan = shard_plan(num_examples, self.shard_rows)
         self.metadata: dict[str, Any] | None = None
         self.run: dict[str, Any] | None = None
@@ -135,7 +137,7 @@ class DirectoryWriter:
             (self.directory / PARTS).mkdir(parents=True, exist_ok=True)
             _save(self.directory / PARTS / part_name(entry["start"], entry["stop"]), state)
         write_shard(self.directory, entry, features, hashes, self.run,
-                    process=f"{self.group.rank}/{self.group.world}")
+                    process=f"{self.group.rank}/{self.group.world}", feature_dtype=self.config.feature_dtype)
 
     def read_states(self) -> list[dict]:
         """Every shard's state, in row order."""
