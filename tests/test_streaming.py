@@ -413,3 +413,27 @@ def test_a_folder_opens_only_the_images_it_reads(pipe, folder, monkeypatch):
     # the first image (peeked: is the stream empty?), the fit examples, then every image once
     assert opened == [0, *[i for i in fit if i != 0], *range(N)]
     assert len(store) == N
+
+
+def test_a_streamed_dataset_that_says_its_length_needs_no_count(pipe, folder):
+    """`load_dataset(..., streaming=True)` (here datasets' own imagefolder, offline) gives the folder's store; a
+    stream whose `info.splits` has the count (as a Hub dataset's does) needs no num_examples=, and one whose count
+    is wrong (a filtered stream keeps its source's info) is refused, saying how to give the true one."""
+    streamed = datasets.load_dataset("imagefolder", data_dir=str(folder), split="train", streaming=True)
+    assert type(streamed).__name__ == "IterableDataset"
+    reference = pipe.featurize(ImageFolder(folder), SUBSET, progress=False)
+    assert torch.equal(pipe.featurize(streamed, SUBSET, progress=False, num_examples=N).features, reference.features)
+
+    def stream_saying(count: int):
+        stream = dataset(folder).to_iterable_dataset()
+        stream.info.splits = datasets.SplitDict({"train": datasets.SplitInfo("train", num_examples=count)})
+        stream._split = datasets.NamedSplit("train")  # as load_dataset(..., split="train", streaming=True) sets it
+        return stream
+
+    store = pipe.featurize(stream_saying(N), SUBSET, progress=False)
+    assert torch.equal(store.features, reference.features)
+    with pytest.raises(StreamError, match=r"ended after 9 examples, but the dataset's info.splits\['train'\]"
+                                          r".num_examples says 12: pass its true length as num_examples="):
+        pipe.featurize(stream_saying(12), SUBSET, progress=False)
+    assert torch.equal(pipe.featurize(stream_saying(12), SUBSET, progress=False, num_examples=N).features,
+                       reference.features)
