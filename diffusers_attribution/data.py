@@ -350,7 +350,8 @@ class StreamedTrainingData(TrainingData):
             if not self._read_to(index):
                 if to_end:
                     break
-                raise StreamError(self._ended_message())
+                raise StreamError(f"training example {index} is past the end of the stream ({self.num_examples} "
+                                  "examples)")
             rows[index] = self._cache[index]
         self._cache = {**{i: self._cache[i] for i in self._pinned if i in self._cache}, **rows}
         if single:
@@ -430,9 +431,6 @@ class StreamedTrainingData(TrainingData):
         elif count < self.num_examples:
             raise StreamError(f"the training stream ended after {count} examples, but {self.length_from} says "
                               f"{self.num_examples}" + _length_advice(self.length_from))
-
-    def _ended_message(self) -> str:
-        return f"the training stream has {self.num_examples} examples"
 
     def check_end(self) -> None:
         """After its last row was read: a `StreamError` if the stream goes on past `num_examples`."""

@@ -194,10 +194,10 @@ def _fit_in_directory(featurizer, data: TrainingData, writer: DirectoryWriter, g
     """What the featurizer fits on data (the calibrated bases, EK-FAC's Λ): the one saved in the folder (a resumed
     run), or fitted on the main process and saved there first; every process then uses the saved one. A saved
     fit for another config, model or examples is refused."""
-    identity = featurizer.fit_identity(data)
     failure = None
-    if group.is_main:
+    if group.is_main:  # only the main process reads the fit examples (of a stream: a pass of its own)
         try:
+            identity = featurizer.fit_identity(data)
             if not writer.has_fitted(identity):
                 writer.write_fitted(featurizer.fit(data, progress), identity)
         except Exception as error:  # sent to every process, so that none waits for a main process that failed
