@@ -323,8 +323,11 @@ class StreamedTrainingData(TrainingData):
                                          or num_examples < 0):
             raise ValueError(f"num_examples must be a whole number >= 0, got {num_examples!r}")
         self.num_examples, self.length_from = num_examples, "num_examples="
+        said, where = _stream_length(source)
         if num_examples is None:
-            self.num_examples, self.length_from = _stream_length(source)
+            self.num_examples, self.length_from = said, where
+        elif isinstance(source, ImageFolder) and said != num_examples:  # a folder's count is not an estimate
+            raise StreamError(f"num_examples={num_examples}, but {source} has {said}")
         self._iterator: Iterator | None = None
         self._position = 0  # the position of the next item the iterator gives
         self._cache: dict[int, tuple[torch.Tensor, str | None]] = {}  # the last batch's rows and the pinned rows
@@ -445,6 +448,8 @@ class StreamedTrainingData(TrainingData):
 
 
 def _length_advice(source: str) -> str:
+    if source == "the store":
+        return ""
     if source == "num_examples=":
         return ": pass its true length as num_examples="
     return ": pass its true length as num_examples= (a filtered or truncated stream keeps its source's info)"

@@ -437,3 +437,17 @@ def test_a_streamed_dataset_that_says_its_length_needs_no_count(pipe, folder):
         pipe.featurize(stream_saying(12), SUBSET, progress=False)
     assert torch.equal(pipe.featurize(stream_saying(12), SUBSET, progress=False, num_examples=N).features,
                        reference.features)
+
+
+def test_a_store_checks_a_stream_against_its_examples(pipe, folder):
+    store = pipe.featurize(dataset(folder), SEEDED, progress=False)
+    store.check_dataset(ImageFolder(folder))
+    store.check_dataset(PIL.Image.open(p) for p in files(folder))  # a generator: taken to have the store's length
+    with pytest.raises(StoreMismatchError, match="training example 0 differs"):
+        store.check_dataset(PIL.Image.open(p) for p in files(folder)[::-1])
+    with pytest.raises(StoreMismatchError, match="more than the 9 examples the store says"):
+        store.check_dataset(PIL.Image.open(p) for p in files(folder) + files(folder)[:1])
+    with pytest.raises(StoreMismatchError, match="ended after 8 examples"):
+        store.check_dataset(PIL.Image.open(p) for p in files(folder)[:8])
+    with pytest.raises(StreamError, match="num_examples=8, but ImageFolder"):
+        as_training_data(ImageFolder(folder), num_examples=8)
