@@ -17,6 +17,7 @@ _PUBLIC = {
     "AttributionResult": ".result",
     "CorruptStoreError": ".store.errors",
     "FeatureStore": ".store.format",
+    "ImageFolder": ".data",
     "InvalidImageError": ".data",
     "PipelineAdapter": ".adapters",
     "StoreMismatchError": ".store.errors",
@@ -32,7 +33,7 @@ __all__ = sorted([*_PUBLIC, "__version__"])
 if TYPE_CHECKING:
     from .adapters import PipelineAdapter, UnsupportedPipelineError, get_adapter, register_adapter
     from .config import AttributionConfig
-    from .data import InvalidImageError
+    from .data import ImageFolder, InvalidImageError
     from .mixin import AttributionMixin, enable_attribution
     from .result import AttributionResult, TopK
     from .store.errors import CorruptStoreError, StoreMismatchError

@@ -56,7 +56,8 @@ def featurize(pipe, train_dataset: Any, config: AttributionConfig | None = None,
     `output_dir`: write safetensors shards there as they finish (a killed run resumes where it stopped); under
     `accelerate launch` or with an `accelerator`, every process takes its share of the shards. `options`: the
     featurizer's (`checkpoints=`, `encoder=`, `processor=`) and the store's (`shard_rows`, `max_shard_size`,
-    `compute_kernel`, `dataset_name`; docs/stores.md).
+    `compute_kernel`, `dataset_name`; docs/stores.md). `train_dataset` may be a stream (a `datasets.IterableDataset`,
+    an `ImageFolder`, a generator), read in order; `num_examples=N` gives its length where it does not say it.
     """
     config = config or AttributionConfig()
     featurizer_options = {key: options.pop(key) for key in FEATURIZER_OPTIONS if key in options}

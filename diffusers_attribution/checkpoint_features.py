@@ -17,7 +17,7 @@ import torch
 
 from .checkpoints import CheckpointSet, describe
 from .config import AttributionConfig
-from .data import TrainingData, query_batch, training_batches
+from .data import StreamError, TrainingData, query_batch, training_batches
 from .featurize import Featurizer, FeaturizerBase, check_finite_features
 from .fingerprint import model_fingerprint
 from .gradients.timesteps import timestep_features, uniform_timesteps
@@ -42,6 +42,11 @@ class CheckpointFeaturizer(FeaturizerBase):
         self.block_dim = self.base.projector.dim
         self.dim = len(self.checkpoints) * self.block_dim
         self._fingerprints: dict[int, dict[str, str]] = {}
+
+    @property
+    def row_passes(self) -> int:
+        """Each range of rows is read once per checkpoint."""
+        return len(self.checkpoints)
 
     def to(self, device) -> None:
         self.base.to(device)
@@ -80,6 +85,9 @@ class CheckpointFeaturizer(FeaturizerBase):
 
     def rows(self, data: TrainingData, start: int, stop: int, bar=None):
         """(Φ [stop - start, C·k], content hashes, None): each example's gradient at its K sampled timesteps."""
+        if stop is None:
+            raise StreamError("TracIn and ReTrac read each range of rows once per checkpoint, and the length of this "
+                              "stream is unknown: pass num_examples=N")
         config, k = self.config, self.block_dim
         size = config.batch_size
         starts = list(range(start, stop, size))

@@ -9,8 +9,9 @@ states, then hands tensors, named state and the method's facts to the writer (st
 into a folder (resumable; each process its share of the shards under accelerate). The writer never sees a
 featurizer.
 
-A featurizer offers: `config`, `dim`, `fits_on_data`, `fit(data, progress) -> fitted`, `load_fitted(fitted)`,
-`fit_identity(data)`, `rows(data, start, stop, bar) -> (φ [rows, k], example hashes, state or None)`,
+A featurizer offers: `config`, `dim`, `fits_on_data`, `fit_examples(data)` (the rows `fit` reads),
+`fit(data, progress) -> fitted`, `load_fitted(fitted)`, `fit_identity(data)`, `row_passes` (how often `rows` reads
+a row), `rows(data, start, stop, bar) -> (φ [rows, k], example hashes, state or None)`,
 `combine(states)`, `method_state(fitted)`, `metadata()`, `facts()`, `featurize_queries(images, prompts)`.
 `fitted` is {"projection": the projector's state, "method": what the method fitted with it}, each possibly None.
 """
@@ -27,7 +28,7 @@ from tqdm.auto import tqdm
 
 from .adapters import PipelineAdapter, get_adapter
 from .config import AttributionConfig
-from .data import TrainingData, as_training_data, query_batch, training_batches
+from .data import ImageFolder, StreamError, TrainingData, as_training_data, query_batch, training_batches
 from .distributed import ProcessGroup, launched_with_several_processes
 from .fingerprint import model_fingerprint
 from .gradients.task import AttributionTask, gradients_only_for, select_parameters
@@ -50,35 +51,68 @@ def check_finite_features(features: torch.Tensor, first_row: int = 0) -> None:
     raise NonFiniteFeaturesError(f"example {row} has NaN or infinite features")
 
 
+class RowBuffer:
+    """Rows [start, stop) of features, put in blocks: allocated once when `stop` is known, else the blocks are
+    kept and joined at the end (a stream read to its end)."""
+
+    def __init__(self, start: int, stop: int | None, dim: int):
+        self.start = start
+        self.rows = torch.empty(stop - start, dim, dtype=torch.float32) if stop is not None else None
+        self.blocks: list[torch.Tensor] = []
+        self.dim = dim
+
+    def put(self, first: int, block: torch.Tensor) -> None:
+        if self.rows is not None:
+            self.rows[first - self.start : first - self.start + len(block)] = block
+        else:
+            self.blocks.append(block.float())
+
+    def result(self) -> torch.Tensor:
+        if self.rows is not None:
+            return self.rows
+        return torch.cat(self.blocks) if self.blocks else torch.empty(0, self.dim)
+
+
 # ---------------------------------------------------------------------------------------------- the loop
 
 
 def featurize(featurizer, dataset: Any, progress: bool = True, *, output_dir: str | os.PathLike | None = None,
               accelerator: Any = None, shard_rows: int | None = None,
               max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE, compute_kernel: bool | None = None,
-              dataset_name: str | None = None):
+              dataset_name: str | None = None, num_examples: int | None = None):
     """Φ [N, k] of `dataset` with `featurizer`: in memory, or written shard by shard into `output_dir` (resumable).
 
     With `output_dir`, finished shards found there are kept (after checking they come from the same model,
     config and examples) and only the missing ones are computed; under `accelerate launch` or with an
     `accelerator`, each process computes its share of the missing shards and the main process writes the
     method state, config.json, the kernel (`compute_kernel`; default: the method's facts say) and the card.
+
+    A stream (`data.StreamedTrainingData`: a `datasets.IterableDataset`, an `ImageFolder`, a generator) is read
+    in order, once per pass, one batch at a time. `num_examples`: its length when it does not say it (a folder
+    and a dataset whose `info.splits` has the count do); needed with `output_dir` (the shard plan) and by a
+    projection fitted on data (it picks its fit examples out of all N), not otherwise.
     """
-    data = featurizer.training_data(dataset)
+    data = featurizer.training_data(dataset, num_examples=num_examples)
     facts = featurizer.facts()
     keep_kernel = facts["kernel"] if compute_kernel is None else compute_kernel
     name = dataset_name or _dataset_name(dataset)
+    fit = featurizer.fits_on_data and (output_dir is not None or not featurizer.fitted)
+    if data.streamed:
+        _check_stream(data, fit, output_dir, featurizer.row_passes)
     if output_dir is None:
         if accelerator is not None:
             raise ValueError("featurizing in several processes needs output_dir=: each process writes its shards there")
         if launched_with_several_processes():
             warnings.warn("several processes are running but no output_dir= was given: each computes every "
                           "feature; pass output_dir= to share the work", stacklevel=3)
-        if featurizer.fits_on_data and not featurizer.fitted:
-            featurizer.fit(data, progress)
-        bar = tqdm(total=len(data), desc="featurize", unit="example", disable=not progress)
-        features, hashes, state = featurizer.rows(data, 0, len(data), bar)
+        if fit:
+            with data.pinned(featurizer.fit_examples(data)):
+                featurizer.fit(data, progress)
+        total = data.num_examples if data.streamed else len(data)
+        bar = tqdm(total=total, desc="featurize", unit="example", disable=not progress)
+        features, hashes, state = featurizer.rows(data, 0, total, bar)
         bar.close()
+        data.check_end()
         fitted = featurizer.fitted_state()
         method_state = featurizer.method_state(fitted, None if state is None else [state])
         metadata = {**featurizer.metadata(), "num_examples": len(data), "dataset_name": name, "example_hashes": hashes}
@@ -91,11 +125,15 @@ def featurize(featurizer, dataset: Any, progress: bool = True, *, output_dir: st
                              shard_rows=shard_rows, max_shard_size=max_shard_size)
     with writer.locked(featurizer.fingerprint()):
         if featurizer.fits_on_data:
-            _fit_in_directory(featurizer, data, writer, group, progress and group.is_main)
+            with data.pinned(featurizer.fit_examples(data)):
+                _fit_in_directory(featurizer, data, writer, group, progress and group.is_main)
         metadata = {**featurizer.metadata(), "num_examples": len(data), "dim": featurizer.dim, "dataset_name": name}
         done, pending, complete = writer.begin(metadata)
-        for entry in group.share(done):  # finished shards must hold these very examples
-            _check_examples(writer.recorded_hashes(entry), data, entry, writer.directory)
+        checks = group.share(done)  # finished shards must hold these very examples
+        if not data.streamed or not pending:  # random access: all checked first
+            for entry in checks:
+                _check_examples(writer.recorded_hashes(entry), data, entry, writer.directory)
+            checks = []
         if complete and not pending:
             group.barrier()
             return writer.open()
@@ -105,8 +143,17 @@ def featurize(featurizer, dataset: Any, progress: bool = True, *, output_dir: st
         bar = tqdm(total=sum(e["stop"] - e["start"] for e in mine), unit="example",
                    disable=not (progress and group.is_main),
                    desc="featurize" if group.world == 1 else f"featurize (process 0 of {group.world})")
-        for entry in mine:
+        # A stream is read once, in order: this process's finished shards are checked where the read reaches them,
+        # the rows of shards other processes compute are passed over.
+        work = sorted([(entry, False) for entry in checks] + [(entry, True) for entry in mine],
+                      key=lambda item: item[0]["start"])
+        for entry, compute in work:
+            if not compute:
+                _check_examples(writer.recorded_hashes(entry), data, entry, writer.directory)
+                continue
             features, hashes, state = featurizer.rows(data, entry["start"], entry["stop"], bar)
+            if entry["stop"] == len(data):
+                data.check_end()
             writer.write_shard(entry, features, hashes, state)
         bar.close()
         group.barrier()
@@ -117,15 +164,40 @@ def featurize(featurizer, dataset: Any, progress: bool = True, *, output_dir: st
         return writer.finish(facts, method_state=method_state, compute_kernel=keep_kernel)
 
 
+def _check_stream(data, fit: bool, output_dir, row_passes: int) -> None:
+    """Refuse, before anything is read past the first example, what a stream cannot give: a length it does not say
+    (needed by a projection fitted on data and by the shard plan of `output_dir`), a second pass of a one-time
+    iterator (a fit reads its examples first; TracIn reads each range once per checkpoint)."""
+    if row_passes > 1 and data.one_shot:
+        raise StreamError(
+            f"TracIn and ReTrac read each range of rows once per checkpoint ({row_passes}); a one-time iterator "
+            f"({type(data.dataset).__name__}) can be read only once: pass something that can be iterated again (a "
+            "list, an ImageFolder, a datasets (Iterable)Dataset)")
+    if data.num_examples is None and fit:
+        raise StreamError(
+            "this projection is fitted on training examples picked out of all N (the calibrated factored projection: "
+            "calibration_examples > 0), and the length of this stream is unknown: pass num_examples=N, or use a "
+            "seeded projection (calibration_examples=0, or projector='gaussian')")
+    if data.num_examples is None and output_dir is not None:
+        raise StreamError("a store written into output_dir= plans its shards from the number of examples, and the "
+                          "length of this stream is unknown: pass num_examples=N, or featurize it in memory")
+    if fit and data.one_shot:
+        raise StreamError(
+            f"this projection is fitted on training examples before any is featurized, so the training set is read "
+            f"twice; a one-time iterator ({type(data.dataset).__name__}) can be read only once: pass something that "
+            "can be iterated again (a list, an ImageFolder, a datasets (Iterable)Dataset), or use a seeded "
+            "projection (calibration_examples=0, or projector='gaussian')")
+
+
 def _fit_in_directory(featurizer, data: TrainingData, writer: DirectoryWriter, group: ProcessGroup,
                       progress: bool) -> None:
     """What the featurizer fits on data (the calibrated bases, EK-FAC's Λ): the one saved in the folder (a resumed
     run), or fitted on the main process and saved there first; every process then uses the saved one. A saved
     fit for another config, model or examples is refused."""
-    identity = featurizer.fit_identity(data)
     failure = None
-    if group.is_main:
+    if group.is_main:  # only the main process reads the fit examples (of a stream: a pass of its own)
         try:
+            identity = featurizer.fit_identity(data)
             if not writer.has_fitted(identity):
                 writer.write_fitted(featurizer.fit(data, progress), identity)
         except Exception as error:  # sent to every process, so that none waits for a main process that failed
@@ -147,7 +219,9 @@ def _check_examples(recorded: list[str], data: TrainingData, entry: dict, direct
 
 
 def _dataset_name(dataset: Any) -> str | None:
-    """The `datasets.Dataset`'s own name, if it has one (for the store card)."""
+    """The `datasets.Dataset`'s own name, if it has one, or an `ImageFolder`'s (for the store card)."""
+    if isinstance(dataset, ImageFolder):
+        return dataset.dataset_name
     info = getattr(dataset, "info", None)
     return getattr(info, "dataset_name", None) or getattr(info, "builder_name", None) if info is not None else None
 
@@ -164,13 +238,18 @@ class FeaturizerBase:
     fits_on_data = False
     fitted = True
     collects_state = False
+    row_passes = 1  # how many times `rows` reads each row of its range
 
     def featurize_dataset(self, dataset: Any, progress: bool = True, **options):
         """`featurize(self, dataset, progress, **options)`: the store of a training set."""
         return featurize(self, dataset, progress, **options)
 
-    def training_data(self, dataset: Any) -> TrainingData:
-        return as_training_data(dataset, self.config.image_column, self.config.caption_column)
+    def training_data(self, dataset: Any, num_examples: int | None = None) -> TrainingData:
+        return as_training_data(dataset, self.config.image_column, self.config.caption_column, num_examples)
+
+    def fit_examples(self, data: TrainingData) -> list[int]:
+        """The rows `fit` reads (kept while it reads them: a stream reads them once)."""
+        return []
 
     def to(self, device) -> None:
         """Move the model featurized (under accelerate: this process's device)."""
@@ -305,6 +384,9 @@ class Featurizer(FeaturizerBase):
             self.projector.fit(self.task, self.parameters, batches, progress=progress)
         return self.fitted_state()
 
+    def fit_examples(self, data: TrainingData) -> list[int]:
+        return self.projector.fit_examples(len(data)) if self.fits_on_data else []
+
     def fit_projection(self, data: TrainingData, progress: bool = False) -> None:
         """Fit the projector on `data` (`fit`, keeping the result)."""
         self.load_fitted(self.fit(data, progress))
@@ -378,37 +460,49 @@ class Featurizer(FeaturizerBase):
     def rows(self, data: TrainingData, start: int, stop: int, bar=None):
         """(φ [stop - start, k], content hashes, state or None) of examples [start, stop), in batches counted from
         `start`: a shard's features never depend on which process computes it or on whether the run resumed.
+        `stop=None`: to the end of a stream of unknown length.
 
         "mean": the partial features stay on the device until `projector.finish_rows` of them are finished together
         (one copy to the CPU per block); a block with a non-finite value is explained by featurizing its first
         such example again on its own. Otherwise each batch is reduced from its pairs, feeding the method's state.
         """
-        features = torch.empty(stop - start, self.dim, dtype=torch.float32)
+        features = RowBuffer(start, stop, self.dim)
         hashes: list[str] = []
         pending: list[torch.Tensor] = []
         done = start  # rows before `done` are finished
         collector = self.method.collector(self)
         reduction = self.method.reduction
+
+        def finish_block():
+            nonlocal done, pending
+            block = self.projector.finish(torch.cat(pending)).float().cpu()
+            if not torch.isfinite(block).all():
+                row = done + int((~torch.isfinite(block)).any(1).nonzero()[0])
+                try:
+                    again = data.batch([row])
+                except StreamError:  # a one-time stream cannot give the row again to explain it
+                    again = None
+                if again is not None:
+                    self.features(*again, [row], reduction="mean")  # raises, naming the cause
+                raise NonFiniteFeaturesError(f"example {row!r} has NaN or infinite features in its batch")
+            features.put(done, block)
+            done, pending = done + len(block), []
+
         batches = training_batches(data, start, stop, self.config.batch_size, self.adapter.validate_images)
         with gradients_only_for(self.adapter.denoiser, self.parameters):  # once, not per batch
             for indices, images, captions, batch_hashes in batches:
                 hashes.extend(batch_hashes)
                 if reduction != "mean":
-                    features[indices[0] - start : indices[-1] + 1 - start] = self.features(
-                        images, captions, indices, collector, reduction)
+                    features.put(indices[0], self.features(images, captions, indices, collector, reduction))
                 else:
                     pending.append(self.partial_features(images, captions, indices))
                 if pending and (indices[-1] + 1 - done >= self.projector.finish_rows or indices[-1] + 1 == stop):
-                    block = self.projector.finish(torch.cat(pending)).float().cpu()
-                    if not torch.isfinite(block).all():
-                        row = done + int((~torch.isfinite(block)).any(1).nonzero()[0])
-                        self.features(*data.batch([row]), [row], reduction="mean")  # raises, naming the cause
-                        raise NonFiniteFeaturesError(f"example {row!r} has NaN or infinite features in its batch")
-                    features[done - start : done - start + len(block)] = block
-                    done, pending = done + len(block), []
+                    finish_block()
                 if bar is not None:
                     bar.update(len(indices))
-        return features, hashes, None if collector is None else collector.state()
+            if pending:  # the last rows of a stream read to its end (stop=None)
+                finish_block()
+        return features.result(), hashes, None if collector is None else collector.state()
 
     def featurize_rows(self, data: TrainingData, start: int, stop: int, bar=None) -> tuple[torch.Tensor, list[str]]:
         """(φ, content hashes) of examples [start, stop) (`rows` without the state)."""

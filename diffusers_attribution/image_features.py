@@ -55,9 +55,9 @@ class _ImageFeaturizer(FeaturizerBase):
     def facts(self) -> dict[str, Any]:
         return self.method.facts() if self.method is not None else {"title": None, "fingerprints": [], "kernel": False}
 
-    def training_data(self, dataset: Any) -> TrainingData:
-        data = super().training_data(dataset)
-        if self._dim is None and len(data):  # the width of a row: the embedding of the first example
+    def training_data(self, dataset: Any, num_examples: int | None = None) -> TrainingData:
+        data = super().training_data(dataset, num_examples)
+        if self._dim is None:  # the width of a row: the embedding of the first example (data is never empty)
             self._dim = int(self.embed(data.batch([0])[0]).shape[1])
         return data
 

@@ -36,7 +36,8 @@ class AttributionMixin:
 
         `output_dir`: write safetensors shards there as they finish (a killed run resumes where it stopped);
         under `accelerate launch` or with an `accelerator`, every process takes its share of the shards.
-        `store_kwargs`: `shard_rows`, `max_shard_size`, `compute_kernel`, `dataset_name` (docs/stores.md).
+        `store_kwargs`: `shard_rows`, `max_shard_size`, `compute_kernel`, `dataset_name`, and `num_examples` for
+        a stream that does not say its length (a generator; docs/stores.md, "streams").
         """
         return api.featurize(self, train_dataset, self._attribution_config(config), progress=progress,
                              output_dir=output_dir, accelerator=accelerator, **store_kwargs)

@@ -281,16 +281,25 @@ class FeatureStore:
                 )
 
     def check_dataset(self, dataset: Any, image_column: str | None = None, caption_column: str | None = None) -> None:
-        """Raise `StoreMismatchError` unless `dataset` holds the examples this store was featurized from, in order."""
-        from ..data import as_training_data
+        """Raise `StoreMismatchError` unless `dataset` holds the examples this store was featurized from, in order
+        (a stream is read once, in order; one that does not say its length is taken to have the store's)."""
+        from ..data import StreamError, as_training_data, is_streamed
 
-        data = as_training_data(dataset, image_column or self.config.image_column,
-                                caption_column or self.config.caption_column)
-        if len(data) != len(self):
-            raise StoreMismatchError(f"the store has {len(self)} examples, the dataset {len(data)}")
-        for index, expected in enumerate(self.example_hashes):
-            if data.example_hash(index) != expected:
-                raise StoreMismatchError(f"training example {index} differs from the one the store was featurized from")
+        streamed = is_streamed(dataset)
+        try:
+            data = as_training_data(dataset, image_column or self.config.image_column,
+                                    caption_column or self.config.caption_column)
+            if streamed and data.num_examples is None:
+                data.num_examples, data.length_from = len(self), "the store"
+            if len(data) != len(self):
+                raise StoreMismatchError(f"the store has {len(self)} examples, the dataset {len(data)}")
+            for index, expected in enumerate(self.example_hashes):
+                if data.example_hash(index) != expected:
+                    raise StoreMismatchError(f"training example {index} differs from the one the store was featurized "
+                                             "from")
+            data.check_end()
+        except StreamError as error:
+            raise StoreMismatchError(f"the dataset is not the store's: {error}") from None
 
     # ------------------------------------------------------------------------------------ disk
 
