@@ -259,7 +259,7 @@ def main() -> None:
     parser.add_argument("--sizes", default="10000,100000,1000000")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--workdir", default="/tmp/diffusers-attribution-scale")
-    parser.add_argument("--index-kinds", default="auto", help="auto (choose_kind), plus e.g. hnsw to compare at N ≥ 50k")
+    parser.add_argument("--index-kinds", default="auto", help="auto (choose_kind), plus e.g. hnsw to compare at N ≥ 50k; none: no index")
     parser.add_argument("--profile", action="store_true", help="cProfile store.blocks() on the largest N ≤ 100k")
     parser.add_argument("--plot", default=None, help="write the latency-vs-N plot here (PNG)")
     parser.add_argument("--json", default=None, help="write the measurements here")
@@ -326,7 +326,7 @@ def main() -> None:
         row = {"n": n, "gib": size / 2**30, "write_s": write_seconds, "first_64_s": first, "inverse_s": inverse_seconds,
                **{f"{name}_s": value for name, value in median.items()}, "identical": same, "indexes": []}
         kinds = [choose_kind(n)] + [kind for kind in args.index_kinds.split(",") if kind != "auto" and n >= FLAT_MAX_ROWS]
-        kinds = list(dict.fromkeys(kinds))
+        kinds = [] if args.index_kinds == "none" else list(dict.fromkeys(kinds))
         for kind in kinds:
             index = build_index(store.blocks, store.dim, len(store), kind=kind, tuning_queries=tuning)
             latencies = []

@@ -189,7 +189,8 @@ class AttributionConfig:
         for f in dataclasses.fields(self):
             if f.metadata["choices"] is not None:
                 _check_choice(f.name, getattr(self, f.name), f.metadata["choices"])
-        _check_choice("projector", self.projector, projector_names())
+        names = projector_names()
+        _check_choice("projector", self.projector, names if self.projector in names else projector_names(refresh=True))
         if isinstance(self.parameters, str):
             _check_choice("parameters", self.parameters, PARAMETER_SETS)
         else:

@@ -12,6 +12,8 @@ imports nothing heavy, and `projector_names` reads the names from the modules' s
 
 from __future__ import annotations
 
+import threading
+
 from ..discovery import discover
 from typing import Callable
 
@@ -32,14 +34,28 @@ def _discover() -> None:
     discover(__package__)
 
 
-def projector_names() -> tuple[str, ...]:
-    """The registered names, and those the package's projector modules declare (read, not imported)."""
+_DECLARED: tuple[str, ...] | None = None  # the names the package's modules declare, read once (`projector_names`)
+_SCAN = threading.Lock()
+
+
+def projector_names(refresh: bool = False) -> tuple[str, ...]:
+    """The registered names, and those the package's projector modules declare (read from their source once per
+    process, not imported; `refresh`: read again, for a module added to the package's path since)."""
+    global _DECLARED
+    with _SCAN:  # one reader at a time: CPython's ast is not safe to run in two threads at once
+        if _DECLARED is None or refresh:
+            _DECLARED = _declared_names()
+        declared = _DECLARED
+    return tuple(dict.fromkeys([*_FACTORIES, *declared]))
+
+
+def _declared_names() -> tuple[str, ...]:
     import ast
     import importlib
     import importlib.util
     import pkgutil
 
-    names = list(_FACTORIES)
+    names = []
     for module in pkgutil.iter_modules(importlib.import_module(__package__).__path__):
         spec = importlib.util.find_spec(f"{__package__}.{module.name}")
         if spec is None or not spec.origin or not spec.origin.endswith(".py"):
@@ -50,7 +66,7 @@ def projector_names() -> tuple[str, ...]:
             if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "register_projector" and node.args \
                     and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str):
                 names.append(node.args[0].value)
-    return tuple(dict.fromkeys(names))
+    return tuple(names)
 
 
 def make_projector(config, denoiser, parameters):
