@@ -258,6 +258,8 @@ def modules_in_the_package(tmp_path: Path, files: dict[str, tuple[str, str]]):
     from diffusers_attribution.methods import registry as methods
     from diffusers_attribution.projection import registry as projectors
 
+    for package in ("diffusers_attribution.methods", "diffusers_attribution.projection", "diffusers_attribution.adapters"):
+        discovery.discover(package)  # the package's own entries registered first: they are what is restored
     saved = (dict(methods._REGISTRY), dict(methods._ALIASES), dict(projectors._FACTORIES), list(adapters._ADAPTERS))
     added = []
     try:
@@ -278,6 +280,7 @@ def modules_in_the_package(tmp_path: Path, files: dict[str, tuple[str, str]]):
         methods._REGISTRY.clear(), methods._REGISTRY.update(saved[0])
         methods._ALIASES.clear(), methods._ALIASES.update(saved[1])
         projectors._FACTORIES.clear(), projectors._FACTORIES.update(saved[2])
+        projectors._DECLARED = None  # the names read from the modules' source: read again without the toy
         adapters._ADAPTERS[:] = saved[3]
 
 
