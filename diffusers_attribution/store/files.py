@@ -17,6 +17,7 @@ import hashlib
 import itertools
 import json
 import math
+import mmap
 import os
 import re
 import secrets
@@ -179,9 +180,10 @@ class StoreFile:
     read from this one handle, so the bytes that were checked are the bytes that are used (a writer replaces
     files by renaming new ones over them: an open handle keeps reading the file it opened).
 
-    Reads a safetensors file as `safe_open` does (`keys`, `metadata`, `get_slice`, `get_tensor`; tensors are copies
-    read with `pread`), its header parsed with `load_json_bounded` and every offset checked against the file's size.
-    Any failure is a `CorruptStoreError` naming the file."""
+    Reads a safetensors file as `safe_open` does (`keys`, `metadata`, `get_slice`, `get_tensor`), its header parsed
+    with `load_json_bounded` and every offset checked against the file's size. Tensors are views of a private
+    (copy-on-write) memory map of this same handle: no copy, the page cache's bytes read once by whoever computes
+    with them (writes to a tensor stay private). Any failure is a `CorruptStoreError` naming the file."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
@@ -200,6 +202,7 @@ class StoreFile:
         self.identity = file_identity(info)
         self._header: dict[str, Any] | None = None
         self._data_start = 0
+        self._map: mmap.mmap | None = None
 
     def __enter__(self) -> "StoreFile":
         return self
@@ -208,9 +211,16 @@ class StoreFile:
         self.close()
 
     def close(self) -> None:
+        """Close the handle; a memory map stays valid for the tensors that view it (it closes with the last)."""
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
+
+    def mapped(self) -> mmap.mmap:
+        """A private (copy-on-write) memory map of the whole file, made from this handle once."""
+        if self._map is None:
+            self._map = mmap.mmap(self.fd, self.size, access=mmap.ACCESS_COPY)
+        return self._map
 
     def read(self, offset: int, count: int) -> bytearray:
         """`count` bytes from `offset`; fewer (the file was truncated under us) is a `CorruptStoreError`."""
@@ -302,11 +312,11 @@ class _TensorSlice:
             raise ValueError("only contiguous row ranges are read")
         stop = max(start, stop)
         row_bytes = math.prod(shape[1:]) * dtype.itemsize
-        data = self.file.read(self.file._data_start + self.info["data_offsets"][0] + start * row_bytes,
-                              (stop - start) * row_bytes)
-        if not data:
+        if stop == start or row_bytes == 0:
             return torch.empty([stop - start, *shape[1:]], dtype=dtype)
-        return torch.frombuffer(data, dtype=dtype).reshape([stop - start, *shape[1:]])
+        offset = self.file._data_start + self.info["data_offsets"][0] + start * row_bytes
+        count = (stop - start) * math.prod(shape[1:])
+        return torch.frombuffer(self.file.mapped(), dtype=dtype, count=count, offset=offset).reshape([stop - start, *shape[1:]])
 
 
 def _pread_into(fd: int, view: memoryview, offset: int) -> int:
