@@ -81,7 +81,8 @@ class AttributionConfig:
             [example,] t, d) whose draw 0 is the single-draw noise, so `noise_draws=1` gives the same features (and
             feature hash) as None. Costs D times the forward/backward rows of K. TracIn/ReTrac: draws per training
             timestep (queries use `query_noise_draws`); not for the baselines.
-        noise_mode: `"shared"` (D-TRAK's code): every example and every query sees the same noise at a given t.
+        noise_mode: `"shared"`: every example and every query sees the same noise at a given t (this library's
+            choice, not D-TRAK's code, which reseeds before each batch so that each batch slot has its own noise).
         projector: `"factored"` (per-layer P_outᵀ G P_in, the fast default), dense `"gaussian"` / `"rademacher"`
             (generated blockwise), or `"identity"` (exact, small models only).
         projection_seed: a projection is a pure function of (projection_seed, parameter name, shape, k).
