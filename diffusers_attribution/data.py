@@ -63,9 +63,10 @@ HIGH_DEPTH_MODES = ("I", "I;16", "I;16L", "I;16B", "I;16N", "F")  # 16/32-bit: 8
 
 def open_image_file(path: Any, mode: str | None = None, max_pixels: int = MAX_IMAGE_PIXELS) -> PIL.Image.Image:
     """An image file from outside, decoded only once its header has passed: at most `max_pixels` pixels (PIL reads
-    only the header on open; its own decompression-bomb limit is an error too), and an 8-bit mode: 16- and 32-bit
-    images (modes I;16, I, F) are refused rather than clipped by a conversion to 8 bits (pass them to the Python
-    API as arrays in [0, 1]). Converted to `mode` ("L", "RGB") when given. Failures are an `InvalidImageError`."""
+    only the header on open; its own decompression-bomb limit is an error too). Converted to `mode` ("L", "RGB")
+    when given, except that a conversion never clips: a one-channel 16-bit (I;16) or float (F) image is returned as
+    it is, for `to_image_tensor` to scale as the Python API does (16 bits / 65535); 32-bit integer images (I), or
+    16-bit ones where 3 channels are wanted, are refused. Failures are an `InvalidImageError`."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", PIL.Image.DecompressionBombWarning)
@@ -75,9 +76,14 @@ def open_image_file(path: Any, mode: str | None = None, max_pixels: int = MAX_IM
                     raise InvalidImageError(f"the image {path} is {width}×{height} pixels, more than the {max_pixels} "
                                             "an image may have here: refused before decoding it")
                 if image.mode in HIGH_DEPTH_MODES:
-                    raise InvalidImageError(f"the image {path} has {image.mode!r} pixels (16 or 32 bits), which "
-                                            "converting to 8 bits would clip: save it as an 8-bit image, or pass it to "
-                                            "the Python API as an array in [0, 1]")
+                    if image.mode == "I" or mode not in (None, "L"):
+                        raise InvalidImageError(
+                            f"the image {path} has {image.mode!r} pixels (16 or 32 bits) and cannot be read here "
+                            f"without clipping{' as ' + mode if mode else ''}: save it as an 8-bit image, or pass it "
+                            "to the Python API as an array in [0, 1]")
+                    image.load()
+                    pil_to_array(image)  # its range is checked now (F must lie in [0, 1]), not later
+                    return image.copy()  # to_image_tensor scales it by its bit depth
                 image.load()
                 return image.convert(mode) if mode and image.mode != mode else image.copy()
     except (PIL.Image.DecompressionBombError, PIL.Image.DecompressionBombWarning) as error:

@@ -420,13 +420,24 @@ def test_uploads_are_bounded_before_decoding(app, client, workdir, queries):
     assert len(table_rows(out[1])) == K  # the next request is served
 
 
-def test_sixteen_bit_uploads_are_refused_not_clipped(app, client, workdir):
-    """Issue 25.3: 16-bit PNGs were clipped to 8 bits by .convert("L")."""
+def test_sixteen_bit_uploads_are_scaled_as_the_python_api_does(app, client, workdir):
+    """Issue 25.3: 16-bit PNGs were clipped to 8 bits by .convert("L"): they are scaled by 65535 as the Python API
+    scales them (the same scores as the array in [0, 1]); 32-bit integer images are refused, as the API refuses them."""
+    from diffusers_attribution.data import to_image_tensor
+
+    values = np.arange(64, dtype=np.uint16).reshape(8, 8) * 1000
     deep = workdir / "deep.png"
-    PIL.Image.fromarray((np.arange(64, dtype=np.uint16).reshape(8, 8) * 1000)).save(deep)
-    assert PIL.Image.open(deep).mode in ("I;16", "I")
+    PIL.Image.fromarray(values).save(deep)
+    assert PIL.Image.open(deep).mode == "I;16"
+    explorer = app[0].explorer
+    torch.testing.assert_close(to_image_tensor(explorer.query_image(str(deep))),
+                               to_image_tensor(values.astype(np.float32) / 65535))
+    out = client.predict(gradio_client.handle_file(str(deep)), K, NAME, "(none)", api_name="/attribute")
+    assert len(table_rows(out[1])) == K
+    wide = workdir / "wide.tif"
+    PIL.Image.fromarray(values.astype(np.int32) * 1000).save(wide)
     with pytest.raises(gradio_client.exceptions.AppError, match="16 or 32 bits"):
-        client.predict(gradio_client.handle_file(str(deep)), K, NAME, "(none)", api_name="/attribute")
+        client.predict(gradio_client.handle_file(str(wide)), K, NAME, "(none)", api_name="/attribute")
 
 
 def test_store_metadata_is_escaped_in_markdown(app, store_dir):

@@ -306,3 +306,82 @@ def test_an_overwrite_is_staged_complete_then_moved_in(reference, tmp_path, monk
     assert not [p.name for p in target.iterdir() if p.name.startswith(store_format.STAGING_PREFIX)]
     assert str(target) in (target / "README.md").read_text() and store_format.STAGING_PREFIX not in \
         (target / "README.md").read_text()
+
+
+# ---------------------------------------------------------------------------------------------- fuzz
+
+
+def _mutations(header: dict, seed: int, count: int):
+    """`count` seeded structural mutations of a valid config.json: a value at a random path replaced by another
+    type, a huge or negative count, a deep nesting, a long string, a big list; a key removed or added."""
+    import random
+
+    generator = random.Random(seed)
+    replacements = [None, True, -1, 0, 1, 2**31, 2**63, 10**30, 1.5, float("1e308"), "", "x" * 10_000, "../../etc",
+                    [], [0] * 10_000, {}, {"file": "../x"}, "features-00000-of-00001.safetensors",
+                    json.loads("[" * 30 + "]" * 30)]
+
+    def paths(value, prefix=()):
+        yield prefix
+        if isinstance(value, dict):
+            for key, child in value.items():
+                yield from paths(child, (*prefix, key))
+        elif isinstance(value, list):
+            for index, child in enumerate(value[:4]):
+                yield from paths(child, (*prefix, index))
+
+    every = [path for path in paths(header) if path]
+    for _ in range(count):
+        mutated = json.loads(json.dumps(header))
+        path = generator.choice(every)
+        parent = mutated
+        for part in path[:-1]:
+            parent = parent[part]
+        action = generator.random()
+        if action < 0.8:
+            parent[path[-1]] = generator.choice(replacements)
+        elif action < 0.9 and isinstance(parent, dict):
+            del parent[path[-1]]
+        elif isinstance(parent, dict):
+            parent[f"extra{generator.randrange(100)}"] = generator.choice(replacements)
+        yield path, mutated
+
+
+def test_a_fuzz_of_config_json_gives_only_the_librarys_errors(reference, tmp_path):
+    """Issue 25: a few hundred structural mutations of config.json (types, sizes, depths, counts, missing and added
+    keys): loading and scoring give either a store or the library's own error, each case under a second, peak
+    Python memory (tracemalloc) under 500 MB. Prints the counts."""
+    import time
+
+    from diffusers_attribution.scoring import KernelScorer
+    from diffusers_attribution.store.errors import NotAStoreError, StoreChangedError, StoreMismatchError
+
+    directory = copy_store(reference, tmp_path / "store")
+    original = header_of(directory)
+    queries = torch.randn(2, reference.dim, generator=torch.Generator().manual_seed(0))
+    outcomes: dict[str, int] = {}
+    slowest, peak = 0.0, 0
+    tracemalloc.start()
+    try:
+        for path, mutated in _mutations(original, seed=25, count=300):
+            write_header(directory, mutated)
+            tracemalloc.reset_peak()
+            started = time.perf_counter()
+            try:
+                store = FeatureStore.from_pretrained(directory)
+                KernelScorer(store).scores(queries)
+                outcome = "loaded"
+            except (CorruptStoreError, NotAStoreError, StoreMismatchError, StoreChangedError) as error:
+                outcome = type(error).__name__
+            except Exception as error:  # noqa: BLE001 - anything else is what the test is looking for
+                raise AssertionError(f"mutating {'.'.join(map(str, path))} gave {type(error).__name__}: {error}")
+            slowest = max(slowest, time.perf_counter() - started)
+            peak = max(peak, tracemalloc.get_traced_memory()[1])
+            outcomes[outcome] = outcomes.get(outcome, 0) + 1
+    finally:
+        tracemalloc.stop()
+        write_header(directory, original)
+    print(f"config.json fuzz: {sum(outcomes.values())} mutations: {outcomes}; slowest {slowest:.3f} s, "
+          f"peak traced memory {peak / 2**20:.1f} MiB")
+    assert sum(outcomes.values()) == 300 and outcomes.get("CorruptStoreError", 0) > 150
+    assert slowest < 1.0 and peak < 500 * 2**20

@@ -30,8 +30,9 @@ def add_explore_parser(subparsers) -> argparse.ArgumentParser:
                         help="do not check the dataset's examples against the store's content hashes")
     parser.add_argument("--host", default="127.0.0.1", help="address to serve on (default: 127.0.0.1)")
     parser.add_argument("--port", type=int, help="port (default: gradio's, 7860 or the next free one)")
-    parser.add_argument("--store-root", metavar="DIR", help="visitors may add stores from folders under DIR (default: "
-                                                            "none; Hub dataset repo ids always)")
+    parser.add_argument("--store-root", "--allow-store-paths", dest="store_root", metavar="DIR",
+                        help="visitors may add stores from folders under DIR (default: none, as in an exported Space; "
+                             "Hub dataset repo ids always)")
     parser.add_argument("--max-upload", default="10mb", help="largest upload accepted (default: 10mb)")
     parser.add_argument("--share", action="store_true", help="ask gradio for a public *.gradio.live link (off by default)")
     parser.add_argument("--export-space", metavar="DIR", help="write a Space (app.py, requirements.txt, README.md) to DIR "
