@@ -228,54 +228,67 @@ print(count, flush=True)
 """
 
 
+READER = """
+import json, sys, time, torch
+from diffusers_attribution import FeatureStore
+from diffusers_attribution.scoring import KernelScorer
+from diffusers_attribution.store.errors import CorruptStoreError, NotAStoreError, StoreChangedError
+target, seconds, k = sys.argv[1], float(sys.argv[2]), int(sys.argv[3])
+query = torch.ones(1, k)
+outcomes, failures, end = {}, [], time.monotonic() + seconds
+while time.monotonic() < end:
+    try:
+        store = FeatureStore.from_pretrained(target)
+        features, kernel = store.features, store.kernel
+        value = float(features[0, 0])
+        scores = KernelScorer(store, damping=1.0).scores(query)  # every row equal: one score, the same each time
+        if not (value in (1.0, 2.0) and bool((features == value).all()) and bool((kernel == k * value * value).all())
+                and bool((scores == scores[0, 0]).all())):
+            failures.append(f"mixed: features {features.unique().tolist()}, kernel {kernel.unique().tolist()}")
+        outcome = f"store {value:g}"
+    except (StoreChangedError, CorruptStoreError, NotAStoreError) as error:
+        outcome = type(error).__name__
+    except Exception as error:  # any other error (a raw OS error) is a failure
+        failures.append(f"{type(error).__name__}: {error}")
+        outcome = type(error).__name__
+    outcomes[outcome] = outcomes.get(outcome, 0) + 1
+print(json.dumps({"outcomes": outcomes, "failures": failures[:5]}), flush=True)
+"""
+
+
 def test_readers_beside_a_writer_get_one_store_or_a_clear_error(reference, tmp_path):
-    """Issue 25.2: a process rewriting a store (save_pretrained(overwrite=True), same run) while others load it:
-    every load reads features and a kernel of one store (all 1 or all 2, the kernel of those very features) or
-    raises `StoreChangedError`; never a mix, never a raw FileNotFoundError. Each file is hashed and read through
-    one handle, and config.json is checked to be the same file after every other file was opened."""
+    """Issue 25.2: a process rewriting a store in a loop (save_pretrained(overwrite=True), same run, other features)
+    while two reader processes load and score it for 3 s: every read is one whole store (features, kernel and
+    scores of the same store) or the library's error; never a mix, never a raw OS error. Prints the counts. Each
+    file is hashed and read through one handle, and config.json is checked to be the same file after every other
+    file was opened."""
     import os
     import subprocess
     import sys
-    import threading
-
-    from diffusers_attribution.store.errors import StoreChangedError
 
     target = tmp_path / "store"
     FeatureStore(torch.full((N, K), 1.0), reference.config, reference.metadata).save_pretrained(
         target, shard_rows=SHARD_ROWS)
     root = Path(__file__).resolve().parents[1]
-    writer = subprocess.Popen([sys.executable, "-c", WRITER, str(reference.directory), str(target), "3", str(SHARD_ROWS)],
-                              stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(root),
-                                                                      "OMP_NUM_THREADS": "1"})
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    writer = subprocess.Popen([sys.executable, "-c", WRITER, str(reference.directory), str(target), "5", str(SHARD_ROWS)],
+                              stdout=subprocess.PIPE, text=True, env=env)
     assert writer.stdout.readline().strip() == "ready"
-    outcomes: dict[str, int] = {}
-    failures: list[str] = []
-
-    def read():
-        while writer.poll() is None:
-            try:
-                store = FeatureStore.from_pretrained(target)
-                features, kernel = store.features, store.kernel
-                value = float(features[0, 0])
-                if not (value in (1.0, 2.0) and bool((features == value).all())
-                        and bool((kernel == K * value * value).all())):
-                    failures.append(f"mixed: features {features.unique().tolist()}, kernel {kernel.unique().tolist()}")
-                outcome = f"store {value:g}"
-            except StoreChangedError:
-                outcome = "StoreChangedError"
-            except Exception as error:  # noqa: BLE001 - any other error is a failure of the test
-                failures.append(f"{type(error).__name__}: {error}")
-                outcome = type(error).__name__
-            outcomes[outcome] = outcomes.get(outcome, 0) + 1
-
-    readers = [threading.Thread(target=read) for _ in range(2)]
-    for thread in readers:
-        thread.start()
-    for thread in readers:
-        thread.join()
+    readers = [subprocess.Popen([sys.executable, "-c", READER, str(target), "3", str(K)], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, env=env) for _ in range(2)]
+    reports = []
+    for reader in readers:
+        out, err = reader.communicate(timeout=120)
+        assert reader.returncode == 0, err[-2000:]
+        reports.append(json.loads(out.strip().splitlines()[-1]))
     rewrites = int(writer.stdout.readline())
     assert writer.wait() == 0
-    assert not failures, (failures[:5], outcomes)
+    outcomes: dict[str, int] = {}
+    for report in reports:
+        for outcome, count in report["outcomes"].items():
+            outcomes[outcome] = outcomes.get(outcome, 0) + count
+    print(f"readers beside a writer: {rewrites} rewrites; reads by outcome: {outcomes}")
+    assert not [failure for report in reports for failure in report["failures"]], (reports, outcomes)
     assert rewrites >= 5 and outcomes.get("store 1", 0) + outcomes.get("store 2", 0) >= 10, (rewrites, outcomes)
 
 
