@@ -451,7 +451,8 @@ class FeatureStore:
         read belongs to it; if not, the store was rewritten meanwhile: a `StoreChangedError`."""
         config_path = directory / CONFIG_NAME
         if not os.path.lexists(config_path):
-            if os.path.lexists(directory / WRITER_NAME):
+            # a writer at work records itself; one that has just finished has renamed config.json in meanwhile
+            if os.path.lexists(directory / WRITER_NAME) or os.path.lexists(config_path):
                 raise StoreChangedError(f"{directory} is being written by another process (its {CONFIG_NAME} is "
                                         f"written last; it records itself in {WRITER_NAME}): open it again when that "
                                         "process has finished (if it was killed, rerun it to finish the store)")
