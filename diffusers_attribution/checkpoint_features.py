@@ -18,7 +18,7 @@ import torch
 from .checkpoints import CheckpointSet, describe
 from .config import AttributionConfig
 from .data import StreamError, TrainingData, query_batch, training_batches
-from .featurize import Featurizer, FeaturizerBase, check_finite_features
+from .featurize import Featurizer, FeaturizerBase, NonFiniteFeaturesError, check_finite_features
 from .fingerprint import model_fingerprint
 from .gradients.timesteps import timestep_features, uniform_timesteps
 
@@ -107,10 +107,11 @@ class CheckpointFeaturizer(FeaturizerBase):
             features[row : row + len(block), c * k : (c + 1) * k] = block
             if bar is not None and c == len(self.checkpoints) - 1:
                 bar.update(len(block))
-        if not torch.isfinite(features).all():
-            row = start + int((~torch.isfinite(features)).any(1).nonzero()[0])
-            self.base._check_weights(f"example {row} has NaN or infinite features")
+        try:
             check_finite_features(features, start)
+        except NonFiniteFeaturesError as error:
+            self.base._check_weights(str(error))  # a non-finite weight, if that is the cause
+            raise
         return features, hashes, None
 
     def featurize_queries(self, images: Any, prompts: Sequence[str] | str | None = None) -> torch.Tensor:

@@ -388,8 +388,8 @@ class Featurizer(FeaturizerBase):
         return self.projector.fit_examples(len(data)) if self.fits_on_data else []
 
     def fit_projection(self, data: TrainingData, progress: bool = False) -> None:
-        """Fit the projector on `data` (`fit`, keeping the result)."""
-        self.load_fitted(self.fit(data, progress))
+        """Fit the projector on `data` (`fit` fits it in place; its returned state is for saving)."""
+        self.fit(data, progress)
 
     def fitted_state(self) -> dict:
         """{"projection": the projector's fitted state, "method": what the method fitted with it (EK-FAC's Λ)}."""

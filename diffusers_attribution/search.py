@@ -421,8 +421,7 @@ class IndexCache:
                      recall_queries: int = 200, query_map: torch.Tensor | None = None,
                      tuning_queries: torch.Tensor | None = None, build: bool = True) -> SearchIndex | None:
         """The cached index for these digests, weights, kind and parameters, or a new one (`build_index`), saved;
-        `build=False`: the cached one or None."""
-        faiss = import_faiss()
+        `build=False`: the cached one or None (FAISS is imported only when there is one to read, or to build)."""
         from .store.files import atomic_write
 
         kind = kind or choose_kind(num_rows)
@@ -432,6 +431,9 @@ class IndexCache:
                        tuning_queries=weights_digest(tuning_queries))
         path = self.path(key)
         record_path = path.with_suffix(".json")
+        if not build and not (path.is_file() and record_path.is_file()):
+            return None
+        faiss = import_faiss()
         if path.is_file() and record_path.is_file():
             try:
                 record = json.loads(record_path.read_text())

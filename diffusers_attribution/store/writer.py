@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
 from ..config import AttributionConfig
 from ..distributed import ProcessGroup
@@ -34,6 +33,7 @@ from .files import (
     read_projection,
     rows_per_shard,
     run_identity,
+    save_safetensors,
     shard_plan,
     tensor_to_hashes,
     write_projection,
@@ -190,8 +190,7 @@ def part_name(start: int, stop: int) -> str:
 
 
 def _save(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    tensors = {key: value.detach().cpu().contiguous() for key, value in tensors.items()}
-    atomic_write(path, lambda target: save_file(tensors, target))
+    atomic_write(path, lambda target: save_safetensors(tensors, target))
 
 
 def _load(path: Path) -> dict[str, torch.Tensor]:
