@@ -265,19 +265,29 @@ def main() -> None:
     parser.add_argument("--json", default=None, help="write the measurements here")
     parser.add_argument("--keep", action="store_true", help="keep the stores in --workdir")
     parser.add_argument("--reuse", action="store_true", help="reuse a store of the same N kept in --workdir by --keep")
+    parser.add_argument("--search-device", default=None,
+                        help="also hold the rows on this device (e.g. cuda: AttributionSession(search_device=...)) "
+                             "and time the exact top-k there")
     parser.add_argument("--child-query", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child_query:
         child_query(*args.child_query)
         return
-    import faiss
-
     sizes = [int(s) for s in args.sizes.split(",")]
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
+    if args.index_kinds == "none":
+        faiss_line = "faiss not used"
+    else:
+        import faiss
+
+        faiss_line = (f"faiss {faiss.__version__} ({faiss.omp_get_max_threads()} threads, {faiss.get_num_gpus()} "
+                      "GPUs)")
+    device_line = ""
+    if args.search_device is not None and torch.device(args.search_device).type == "cuda":
+        device_line = f", search device {torch.cuda.get_device_name(torch.device(args.search_device))}"
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, torch "
-          f"{torch.__version__} ({torch.get_num_threads()} threads), faiss {faiss.__version__} "
-          f"({faiss.omp_get_max_threads()} threads, {faiss.get_num_gpus()} GPUs)")
+          f"{torch.__version__} ({torch.get_num_threads()} threads), {faiss_line}{device_line}")
     started, (base, query_features, metadata, config) = timed(lambda: real_features(128))
     query_features, tuning_features = query_features[:64], query_features[64:]
     print(f"real rows: {BASE_ROWS} digits featurized with D-TRAK (num_timesteps=2, projection_dim={DIM}) on the shipped "
@@ -347,6 +357,8 @@ def main() -> None:
                                    "build_recall": index.recall, "ms_per_query": 1000 * per_query,
                                    "ms_per_query_batch64": 1000 * batch / 64, "recall": recall})
             del index
+        if args.search_device is not None:
+            row["resident"] = resident_search(scorer, query_features, exact_indices, args.search_device, args.rounds)
         rss = peak_rss(directory, q64, query_features, workdir)
         raw_rss = peak_rss(directory, q64, query_features, workdir, "raw")
         print(f"peak RSS (VmHWM, mapped shard pages included) of a child that opens the store and runs exact for 64 "
@@ -367,6 +379,33 @@ def main() -> None:
         plot(results, args.plot)
 
 
+def resident_search(scorer, query_features: torch.Tensor, exact_indices: torch.Tensor, device: str, rounds: int):
+    """The rows held on `device` (`KernelScorer.resident`, what `AttributionSession(search_device=...)` does):
+    load time, then the exact top-10 per query (one at a time, median over the 64 queries and the rounds) and for
+    the 64 at once; recall@10 against the CPU pass (1.0 unless float32 GEMM rounding reorders near-ties)."""
+    load_seconds, rows = timed(lambda: scorer.resident(device))
+    scorer.topk(query_features[:1], TOP, index=rows)  # warm-up: kernels, workspace
+    single, batch = [], []
+    for _ in range(rounds):
+        found = []
+        for i in range(len(query_features)):
+            seconds, best = timed(lambda: scorer.topk(query_features[i : i + 1], TOP, index=rows))
+            single.append(seconds)
+            found.append(best.indices[0])
+        seconds, best_64 = timed(lambda: scorer.topk(query_features, TOP, index=rows))
+        batch.append(seconds)
+    found = torch.stack(found)
+    recall = sum(len(set(f.tolist()) & set(t.tolist())) for f, t in zip(found, exact_indices)) / exact_indices.numel()
+    same = torch.equal(best_64.indices, exact_indices)
+    result = {"device": device, "load_s": load_seconds, "ms_per_query": 1000 * statistics.median(single),
+              "batch64_s": statistics.median(batch), "recall": recall, "identical": same}
+    print(f"rows resident on {device}: loaded in {load_seconds:.1f} s; exact top-10 {result['ms_per_query']:.2f} ms per "
+          f"query (one at a time, median; q' on the CPU included), {result['batch64_s']:.4f} s for 64; recall@10 "
+          f"against the CPU pass {recall:.3f}, indices identical for the 64: {same}")
+    del rows
+    return result
+
+
 def report(results) -> None:
     print("\n| N | store | write | exact 1q | floor 1q | ratio | exact 64q | floor 64q | ratio | raw 64q | index | "
           "build | ms/query | recall@10 | peak RSS (blocks / raw) |")
@@ -383,6 +422,14 @@ def report(results) -> None:
             tail = f"| {r['rss_mib']:.0f} / {r['rss_raw_mib']:.0f} MiB |" if j == 0 else "| |"
             print(f"{head} | {ix['kind']} {params} | {ix['build_s']:.1f} s | {ix['ms_per_query']:.2f} | "
                   f"{ix['recall']:.3f} {tail}")
+    resident = [r for r in results if "resident" in r]
+    if resident:
+        print("\n| N | rows resident on | load | exact top-10, 1 query | exact top-10, 64 queries | recall@10 vs the CPU pass |")
+        print("|---:|---|---:|---:|---:|---:|")
+        for r in resident:
+            d = r["resident"]
+            print(f"| {r['n']:,} | {d['device']} | {d['load_s']:.1f} s | {d['ms_per_query']:.2f} ms | "
+                  f"{1000 * d['batch64_s']:.1f} ms | {d['recall']:.3f} |")
     if len(results) > 1:
         print("\ngrowth from one N to the next (×):")
         for a, b in zip(results, results[1:]):

@@ -230,13 +230,23 @@ class KernelScorer(Scorer):
         cache = cache or IndexCache()
         return cache.for_store(self.store, self.row_weights, query_map=self.inverse.float(), build=build, **options)
 
+    def resident(self, device):
+        """The store's rows on `device` (`search.ResidentRows`), read once through the store's checks (and the first
+        pass's trace check): `topk(..., index=rows)` then runs exact on that device. None for the dual form."""
+        if self.dual:
+            return None
+        from .search import ResidentRows
+
+        return ResidentRows.load(self._blocks(), device, self.row_weights)
+
     def topk(self, query_features: torch.Tensor, k: int, shards=None, *, index=None):
         """`TopK` of `scores` (indices [n, k'] into the training set, best first; scores float32), k' = min(k, N):
         q' once, then one streaming pass of float32 GEMMs over the store's rows (search.exact_topk), never forming
         the n × N matrix. `shards`: only those shards' rows (global indices), so processes can each score some
         shards and `merge_topk` the results. The dual form (N ≤ k) scores densely: its n × N is below n × k anyway.
         Scores agree with `scores` to float32 GEMM rounding; a non-finite score is a `CorruptStoreError`.
-        `index`: a `search.SearchIndex` of this store (`index()`): its approximate top-k instead of the pass."""
+        `index`: a `search.SearchIndex` of this store (`index()`): its approximate top-k instead of the pass; or
+        `search.ResidentRows` (`resident()`): the exact pass over rows already on a device."""
         from .result import TopK
         from .search import exact_topk
         from .store.errors import CorruptStoreError
@@ -247,12 +257,15 @@ class KernelScorer(Scorer):
             return super().topk(query_features, k, shards)
         if not torch.isfinite(query_features).all():
             raise ValueError("the query features contain NaN or infinite values")
-        if index is not None:  # approximate: the index's candidates, their exact float32 scores
-            from .search import search
+        if index is not None:  # resident rows: exact; a FAISS index: its candidates, their exact float32 scores
+            from .search import ResidentRows, search
 
             if shards is not None:
                 raise ValueError("an index covers the whole store: pass shards= or index=, not both")
-            indices, values = search(index, self.query_weights(query_features), k)
+            if isinstance(index, ResidentRows):
+                indices, values = index.topk(self.query_weights(query_features), k)
+            else:
+                indices, values = search(index, self.query_weights(query_features), k)
             return TopK(indices, values)
         try:
             indices, values = exact_topk(self.query_weights(query_features),

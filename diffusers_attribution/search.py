@@ -32,7 +32,8 @@ INDEX_FORMAT = 1  # part of the cache key: bump when the way an index is built c
 
 
 def exact_topk(query: torch.Tensor, blocks: Iterable[tuple[int, torch.Tensor]], k: int,
-               row_weights: torch.Tensor | None = None, *, check_finite: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+               row_weights: torch.Tensor | None = None, *, check_finite: bool = True,
+               device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(indices [n, k'] int64, scores [n, k'] float32) of the best k rows per query, k' = min(k, rows seen).
 
     `query`: q' [n, d] (float32 or float64; multiplied in float32). `blocks`: (start row, rows [b, d]) in float32,
@@ -40,7 +41,8 @@ def exact_topk(query: torch.Tensor, blocks: Iterable[tuple[int, torch.Tensor]], 
     must cover disjoint rows. `row_weights`: optional [N] per-row weights w_i (s_i = q'·φ_i · w_i).
     `check_finite`: a `ValueError` when the query, or any score, is NaN or infinite. A NaN or infinite feature
     (or weight) makes the scores of its row non-finite for every finite query, so checking the [n, b] scores
-    checks the block at n/d of the cost of `isfinite` over the block itself.
+    checks the block at n/d of the cost of `isfinite` over the block itself. `device`: where the GEMMs run (default
+    the CPU; blocks already there are not copied, e.g. `ResidentRows`); the result is on the CPU.
 
     One pass; per block one GEMM and a `topk` of min(k, b), merged with the running best over [n, k + min(k, b)]
     columns: the [n, N] matrix is never formed. Order: module docstring (score descending, ties by lower index).
@@ -49,22 +51,23 @@ def exact_topk(query: torch.Tensor, blocks: Iterable[tuple[int, torch.Tensor]], 
         raise ValueError(f"k must be ≥ 1, got {k}")
     if query.dim() != 2:
         raise ValueError(f"query must be [n, d], got shape {tuple(query.shape)}")
-    q = query.detach().to("cpu", torch.float32)
+    device = torch.device(device or "cpu")
+    q = query.detach().to(device, torch.float32)
     if check_finite and not torch.isfinite(q).all():
         raise ValueError("the query contains NaN or infinite values")
     weights = None
     if row_weights is not None:
-        weights = row_weights.detach().reshape(-1).to("cpu", torch.float32)
+        weights = row_weights.detach().reshape(-1).to(device, torch.float32)
     n, d = q.shape
-    best_scores = torch.empty(n, 0, dtype=torch.float32)
-    best_indices = torch.empty(n, 0, dtype=torch.long)
+    best_scores = torch.empty(n, 0, dtype=torch.float32, device=device)
+    best_indices = torch.empty(n, 0, dtype=torch.long, device=device)
     for start, block in blocks:
         if block.dim() != 2 or block.shape[1] != d:
             raise ValueError(f"block at row {start} is {tuple(block.shape)}, the query has d = {d}")
         rows = block.shape[0]
         if rows == 0:
             continue
-        block = block.detach().to("cpu", torch.float32)  # no copy when it already is
+        block = block.detach().to(device, torch.float32)  # no copy when it already is
         scores = q @ block.T
         if weights is not None:
             if start + rows > len(weights):
@@ -77,7 +80,7 @@ def exact_topk(query: torch.Tensor, blocks: Iterable[tuple[int, torch.Tensor]], 
         values, where = _block_topk(scores, min(k, rows))
         best_scores, best_indices = _select(torch.cat([best_scores, values], 1),
                                             torch.cat([best_indices, where + start], 1), k)
-    return best_indices, best_scores
+    return best_indices.cpu(), best_scores.cpu()
 
 
 def merge_topk(parts: Sequence[Any], k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -117,6 +120,50 @@ def _select(scores: torch.Tensor, indices: torch.Tensor, k: int) -> tuple[torch.
     values, order = scores.sort(dim=1, descending=True, stable=True)
     k = min(k, scores.shape[1])
     return values[:, :k].contiguous(), indices.gather(1, order[:, :k])
+
+
+class ResidentRows:
+    """A store's rows held in a device's memory (a GPU's) after one verified read: exact top-k per query batch at
+    the device's memory bandwidth, the same scores and order as `exact_topk` on the CPU up to the device's float32
+    GEMM rounding. The rows are a copy of what was verified when it was made: later changes to the store's files
+    are never served. Memory: N·k floats (the store's dtype, half for float16/bfloat16 stores) on the device.
+
+        rows = ResidentRows.load(store.blocks(), "cuda")   # or KernelScorer.resident("cuda"), session search_device
+        indices, scores = rows.topk(q', 10)
+    """
+
+    kind = "resident"
+
+    def __init__(self, blocks: list[tuple[int, torch.Tensor]], device: torch.device | str,
+                 row_weights: torch.Tensor | None = None):
+        self.blocks, self.device = blocks, torch.device(device)
+        self.row_weights = None if row_weights is None else row_weights.detach().to(self.device, torch.float32)
+        self.num_rows = sum(len(block) for _, block in blocks)
+
+    @classmethod
+    def load(cls, blocks: Iterable[tuple[int, torch.Tensor]], device: torch.device | str,
+             row_weights: torch.Tensor | None = None, block_rows: int = 1 << 18) -> "ResidentRows":
+        """Copy `blocks` (as read: every check of the reader applies) to `device`, merged into blocks of up to
+        `block_rows` rows (fewer, larger GEMMs)."""
+        device = torch.device(device)
+        merged, pending, pending_start = [], [], None
+        for start, block in blocks:
+            if pending_start is None:
+                pending_start = start
+            pending.append(block.detach().to(device))
+            if sum(len(part) for part in pending) >= block_rows:
+                merged.append((pending_start, torch.cat(pending)))
+                pending, pending_start = [], None
+        if pending:
+            merged.append((pending_start, torch.cat(pending)))
+        return cls(merged, device, row_weights)
+
+    def topk(self, query: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(indices [n, k'], scores [n, k']) on the CPU: `exact_topk` over the resident blocks on their device."""
+        return exact_topk(query, self.blocks, k, self.row_weights, device=self.device)
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": self.kind, "device": str(self.device), "num_rows": self.num_rows, "exact": True}
 
 
 # ---------------------------------------------------------------------------------------------- FAISS

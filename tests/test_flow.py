@@ -351,6 +351,20 @@ def test_top_k_equals_the_dense_top_k_across_shards_and_a_session_the_separate_c
         session.attribute(queries, top_k=8)
     with pytest.raises(ValueError, match="top-4 only"):
         session.attribute(queries, top_k=4).topk(5)
+    # rows held on a device (search_device; "cpu" here, the GPU in docs/scale.md): the same exact top-k
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    for device in devices:
+        if not hasattr(session.scorer, "resident"):
+            with pytest.raises(ValueError, match="search_device needs a kernel method"):
+                pipe.attribution_session(store, search_device=device)
+            continue
+        resident = pipe.attribution_session(store, search_device=device)
+        for k in (1, 7):
+            top = resident.attribute(queries, top_k=k, exact=True)
+            assert top.metadata["search"] == {"kind": "resident", "device": device, "num_rows": 7, "exact": True}
+            assert torch.equal(top.top.indices, dense.topk(k).indices)
+            torch.testing.assert_close(top.top.scores, dense.topk(k).scores, rtol=1e-4,
+                                       atol=1e-5 * float(dense.scores.abs().max()))
 
 
 def test_an_index_built_on_this_machine_answers_top_k_unless_exact(tmp_path, monkeypatch):

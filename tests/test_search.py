@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from diffusers_attribution import AttributionConfig
-from diffusers_attribution.search import IndexCache, build_index, exact_topk, merge_topk, search
+from diffusers_attribution.search import IndexCache, ResidentRows, build_index, exact_topk, merge_topk, search
 from diffusers_attribution.store.format import FeatureStore
 
 
@@ -107,6 +107,22 @@ def test_exact_topk_refuses_non_finite_rows_and_queries():
     weights[3] = float("inf")
     with pytest.raises(ValueError, match="weights"):
         exact_topk(query, split(features[:20], [20]), 5, weights)
+
+
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+def test_resident_rows_give_the_exact_top_k(device):
+    """ResidentRows: blocks merged into larger ones on the device, weights kept apart: exact_topk's result."""
+    features, query = random_rows(300, 16)
+    weights = torch.rand(300, generator=torch.Generator().manual_seed(3)) + 0.5
+    rows = ResidentRows.load(iter(split(features, [37, 11])), device, weights, block_rows=100)
+    starts = [start for start, _ in rows.blocks]
+    assert starts == [0] + [start + len(block) for start, block in rows.blocks[:-1]] and rows.num_rows == 300
+    assert len(rows.blocks) == 3 and all(len(block) >= 100 for _, block in rows.blocks[:-1])
+    assert all(block.device.type == device for _, block in rows.blocks)
+    indices, scores = rows.topk(query, 12)
+    expected_indices, expected_scores = exact_topk(query, split(features, [37, 11]), 12, weights)
+    assert indices.device.type == "cpu" and torch.equal(indices, expected_indices)
+    torch.testing.assert_close(scores, expected_scores, rtol=1e-5, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------- FAISS
