@@ -195,7 +195,8 @@ def peak_rss(directory: Path, q: torch.Tensor, phi: torch.Tensor, workdir: Path,
 
     query_file = workdir / "queries.safetensors"
     save_file({"q": q.contiguous(), "phi": phi.contiguous()}, str(query_file))
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]),
+                                                                     os.environ.get("PYTHONPATH")]))}
     proc = subprocess.run([sys.executable, __file__, "--child-query", str(directory), str(query_file), mode],
                           capture_output=True, text=True, env=env, check=True)
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -433,7 +434,8 @@ def report(results) -> None:
     if len(results) > 1:
         print("\ngrowth from one N to the next (×):")
         for a, b in zip(results, results[1:]):
-            ia, ib = a["indexes"][0], b["indexes"][0]
+            nan = {"build_s": float("nan"), "ms_per_query": float("nan")}
+            ia, ib = (a["indexes"] or [nan])[0], (b["indexes"] or [nan])[0]
             print(f"  {a['n']:,} → {b['n']:,} (N ×{b['n'] / a['n']:.0f}): store ×{b['gib'] / a['gib']:.1f}, write "
                   f"×{b['write_s'] / a['write_s']:.1f}, exact 1q ×{b['exact-1_s'] / a['exact-1_s']:.1f}, exact 64q "
                   f"×{b['exact-64_s'] / a['exact-64_s']:.1f}, floor 64q ×{b['floor-64_s'] / a['floor-64_s']:.1f}, "
@@ -454,8 +456,12 @@ def plot(results, path) -> None:
                               ("exact-64_s", "exact, 64 queries", "s-"), ("floor-64_s", "floor, 64 queries", "s--"),
                               ("raw-64_s", "exact_topk over raw shards, 64 queries", "s:")):
         axis.plot(ns, [r[key] for r in results], style, label=label)
-    axis.plot(ns, [r["indexes"][0]["ms_per_query"] / 1000 for r in results], "^-",
-              label="index, 1 query (" + "/".join(sorted({r["indexes"][0]["kind"] for r in results})) + ")")
+    if all(r["indexes"] for r in results):
+        axis.plot(ns, [r["indexes"][0]["ms_per_query"] / 1000 for r in results], "^-",
+                  label="index, 1 query (" + "/".join(sorted({r["indexes"][0]["kind"] for r in results})) + ")")
+    if all("resident" in r for r in results):
+        axis.plot(ns, [r["resident"]["ms_per_query"] / 1000 for r in results], "v-",
+                  label=f"rows resident on {results[0]['resident']['device']}, 1 query")
     axis.set_xscale("log")
     axis.set_yscale("log")
     axis.set_xlabel("rows N (k = 2048)")
