@@ -228,6 +228,8 @@ class KernelScorer(Scorer):
         from .search import IndexCache
 
         cache = cache or IndexCache()
+        if not build and not options:  # a session's lookup: the index built last for these rows, of any kind
+            options = {"latest": True}
         return cache.for_store(self.store, self.row_weights, query_map=self.inverse.float(), build=build, **options)
 
     def resident(self, device):

@@ -466,9 +466,13 @@ class IndexCache:
                      row_weights: torch.Tensor | None = None, kind: str | None = None, *,
                      params: dict[str, Any] | None = None, seed: int = 0, target_recall: float = 0.95,
                      recall_queries: int = 200, query_map: torch.Tensor | None = None,
-                     tuning_queries: torch.Tensor | None = None, build: bool = True) -> SearchIndex | None:
+                     tuning_queries: torch.Tensor | None = None, build: bool = True,
+                     latest: bool = False) -> SearchIndex | None:
         """The cached index for these digests, weights, kind and parameters, or a new one (`build_index`), saved;
-        `build=False`: the cached one or None (FAISS is imported only when there is one to read, or to build)."""
+        `build=False`: the cached one or None (FAISS is imported only when there is one to read, or to build).
+        `latest=True` (with `build=False`): when there is none of this kind and these parameters, the index built
+        last for the same rows and weights, whatever its kind and parameters (what a session looks for: an index
+        built with `diffusers-attribution index --kind hnsw`, say)."""
         from .store.files import atomic_write
 
         kind = kind or choose_kind(num_rows)
@@ -476,30 +480,53 @@ class IndexCache:
         key = self.key(digests, row_weights, kind, params, seed=seed, target_recall=target_recall,
                        recall_queries=recall_queries, num_rows=num_rows, dim=dim, query_map=weights_digest(query_map),
                        tuning_queries=weights_digest(tuning_queries))
+        rows_key = self.key(digests, row_weights, "latest", num_rows=num_rows, dim=dim)  # the rows, not the build
         path = self.path(key)
-        record_path = path.with_suffix(".json")
-        if not build and not (path.is_file() and record_path.is_file()):
-            return None
-        faiss = import_faiss()
-        if path.is_file() and record_path.is_file():
+        if not build and not (path.is_file() and path.with_suffix(".json").is_file()):
+            pointer = self.root / f"{rows_key}.latest"
+            if not (latest and pointer.is_file() and pointer.stat().st_size == 64):
+                return None
             try:
-                record = json.loads(record_path.read_text())
-                index = faiss.read_index(str(path))
-                width = dim + 1 if kind in ("ivf", "hnsw") else dim  # `_augment`
-                if index.ntotal == num_rows and index.d == width and record.get("kind") == kind:
-                    return SearchIndex(index, kind, num_rows, dim, record["params"], record["recall_at_10"],
-                                       record["recall_queries"], record["build_seconds"])
-            except (OSError, RuntimeError, ValueError, KeyError, TypeError):
-                pass  # unreadable: built again below, and replaced
-        if not build:
-            return None
+                path = self.path(pointer.read_text())  # validated: 64 hex digits, a file in this cache
+            except (OSError, ValueError, UnicodeDecodeError):
+                return None
+            if not (path.is_file() and path.with_suffix(".json").is_file()):
+                return None
+            kind = None  # the record says which
+        found = self._read(path, kind, num_rows, dim)
+        if found is not None or not build:
+            return found
+        faiss = import_faiss()
         built = build_index(blocks, dim, num_rows, row_weights, kind, params=params, seed=seed,
                             target_recall=target_recall, recall_queries=recall_queries, query_map=query_map,
                             tuning_queries=tuning_queries)
         self.root.mkdir(parents=True, exist_ok=True)
         atomic_write(path, lambda temporary: faiss.write_index(built.index, temporary))
-        atomic_write(record_path, lambda temporary: Path(temporary).write_text(json.dumps(built.describe(), indent=2)))
+        atomic_write(path.with_suffix(".json"),
+                     lambda temporary: Path(temporary).write_text(json.dumps(built.describe(), indent=2)))
+        atomic_write(self.root / f"{rows_key}.latest", lambda temporary: Path(temporary).write_text(key))
         return built
+
+    @staticmethod
+    def _read(path: Path, kind: str | None, num_rows: int, dim: int) -> SearchIndex | None:
+        """The index at `path` with its build record, or None when absent, unreadable, or not of the expected kind
+        (None: any of "flat", "ivf", "hnsw"), rows and width."""
+        if not (path.is_file() and path.with_suffix(".json").is_file()):
+            return None
+        faiss = import_faiss()
+        try:
+            record = json.loads(path.with_suffix(".json").read_text())
+            kind = kind or record.get("kind")
+            if kind not in ("flat", "ivf", "hnsw") or record.get("kind") != kind:
+                return None
+            index = faiss.read_index(str(path))
+            width = dim + 1 if kind in ("ivf", "hnsw") else dim  # `_augment`
+            if index.ntotal == num_rows and index.d == width:
+                return SearchIndex(index, kind, num_rows, dim, record["params"], record["recall_at_10"],
+                                   record["recall_queries"], record["build_seconds"])
+        except (OSError, RuntimeError, ValueError, KeyError, TypeError):
+            pass  # unreadable: built again, and replaced
+        return None
 
     def for_store(self, store, row_weights: torch.Tensor | None = None, kind: str | None = None,
                   **options: Any) -> SearchIndex | None:

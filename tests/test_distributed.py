@@ -3,6 +3,7 @@ exactly one process, and a run whose process died is finished by running it agai
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -81,6 +82,23 @@ def test_accelerate_launch_two_processes_equals_one(setup):
     # Whole shards, round-robin: process 0 wrote shards 0 and 2, process 1 shards 1 and 3, none twice.
     assert list(writers(root / "two").values()) == ["0/2", "1/2", "0/2", "1/2"]
     assert_same_store(FeatureStore.from_pretrained(root / "two", verify=True), reference)
+    # `accelerate launch -m diffusers_attribution attribute`: shards split, top-k merged, printed once
+    import PIL.Image
+
+    query = root / "query.png"
+    PIL.Image.fromarray((torch.arange(64, dtype=torch.uint8) * 4).reshape(8, 8).numpy(), mode="L").save(query)
+    attribute = command[: command.index("featurize")] + [
+        "attribute", str(query), "--store", str(root / "two"), "--pipeline", str(root / "pipe"), "--topk", "3",
+        "--json", "--no-progress"]
+    proc = subprocess.run(attribute, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.stdout.count('"results"') == 1, proc.stdout  # one process prints
+    printed = json.loads(proc.stdout[proc.stdout.index("{"):])
+    alone = subprocess.run([sys.executable, "-m", "diffusers_attribution"] + attribute[attribute.index("attribute"):],
+                           capture_output=True, text=True, env=env, timeout=300)
+    assert alone.returncode == 0, alone.stderr[-4000:]
+    assert [r["index"] for r in printed["results"][0]["topk"]] == \
+        [r["index"] for r in json.loads(alone.stdout[alone.stdout.index("{"):])["results"][0]["topk"]]
 
 
 def _featurize_in_process(root: Path, die_on_rank: int | None) -> None:

@@ -189,7 +189,8 @@ def test_index_cache_is_keyed_by_digests_and_written_atomically(tmp_path, monkey
     files = sorted(p.name for p in (tmp_path / "cache").iterdir())
     key = IndexCache.key(["a" * 64], None, "flat", {}, seed=0, target_recall=0.95, recall_queries=200,
                          num_rows=3000, dim=16, query_map=None, tuning_queries=None)
-    assert files == [f"{key}.faiss", f"{key}.json"]  # no temporaries left behind
+    rows_key = IndexCache.key(["a" * 64], None, "latest", num_rows=3000, dim=16)
+    assert files == sorted([f"{key}.faiss", f"{key}.json", f"{rows_key}.latest"])  # no temporaries left behind
     assert {os.path.basename(b) for _, b in replaced} == set(files)
     assert all(os.path.dirname(a) == os.path.dirname(b) and os.path.basename(a).startswith(".") for a, b in replaced)
     assert json.loads((tmp_path / "cache" / f"{key}.json").read_text())["kind"] == "flat"
@@ -207,6 +208,25 @@ def test_index_cache_is_keyed_by_digests_and_written_atomically(tmp_path, monkey
     monkeypatch.undo()
     other = cache.get_or_build(["b" * 64], blocks, 16, 3000)
     assert other.index.ntotal == 3000 and len(list((tmp_path / "cache").glob("*.faiss"))) == 2
+
+
+def test_a_session_finds_the_index_built_last_whatever_its_kind(tmp_path):
+    """`get_or_build(build=False, latest=True)` (a session's lookup): the index built last for the same rows and
+    weights, of any kind or parameters; none for other rows; a pointer naming no cached index, or garbage, is none."""
+    pytest.importorskip("faiss")
+    features = clustered_rows(3000, 16)
+    blocks = split(features, [1000])
+    cache = IndexCache(tmp_path / "cache")
+    assert cache.get_or_build(["a" * 64], blocks, 16, 3000, build=False, latest=True) is None
+    built = cache.get_or_build(["a" * 64], blocks, 16, 3000, kind="hnsw")
+    assert cache.get_or_build(["a" * 64], blocks, 16, 3000, build=False) is None  # the default kind: not built
+    found = cache.get_or_build(["a" * 64], blocks, 16, 3000, build=False, latest=True)
+    assert found.kind == "hnsw" and found.params == built.params and found.index.ntotal == 3000
+    assert cache.get_or_build(["b" * 64], blocks, 16, 3000, build=False, latest=True) is None
+    assert cache.get_or_build(["a" * 64], blocks, 16, 3000, torch.ones(3000), build=False, latest=True) is None
+    (pointer,) = (tmp_path / "cache").glob("*.latest")
+    pointer.write_text("../" + "0" * 61)
+    assert cache.get_or_build(["a" * 64], blocks, 16, 3000, build=False, latest=True) is None
 
 
 def test_index_cache_path_is_the_key_only(tmp_path):

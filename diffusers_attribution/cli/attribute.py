@@ -93,6 +93,10 @@ def run(args: argparse.Namespace) -> int:
     result = pipe.attribute(images, store if store is not None else train_dataset, config, prompts=prompts,
                             progress=not args.no_progress, exact=args.exact,
                             top_k=min(args.topk, len(store)) if store is not None else None)
+    from ..distributed import ProcessGroup, launched_with_several_processes
+
+    if launched_with_several_processes() and not ProcessGroup().is_main:
+        return 0  # every process holds the merged answer; the main process alone prints it and writes the grid
     best = result.topk(args.topk)
     rows = [{"image": str(path), "topk": [{"rank": rank + 1, "index": int(index), "score": float(score)}
                                           for rank, (index, score) in enumerate(zip(indices, scores))]}
