@@ -201,3 +201,21 @@ def test_query_sample_settings_are_refused_where_they_do_not_apply():
             AttributionConfig(method=method, query_samples=100)
     with pytest.raises(ValueError, match="query_noise"):
         AttributionConfig(method="das", query_noise="sometimes")
+
+
+def test_ekfac_and_journey_queries_take_query_samples(pipe, images):
+    """EK-FAC's preconditioned queries go through the same path (S = K·D: today's, bit for bit); Journey-TRAK's
+    plain queries too (random timesteps keyed by the query's content hash)."""
+    common = dict(projector="factored", projection_dim=16, calibration_examples=4)
+    ekfac = AttributionConfig(method="ekfac", num_timesteps=2, batch_size=4, **common)
+    store = pipe.featurize(images, ekfac, progress=False)
+    old = make_featurizer(pipe, ekfac, store=store).featurize_queries(images[:2])
+    same = make_featurizer(pipe, ekfac.with_query_fields(AttributionConfig(method="ekfac", num_timesteps=2,
+                                                                           query_samples=2)), store=store)
+    assert torch.equal(same.featurize_queries(images[:2]), old)
+    more = pipe.attribute(images[:2], store, AttributionConfig(**{**ekfac.to_dict(), "query_samples": 6}),
+                          progress=False).scores
+    assert more.shape == (2, 5) and torch.isfinite(more).all()
+    journey = config("journey-trak", num_timesteps=2, query_samples=5)
+    features = queries(pipe, journey, images[[0, 1, 0]])
+    torch.testing.assert_close(features[0], features[2], rtol=1e-5, atol=1e-7)
