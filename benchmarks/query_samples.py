@@ -138,9 +138,9 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         mark = " **(chosen)**" if r.get("chosen") else ""
         lines.append(f"| {r['method']} | {r['setting']}{mark} | {r['validation']['mean']:.3f} ± "
-                     f"{r['validation']['std']:.3f} | {r['generated']['mean']:.3f} | {r['real']['mean']:.3f} | "
-                     f"{r['generated_default_damping']['mean']:.3f} / {r['real_default_damping']['mean']:.3f} | "
-                     f"{r['query_seconds']:.1f} |")
+                     f"{r['validation']['std']:.3f} | {r['generated']['mean']:.3f} ± {r['generated']['std']:.3f} | "
+                     f"{r['real']['mean']:.3f} ± {r['real']['std']:.3f} | {r['generated_default_damping']['mean']:.3f}"
+                     f" / {r['real_default_damping']['mean']:.3f} | {r['query_seconds']:.1f} |")
     return "\n".join(lines)
 
 
@@ -152,7 +152,11 @@ def main() -> None:
     parser.add_argument("--workdir", default=str(bench.default_workdir()))
     parser.add_argument("--out", default=str(bench.DATA / "query_samples.json"))
     parser.add_argument("--smoke", action="store_true", help="4 queries per split: checks the script, not the method")
+    parser.add_argument("--table", action="store_true", help="print the table of --out, computing nothing")
     args = parser.parse_args()
+    if args.table:
+        print(table(json.loads(Path(args.out).read_text())["rows"]))
+        return
     gt = bench.load_ground_truth()
     if args.smoke:
         gt["queries"] = {name: q[:4] for name, q in gt["queries"].items()}

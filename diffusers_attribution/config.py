@@ -90,7 +90,7 @@ class AttributionConfig:
             noise and a query shares its noise with every B-th training image (81 % of D-TRAK's top-10 on the digits
             benchmark were such images). One noise per timestep for everyone gave 1.5–2× their LDS there (D-TRAK
             .180 / .430 generated / real against their code's .121 / .218; DAS .233 / .516 against .201 / .399;
-            `"per-example"` noise .078 / .163 and .145 / .298): docs/methods.md, "Noise".
+            `"per-example"` noise .078 / .163 and .145 / .298): docs/methods.md, "Noise, and query samples".
         projector: `"factored"` (per-layer P_outᵀ G P_in, the fast default), dense `"gaussian"` / `"rademacher"`
             (generated blockwise), or `"identity"` (exact, small models only).
         projection_seed: a projection is a pure function of (projection_seed, parameter name, shape, k).
