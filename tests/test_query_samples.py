@@ -219,3 +219,37 @@ def test_ekfac_and_journey_queries_take_query_samples(pipe, images):
     journey = config("journey-trak", num_timesteps=2, query_samples=5)
     features = queries(pipe, journey, images[[0, 1, 0]])
     torch.testing.assert_close(features[0], features[2], rtol=1e-5, atol=1e-7)
+
+
+def test_a_prompted_latent_query_is_identified_by_its_image_and_prompt():
+    """Stable Diffusion: the id (and the VAE latent drawn with it) is the content hash of image and prompt, so the
+    same query gives the same features in any company, and another prompt is another query."""
+    from tiny_pipelines import tiny_stable_diffusion_pipeline
+
+    sd = enable_attribution(tiny_stable_diffusion_pipeline())
+    torch.manual_seed(2)
+    x = torch.rand(3, 3, 16, 16) * 2 - 1
+    cfg = AttributionConfig(method="d-trak", projector="gaussian", projection_dim=32, num_timesteps=2, batch_size=2,
+                            query_samples=4, query_noise="fresh")
+    featurizer = make_featurizer(sd, cfg)
+    alone = featurizer.featurize_queries(x[1:2], ["a cat"])
+    batch = featurizer.featurize_queries(x[[0, 1, 2, 1]], ["a dog", "a cat", "a cat", "a bird"])
+    torch.testing.assert_close(batch[1], alone[0], rtol=1e-4, atol=1e-6)  # batched attention: float rounding
+    assert not torch.allclose(batch[3], alone[0])  # the same image with another prompt
+    assert content_hash(x[1], "a cat") != content_hash(x[1], "a bird")
+
+
+def test_the_cli_flags_set_query_samples_over_a_stores_config():
+    import argparse
+
+    from diffusers_attribution.cli.options import add_config_arguments, config_from_args
+
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser)
+    store_config = config("das").to_dict()
+    args = parser.parse_args(["--query-samples", "40", "--query-noise", "fresh"])
+    given = config_from_args(args, base=store_config)
+    assert (given.query_samples, given.query_noise) == (40, "fresh")
+    assert given.feature_hash() == AttributionConfig.from_dict(store_config).feature_hash()  # no StoreMismatchError
+    with pytest.raises(SystemExit, match="query_samples must be >= 1"):
+        config_from_args(parser.parse_args(["--query-samples", "0"]), base=store_config)
