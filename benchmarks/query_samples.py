@@ -10,7 +10,7 @@ the store's fitted projection, as `attribute` does) and scored at every ratio of
     query seconds      featurizing the 160 queries
 
     python benchmarks/query_samples.py [--methods d-trak,das,fisher] [--seeds 0,1,2] [--device cuda]
-        [--out benchmarks/data/lds_digits/query_samples.json]
+        [--noise-mode per-example] [--settings today,fresh-noise] [--out FILE.json] [--table]
 
 The choice, on validation only (docs/benchmarks.md, "The rule"): per method, the cheapest setting (query seconds)
 whose mean validation LDS over the seeds is within one std of the best mean (`lds_digits.choose_by_rule`).
@@ -38,12 +38,19 @@ NAMES = ("validation", "generated", "real")
 def settings(pairs: int) -> list[tuple[str, int | None, str | None]]:
     """(label, query_samples, query_noise): today's (the training set's K·D pairs), then more samples."""
     out = [(f"S={pairs} (today: the training pairs)", None, None),
-           (f"S={pairs} fresh", pairs, "fresh")]  # the same count without the coupling
+           (f"S={pairs} fresh", pairs, "fresh"),  # the same count without the coupling
+           (f"S={pairs} fresh-noise", pairs, "fresh-noise")]  # ... with the training timesteps
     for S in (30, 100):
         if S > pairs:
             out.append((f"S={S} shared-then-fresh", S, "shared-then-fresh"))
             out.append((f"S={S} fresh", S, "fresh"))
+    out.append(("S=100 fresh-noise", 100, "fresh-noise"))
     return out
+
+
+def only(labels: str | None, rows: list) -> list:
+    """The settings whose label contains one of the comma-separated `labels` (all with None)."""
+    return rows if not labels else [row for row in rows if any(part in row[0] for part in labels.split(","))]
 
 
 def scorer(method: str, store):
@@ -59,18 +66,19 @@ def scorer(method: str, store):
     return lambda q, ratio: path.scores(q, ratio * path.mean_eigenvalue) * weights
 
 
-def evaluate(pipe, method: str, seed: int, gt: dict, images, device: str | None) -> list[dict]:
+def evaluate(pipe, method: str, seed: int, gt: dict, images, device: str | None,
+             noise_mode: str = "shared", labels: str | None = None) -> list[dict]:
     import numpy as np
 
     config = AttributionConfig(method=method, batch_size=32, projection_dim=bench.PROJECTION_DIM, noise_seed=seed,
-                               device=device)
+                               device=device, noise_mode=noise_mode)
     t0 = time.perf_counter()
     store = make_featurizer(pipe, config).featurize_dataset(images, progress=False)
     train_seconds = time.perf_counter() - t0
     scores_at = scorer(method, store)
     masks, outputs, queries = gt["masks"], gt["outputs"], gt["queries"]
     records = []
-    for label, samples, noise in settings(config.num_timesteps * (config.noise_draws or 1)):
+    for label, samples, noise in only(labels, settings(config.num_timesteps * (config.noise_draws or 1))):
         qconfig = dataclasses.replace(config, query_samples=samples, query_noise=noise)
         featurizer = make_featurizer(pipe, qconfig, store=store)
         _sync()
@@ -81,7 +89,7 @@ def evaluate(pipe, method: str, seed: int, gt: dict, images, device: str | None)
         curve = bench.validation_curve(None, None, masks, outputs["validation"],
                                        lambda r: scores_at(features["validation"], r))
         best = max(i for i, v in enumerate(curve) if v == np.nanmax(curve))
-        record = {"method": method, "setting": label, "query_samples": samples, "query_noise": noise, "seed": seed,
+        record = {"method": method if noise_mode == "shared" else f"{method} ({noise_mode} noise)", "setting": label, "query_samples": samples, "query_noise": noise, "seed": seed,
                   "validation": float(curve[best]), "ratio": DEFAULT_RATIOS[best], "query_seconds": seconds,
                   "train_seconds": train_seconds, "validation_curve": dict(zip(map(str, DEFAULT_RATIOS), curve))}
         for name in ("generated", "real"):
@@ -89,7 +97,7 @@ def evaluate(pipe, method: str, seed: int, gt: dict, images, device: str | None)
                                seed=seed).to_dict()
             record[f"{name}_default_damping"] = lds(scores_at(features[name], config.damping_ratio), masks,
                                                     outputs[name], seed=seed).to_dict()
-        print(f"{method:<7} seed {seed} {label:<40} validation {record['validation']:.3f}  generated "
+        print(f"{record['method']:<7} seed {seed} {label:<40} validation {record['validation']:.3f}  generated "
               f"{record['generated']['mean']:.3f}  real {record['real']['mean']:.3f}  (default λ: "
               f"{record['generated_default_damping']['mean']:.3f} / {record['real_default_damping']['mean']:.3f})  "
               f"queries {seconds:.1f}s  train {train_seconds:.1f}s", flush=True)
@@ -152,6 +160,9 @@ def main() -> None:
     parser.add_argument("--workdir", default=str(bench.default_workdir()))
     parser.add_argument("--out", default=str(bench.DATA / "query_samples.json"))
     parser.add_argument("--smoke", action="store_true", help="4 queries per split: checks the script, not the method")
+    parser.add_argument("--noise-mode", default="shared", choices=("shared", "per-example"),
+                        help="the training features' noise (per-example: no coupling with any query)")
+    parser.add_argument("--settings", default=None, help="comma-separated substrings of the settings to run")
     parser.add_argument("--table", action="store_true", help="print the table of --out, computing nothing")
     args = parser.parse_args()
     if args.table:
@@ -168,7 +179,7 @@ def main() -> None:
     records = []
     for seed in [int(s) for s in args.seeds.split(",")]:  # seed-major: a cut-short run has every method's seed 0
         for method in args.methods.split(","):
-            records.extend(evaluate(pipe, method, seed, gt, images, args.device))
+            records.extend(evaluate(pipe, method, seed, gt, images, args.device, args.noise_mode, args.settings))
             rows = summary(records)
             Path(args.out).write_text(json.dumps({"rows": rows, "records": records, "device": args.device,
                                                   "torch": torch.__version__}, indent=2))

@@ -187,8 +187,8 @@ def attribute(pipe, images: Any, train_data: Any, config: AttributionConfig | No
     entry point (an `AttributionSession` used once).
 
     With a store, the store's config is used except for the score-only fields (`config.damping`,
-    `config.damping_ratio`) and the query fields (`config.query_samples`, `config.query_noise`); anything else that differs is a `StoreMismatchError` unless
-    `check_compatibility=False`. A store read from disk or the Hub that names checkpoints or an encoder needs
+    `config.damping_ratio`) and the query fields (`config.query_samples`, `config.query_noise`); anything else that
+    differs is a `StoreMismatchError` unless `check_compatibility=False`. A store read from disk or the Hub that names checkpoints or an encoder needs
     them passed (`checkpoints=`, `encoder=`) or `trust_remote_references=True`: nothing it names is loaded otherwise.
     `top_k`: return only the best `top_k` training examples per query (`result.top`), no [n, N] matrix; the store's
     index, if one was built on this machine (`diffusers-attribution index STORE`), answers it unless `exact=True`;

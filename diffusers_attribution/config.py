@@ -34,7 +34,7 @@ from .projection.registry import projector_names
 OUTPUTS = ("loss", "squared-norm", "mean", "l1-norm", "l2-norm", "linf-norm", "weighted-mse")
 TIMESTEP_SCHEDULES = ("uniform", "random")
 NOISE_MODES = ("shared", "per-example")
-QUERY_NOISE = ("shared-then-fresh", "fresh")
+QUERY_NOISE = ("shared-then-fresh", "fresh", "fresh-noise")
 PARAMETER_SETS = ("all", "lora")
 DTYPES = ("float32", "float16", "bfloat16")
 ROLES = ("feature", "projection", "score", "execution", "data", "query")
@@ -125,6 +125,7 @@ class AttributionConfig:
             the training features' (t_k, ε_k) (shared noise: the coupling that helps, docs/methods.md), the rest
             fresh; `"fresh"`: every sample fresh. Fresh: ε from (noise_seed, query, s), t from a golden-ratio
             sequence with a per-query offset (every prefix covers [0, T) evenly; sample s never depends on S).
+            `"fresh-noise"`: the training pairs' timesteps, cycled, each with fresh noise.
         encoder: a CLIP or DINOv2 image model.
         adapter_options: e.g. `{"max_sequence_length": 256}` (Flux, SD3, PixArt) or `{"guidance_scale": 3.5}`
             (Flux-dev); a key the family does not take is an error (docs/families.md).

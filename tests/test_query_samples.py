@@ -253,3 +253,12 @@ def test_the_cli_flags_set_query_samples_over_a_stores_config():
     assert given.feature_hash() == AttributionConfig.from_dict(store_config).feature_hash()  # no StoreMismatchError
     with pytest.raises(SystemExit, match="query_samples must be >= 1"):
         config_from_args(parser.parse_args(["--query-samples", "0"]), base=store_config)
+
+
+def test_fresh_noise_keeps_the_training_timesteps_with_fresh_noise(pipe):
+    featurizer = make_featurizer(pipe, config("trak", noise_draws=2, query_samples=8, query_noise="fresh-noise"))
+    samples, base = featurizer.query_samples(), featurizer.task
+    t = samples.timesteps(["a"])[0]
+    grid = base.timesteps(["a"])[0].repeat_interleave(2)
+    assert t.tolist() == [int(grid[s % 6]) for s in range(8)]
+    assert torch.equal(samples.noise("a", int(t[0]), (1, 8, 8), 0), seeded_randn((1, 8, 8), 0, "query-noise", "a", 0))

@@ -1,22 +1,26 @@
 """Query samples: each query's measurement gradient averaged over S (t, ε) samples of its own (`config.query_samples`).
 
-Queries are few, so their samples are cheap next to the training set's; the best generated-query LDS measured here
-came from many samples per query (docs/methods.md, "Query samples"). For query q (id: its content hash) and
-sample s = 0..S-1:
+Queries are few, so their samples are cheap next to the training set's (the EK-FAC paper uses 250 per query). On the
+digits benchmark's shared-noise stores, though, more samples lowered the LDS of D-TRAK, DAS and the Fisher: fresh
+samples lose the shared-noise coupling (docs/benchmarks.md, "Query samples"); the default stays unset. For query q
+(id: its content hash) and sample s = 0..S-1:
 
     φ(q) = P (1/S) Σ_s ∇θ f(q, t_s, ε_s)            reduction "mean" (TRAK, D-TRAK, Journey-TRAK, Fisher, EK-FAC)
     φ(q) = (1/S) Σ_s ψ_s / ‖ψ_s‖,  ψ_s = P ∇θ f(q, t_s, ε_s)           "unit-pairs" (DAS)
 
 `query_noise="shared-then-fresh"` (default): samples s < K·D are exactly the training features' pairs, in their
 column order (timestep k = s // D, draw d = s % D; with `noise_mode="shared"` the very ε_k every training example
-saw, the coupling that helps); samples s ≥ K·D are fresh. `"fresh"`: every sample is fresh. A fresh sample s:
+saw, the coupling that helps; with `per-example` noise or `random` timesteps, those of the query's own id, as for
+any example); samples s ≥ K·D are fresh. `"fresh"`: every sample is fresh. `"fresh-noise"`: sample s at the training
+pairs' timestep t_{s mod K·D}, with fresh noise (a diagnostic: the timesteps kept, the noise coupling lost). A fresh
+sample s:
 
     ε_s = seeded_randn(shape, noise_seed, "query-noise", q, s)
     t_s = floor(T · frac(u_q + s · (√5 - 1) / 2)),   u_q uniform from (noise_seed, "query-timesteps", q)
 
 a golden-ratio (additive recurrence) sequence: any prefix of S samples covers [0, T) evenly (discrepancy
-O(log S / S)) and sample s never depends on S, which stratified draws would. So a query's features are a pure
-function of (noise_seed, its content hash, S): the same in a batch of any size or order, in any process, and two
+O(log S / S)) and sample s never depends on S, which stratified draws would. So each sample is a pure function of
+(noise_seed, the query's content hash, s), and its features of (noise_seed, content hash, S): the same in a batch of any size or order, in any process, and two
 identical queries get identical features. The content hash (data.content_hash: image and prompt) is the id, not
 the query's position, because a position depends on what else is in the batch. With `query_samples` unset, queries
 are featurized as before (the training set's K·D pairs, id "query:i").
@@ -60,7 +64,8 @@ class QuerySamples:
 
     def __init__(self, base: AttributionTask, samples: int | None = None, mode: str | None = None):
         self.base = base
-        self.shared = base.num_columns if (mode or "shared-then-fresh") == "shared-then-fresh" else 0
+        self.mode = mode or "shared-then-fresh"
+        self.shared = base.num_columns if self.mode == "shared-then-fresh" else 0
         self.count = int(samples if samples is not None else base.num_columns)
         self._task: QueryTask | None = None
         self._point_task: QueryPointTask | None = None
@@ -71,7 +76,10 @@ class QuerySamples:
     def timesteps(self, keys: Sequence) -> torch.Tensor:
         """LongTensor [B, S]: the training pairs' timesteps (column order), then fresh ones."""
         T, seed = self.base.adapter.num_train_timesteps, self.base.config.noise_seed
-        shared = self.base.timesteps(keys).repeat_interleave(self.base.noise_draws, dim=1)[:, : self.shared]
+        pairs = self.base.timesteps(keys).repeat_interleave(self.base.noise_draws, dim=1)
+        if self.mode == "fresh-noise":  # the training pairs' timesteps, cycled
+            return pairs[:, torch.arange(self.count) % pairs.shape[1]]
+        shared = pairs[:, : self.shared]
         fresh = torch.tensor([[fresh_timestep(seed, key, s, T) for s in range(self.shared, self.count)]
                               for key in keys], dtype=torch.long).view(len(keys), self.count - self.shared)
         return torch.cat([shared, fresh], dim=1)
@@ -96,7 +104,7 @@ class QuerySamples:
 
 
 class QueryTask(AttributionTask):
-    """An `AttributionTask` whose K·D columns are a query's S samples: F_q = (1/S) Σ_s f(q, t_s, ε_s)."""
+    """An `AttributionTask` whose columns are a query's S samples (not K·D pairs): F_q = (1/S) Σ_s f(q, t_s, ε_s)."""
 
     def __init__(self, samples: QuerySamples):
         super().__init__(samples.base.adapter, samples.base.config)
