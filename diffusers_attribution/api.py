@@ -87,7 +87,8 @@ def featurize_and_store(pipe, train_data: Any, config: AttributionConfig | None,
                         **options):
     """(featurizer for queries, store): `train_data` is a `FeatureStore`, a store's folder or Hub repo id, or a
     training set featurized here with `config`. A store's own config is used; a `config` that differs from it
-    in anything that changes features is a `StoreMismatchError` (`given_config=False`: `config` is only the
+    in anything that changes features is a `StoreMismatchError` (its query fields, `query_samples` and `query_noise`,
+    apply to the queries; `given_config=False`: `config` is only the
     default for a training set), as is a pipeline, LoRA or projection other than the store's. `options`: the
     featurizer's (`checkpoints=`, `encoder=`); a loaded store's references are loaded only as `check_references` allows."""
     if isinstance(train_data, (str, os.PathLike)):
@@ -100,7 +101,9 @@ def featurize_and_store(pipe, train_data: Any, config: AttributionConfig | None,
     if config is not None and given_config and check_compatibility:
         store.check_compatible(config, {})
     check_references(store, config if given_config else None, options, trust_remote_references)
-    featurizer = make_featurizer(pipe, store.config, store=store, **options)
+    # the query-role fields (query samples) of a given config apply to its queries: they never change features
+    featurizer = make_featurizer(pipe, store.config.with_query_fields(config if given_config else None), store=store,
+                                 **options)
     if check_compatibility:
         store.check_compatible(store.config, featurizer.metadata())
     return featurizer, store
@@ -193,8 +196,8 @@ def attribute(pipe, images: Any, train_data: Any, config: AttributionConfig | No
     entry point (an `AttributionSession` used once).
 
     With a store, the store's config is used except for the score-only fields (`config.damping`,
-    `config.damping_ratio`); anything else that differs is a `StoreMismatchError` unless
-    `check_compatibility=False`. A store read from disk or the Hub that names checkpoints or an encoder needs
+    `config.damping_ratio`) and the query fields (`config.query_samples`, `config.query_noise`); anything else that
+    differs is a `StoreMismatchError` unless `check_compatibility=False`. A store read from disk or the Hub that names checkpoints or an encoder needs
     them passed (`checkpoints=`, `encoder=`) or `trust_remote_references=True`: nothing it names is loaded otherwise.
     `top_k`: return only the best `top_k` training examples per query (`result.top`), no [n, N] matrix; the store's
     index, if one was built on this machine (`diffusers-attribution index STORE`), answers it unless `exact=True`;

@@ -6,6 +6,8 @@ Each field declares its role (`field(metadata={"role": ...})`), and the feature 
     projection   changes the projection (and so the features)      hashed
     score        changes only scores (damping)                     not hashed
     execution    changes only where and how fast                    not hashed
+    query        changes only the query features (and so scores)   not hashed; a query config's value overrides
+                                                                   the store's at attribute time (api.py)
     data         names dataset columns                             not hashed (the example hashes pin the data)
 
 A hashed field with `omit` in its metadata is left out of the hash while its value is one of `omit` (a later
@@ -32,13 +34,15 @@ from .projection.registry import projector_names
 OUTPUTS = ("loss", "squared-norm", "mean", "l1-norm", "l2-norm", "linf-norm", "weighted-mse")
 TIMESTEP_SCHEDULES = ("uniform", "random")
 NOISE_MODES = ("shared", "per-example")
+QUERY_NOISE = ("shared-then-fresh", "fresh", "fresh-noise")
 PARAMETER_SETS = ("all", "lora")
 DTYPES = ("float32", "float16", "bfloat16")
-ROLES = ("feature", "projection", "score", "execution", "data")
+ROLES = ("feature", "projection", "score", "execution", "data", "query")
 HASHED_ROLES = ("feature", "projection")
 # Upper bounds of the count fields, checked before anything is allocated from them (a store's config.json, --config
 # and the CLI flags come from outside): far above any real run, far below an allocation that cannot succeed.
 CAPS = {"num_timesteps": 10_000, "noise_draws": 10_000, "query_timesteps": 10_000, "query_noise_draws": 10_000,
+        "query_samples": 10_000,
         "projection_dim": 1 << 20, "sketch_dim": 1 << 21, "calibration_examples": 1 << 20, "batch_size": 1 << 16,
         "timestep_chunk_size": 1 << 16}
 
@@ -81,8 +85,12 @@ class AttributionConfig:
             [example,] t, d) whose draw 0 is the single-draw noise, so `noise_draws=1` gives the same features (and
             feature hash) as None. Costs D times the forward/backward rows of K. TracIn/ReTrac: draws per training
             timestep (queries use `query_noise_draws`); not for the baselines.
-        noise_mode: `"shared"`: every example and every query sees the same noise at a given t (this library's
-            choice, not D-TRAK's code, which reseeds before each batch so that each batch slot has its own noise).
+        noise_mode: `"shared"`: every example and every query sees the same noise at a given t. This library's own
+            choice, not D-TRAK's or DAS's code: theirs reseeds before each batch, so each batch slot has its own
+            noise and a query shares its noise with every B-th training image (81 % of D-TRAK's top-10 on the digits
+            benchmark were such images). One noise per timestep for everyone gave 1.5–2× their LDS there (D-TRAK
+            .180 / .430 generated / real against their code's .121 / .218; DAS .233 / .516 against .201 / .399;
+            `"per-example"` noise .078 / .163 and .145 / .298): docs/methods.md, "Noise, and query samples".
         projector: `"factored"` (per-layer P_outᵀ G P_in, the fast default), dense `"gaussian"` / `"rademacher"`
             (generated blockwise), or `"identity"` (exact, small models only).
         projection_seed: a projection is a pure function of (projection_seed, parameter name, shape, k).
@@ -107,6 +115,17 @@ class AttributionConfig:
         learning_rates: η_c in τ = Σ_c η_c ⟨g_c(z), g_c(q)⟩. Kept in the store's config (a query with other rates
             is refused, not silently rescored); to rescore a store with other rates, featurize it with another
             `learning_rates` config (its features are the same).
+        query_samples: S, the (t, ε) samples each query's measurement gradient is averaged over (every gradient
+            method but TracIn / ReTrac, whose queries take `query_timesteps` × `query_noise_draws`); None = the
+            training set's K·D pairs with the query's position as its id (the query features of earlier versions).
+            Set, query q's sample s is a pure function of (noise_seed, q's content hash, s) (gradients/queries.py):
+            the same query gives the same features in any batch, order or process. A query-side setting: it
+            leaves the store's feature hash alone, and a query config's value overrides the store's.
+        query_noise: `"shared-then-fresh"` (the default when `query_samples` is set): samples 0..K·D-1 are exactly
+            the training features' (t_k, ε_k) (shared noise: the coupling that helps, docs/methods.md), the rest
+            fresh; `"fresh"`: every sample fresh. Fresh: ε from (noise_seed, query, s), t from a golden-ratio
+            sequence with a per-query offset (every prefix covers [0, T) evenly; sample s never depends on S).
+            `"fresh-noise"`: the training pairs' timesteps, cycled, each with fresh noise.
         encoder: a CLIP or DINOv2 image model.
         adapter_options: e.g. `{"max_sequence_length": 256}` (Flux, SD3, PixArt) or `{"guidance_scale": 3.5}`
             (Flux-dev); a key the family does not take is an error (docs/families.md).
@@ -168,6 +187,11 @@ class AttributionConfig:
     query_noise_draws: int | None = _field("feature", omit=(None,), method_specific=True,
                                            help="tracin/retrac: noises per query timestep; journey-trak: fresh "
                                                 "noises per sampling step")
+    query_samples: int | None = _field("query", omit=(None,), method_specific=True, metavar="S",
+                                       help="S, (t, ε) samples per query gradient (default: the training set's K·D)")
+    query_noise: str | None = _field("query", omit=(None,), choices=QUERY_NOISE, method_specific=True,
+                                     help="query samples: the training set's K·D pairs first, then fresh; or all fresh "
+                                          "(default: shared-then-fresh)")
     encoder: str | None = _field("feature", omit=(None,), method_specific=True,
                                  help="embedding-cosine: a transformers image encoder (path or Hub id)")
     adapter_options: dict[str, Any] = _field("feature", factory=dict, metavar="KEY=JSON", flag="--adapter-option",
@@ -188,7 +212,7 @@ class AttributionConfig:
                 raise ValueError(f"AttributionConfig.{name} must be an integer <= {cap}, got {value!r}")
         _check_method_fields(self, method)
         for f in dataclasses.fields(self):
-            if f.metadata["choices"] is not None:
+            if f.metadata["choices"] is not None and not (f.metadata["method_specific"] and getattr(self, f.name) is None):
                 _check_choice(f.name, getattr(self, f.name), f.metadata["choices"])
         names = projector_names()
         _check_choice("projector", self.projector, names if self.projector in names else projector_names(refresh=True))
@@ -215,6 +239,16 @@ class AttributionConfig:
     def fields_with_role(cls, *roles: str) -> tuple[str, ...]:
         """The names of the fields whose role is one of `roles` (module docstring)."""
         return tuple(f.name for f in dataclasses.fields(cls) if f.metadata["role"] in roles)
+
+    def with_query_fields(self, query: "AttributionConfig | None") -> "AttributionConfig":
+        """This (a store's) config with the query-role fields of `query` (`query_samples`, `query_noise`): they
+        change only query features, so a query config may set them against any store. None: this config."""
+        if query is None:
+            return self
+        fields = {name: getattr(query, name) for name in self.fields_with_role("query")}
+        if all(getattr(self, name) == value for name, value in fields.items()):
+            return self
+        return dataclasses.replace(self, **fields)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -266,9 +300,15 @@ def _check_method_fields(config: "AttributionConfig", method) -> None:
     for name in METHOD_FIELDS:
         if getattr(config, name) is not None and name not in method.reads:
             raise ValueError(f"AttributionConfig.{name} does not apply to method={config.method!r}")
-    for name in ("query_timesteps", "query_noise_draws", "noise_draws"):
+    for name in ("query_timesteps", "query_noise_draws", "noise_draws", "query_samples"):
         if getattr(config, name) is not None and int(getattr(config, name)) < 1:
             raise ValueError(f"AttributionConfig.{name} must be >= 1, got {getattr(config, name)}")
+    pairs = config.num_timesteps * int(config.noise_draws or 1)
+    if config.query_samples is not None and config.query_noise in (None, "shared-then-fresh") and \
+            config.query_samples < pairs:
+        raise ValueError(f"AttributionConfig.query_samples={config.query_samples} is below the training set's "
+                         f"K·D = {pairs} (time, noise) pairs, which query_noise='shared-then-fresh' uses first: ask "
+                         f"for at least {pairs}, or query_noise='fresh'")
     if config.checkpoints is not None:
         config.checkpoints = [os.fspath(c) if isinstance(c, os.PathLike) else c for c in config.checkpoints]
         if not config.checkpoints or not all(isinstance(c, (str, dict)) for c in config.checkpoints):

@@ -28,9 +28,11 @@ from tqdm.auto import tqdm
 
 from .adapters import PipelineAdapter, get_adapter
 from .config import AttributionConfig
-from .data import ImageFolder, StreamError, TrainingData, as_training_data, query_batch, training_batches
+from .data import (ImageFolder, StreamError, TrainingData, as_training_data, content_hash, query_batch,
+                   training_batches)
 from .distributed import ProcessGroup, launched_with_several_processes
 from .fingerprint import model_fingerprint
+from .gradients.queries import QuerySamples
 from .gradients.task import AttributionTask, gradients_only_for, select_parameters
 from .gradients.timesteps import PointTask, timestep_features
 from .projection.base import Projector
@@ -414,27 +416,32 @@ class Featurizer(FeaturizerBase):
     # ------------------------------------------------------------------------------------ features
 
     def features(self, images: torch.Tensor, captions: Sequence[str | None], keys: Sequence,
-                 collector=None, reduction: str | None = None) -> torch.Tensor:
+                 collector=None, reduction: str | None = None, samples: QuerySamples | None = None) -> torch.Tensor:
         """φ [B, k] float32 on the CPU for one batch of images [B, C, H, W] in [-1, 1], reduced as `reduction`
-        (default: the method's query reduction); `collector`: the method's state, fed from the same passes."""
+        (default: the method's query reduction); `collector`: the method's state, fed from the same passes;
+        `samples`: the queries' own (t, ε) samples instead of the training set's (gradients/queries.py)."""
         inputs = self.adapter.encode(images, list(captions), list(keys), self.config.noise_seed)
         reduction = reduction or self.method.query_reduction or self.method.reduction
         with gradients_only_for(self.adapter.denoiser, self.parameters):
             if reduction == "mean":
-                features = self.projector.features(self.task, self.parameters, inputs, list(keys)).float().cpu()
+                task = self.task if samples is None else samples.task()
+                features = self.projector.features(task, self.parameters, inputs, list(keys)).float().cpu()
             else:
-                features = self.pair_features(inputs, list(keys), reduction == "unit-pairs", collector)
+                features = self.pair_features(inputs, list(keys), reduction == "unit-pairs", collector, samples)
             if not torch.isfinite(features).all():
                 self._explain_non_finite(features, inputs, list(keys))
         return features
 
-    def pair_features(self, inputs, keys: list, normalize: bool, collector=None) -> torch.Tensor:
+    def pair_features(self, inputs, keys: list, normalize: bool, collector=None,
+                      samples: QuerySamples | None = None) -> torch.Tensor:
         """φ [B, k] from each (t, ε) pair's projected gradient ψ (gradients/timesteps.py), normalized or not; the
-        collector sees every chunk of ψ (`on_pairs`) and the recorded outputs of each pair (`on_records`)."""
-        task = self._pair_task()
+        collector sees every chunk of ψ (`on_pairs`) and the recorded outputs of each pair (`on_records`).
+        `samples`: the queries' own (t, ε) samples (gradients/queries.py) instead of the training set's pairs."""
+        task = self._pair_task() if samples is None else samples.point_task()
+        core = self.task if samples is None else samples.task()
         task.records = {name: [] for name in self.method.records} if collector is not None else None
         try:
-            features = timestep_features(self, inputs, keys, self.task.timesteps(keys), self.task.noise_draws,
+            features = timestep_features(self, inputs, keys, core.timesteps(keys), core.noise_draws,
                                          normalize=normalize, rows_per_pass=self.config.batch_size * self.task.num_columns,
                                          on_rows=getattr(collector, "on_pairs", None), task=task).features
             if task.records:
@@ -521,19 +528,31 @@ class Featurizer(FeaturizerBase):
 
     def projected_queries(self, images: Any, prompts: Sequence[str] | str | None = None,
                           projector: Projector | None = None) -> torch.Tensor:
-        """φ [n, k] of query images reduced as the method's queries are; query i uses the example key `"query:i"`
-        for per-example noise. `projector`: another projector than the featurizer's (EK-FAC's sketch)."""
+        """φ [n, k] of query images reduced as the method's queries are. With `config.query_samples` (or
+        `query_noise`) set, each query's gradient is averaged over its own samples (gradients/queries.py) and its
+        key is its content hash; else over the training set's pairs, query i keyed `"query:i"` (per-example noise,
+        random timesteps). `projector`: another projector than the featurizer's (EK-FAC's sketch)."""
         batch, prompts = query_batch(images, prompts, self.adapter.validate_images)
+        samples = self.query_samples()
         own, self.projector = self.projector, projector or self.projector
         try:
             out = []
             for start in range(0, len(batch), self.config.batch_size):
                 stop = min(start + self.config.batch_size, len(batch))
-                keys = [f"query:{i}" for i in range(start, stop)]
-                out.append(self.features(batch[start:stop], prompts[start:stop], keys))
+                if samples is None:
+                    keys = [f"query:{i}" for i in range(start, stop)]
+                else:
+                    keys = [content_hash(batch[i], prompts[i]) for i in range(start, stop)]
+                out.append(self.features(batch[start:stop], prompts[start:stop], keys, samples=samples))
             return torch.cat(out)
         finally:
             self.projector = own
+
+    def query_samples(self) -> QuerySamples | None:
+        """The queries' own (t, ε) samples (`config.query_samples`, `query_noise`), or None: the training set's."""
+        if self.config.query_samples is None and self.config.query_noise is None:
+            return None
+        return QuerySamples(self.task, self.config.query_samples, self.config.query_noise)
 
     # ------------------------------------------------------------------------------------ errors
 

@@ -66,6 +66,10 @@ class AttributionTask:
         (seed, key, t, d); draw 0 leaves d out of the seed (module docstring)."""
         return draw_noise(shape, self.config.noise_seed, self.config.noise_mode, key, timestep, draw, self._shared_noise)
 
+    def column_noise(self, key, timestep: int, shape: torch.Size, column: int) -> torch.Tensor:
+        """ε of column c of an example (timestep c // D, draw c % D); a query's samples (queries.py) override it."""
+        return self.noise(key, timestep, shape, column % self.noise_draws)
+
     def chunks(self) -> list[slice]:
         """Columns evaluated per forward pass: all K·D, or `timestep_chunk_size` (timestep, draw) pairs at a time."""
         size = self.config.timestep_chunk_size or self.num_columns
@@ -78,7 +82,7 @@ class AttributionTask:
         timesteps = self.timesteps(keys).repeat_interleave(draws, dim=1)[:, columns]  # column c: timestep c // D
         batch, per_example = timesteps.shape
         shape = inputs.x0.shape[1:]
-        noise = torch.stack([self.noise(key, int(t), shape, column % draws)
+        noise = torch.stack([self.column_noise(key, int(t), shape, column)
                              for key, row in zip(keys, timesteps) for t, column in zip(row, selected)])
         rows = inputs.repeat_rows(per_example)
         device = rows.x0.device

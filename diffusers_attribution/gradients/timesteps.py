@@ -30,7 +30,10 @@ from .task import AttributionTask, draw_noise, gradients_only_for
 
 
 class PointTask(AttributionTask):
-    """An `AttributionTask` whose examples are (key, t, d) rows: one timestep t and noise draw d each."""
+    """An `AttributionTask` whose examples are (key, t, d) rows: one timestep t and noise draw d each
+    (`column_keys`: (key, t, column) rows, column = the pair's index k·D + d in its example: a query's sample)."""
+
+    column_keys = False
 
     def __init__(self, adapter, config, noise_mode: str | None = None):
         super().__init__(adapter, config)
@@ -110,7 +113,8 @@ def timestep_features(
     norms = torch.zeros(batch * K * draws, dtype=torch.float64)
     with gradients_only_for(featurizer.adapter.denoiser, featurizer.parameters):
         for rows, index, chunk_inputs, chunk_keys in point_chunks(inputs, keys, timesteps, draws,
-                                                                   rows_per_pass or featurizer.config.batch_size):
+                                                                   rows_per_pass or featurizer.config.batch_size,
+                                                                   task.column_keys):
             phi = featurizer.projector.features(task, featurizer.parameters, chunk_inputs, chunk_keys)
             phi = phi.detach().double().cpu()
             if on_rows is not None:
@@ -123,17 +127,21 @@ def timestep_features(
     return TimestepFeatures((out / (K * draws)).float(), norms.view(batch, K, draws).float())
 
 
-def point_chunks(inputs: ModelInputs, keys: Sequence, timesteps: torch.Tensor, draws: int, size: int):
+def point_chunks(inputs: ModelInputs, keys: Sequence, timesteps: torch.Tensor, draws: int, size: int,
+                 column_keys: bool = False):
     """The (example i, t, d) rows of a batch, `size` at a time, example-major: yields (rows: a slice of the
-    B·K·D rows, index [rows] of each row's example, the rows' inputs, their `PointTask` keys (key_i, t, d))."""
-    rows = [(i, int(t), d) for i in range(len(keys)) for t in timesteps[i].tolist() for d in range(draws)]
+    B·K·D rows, index [rows] of each row's example, the rows' inputs, their `PointTask` keys (key_i, t, d), or
+    (key_i, t, k·D + d) with `column_keys`)."""
+    rows = [(i, int(t), d, k * draws + d) for i in range(len(keys)) for k, t in enumerate(timesteps[i].tolist())
+            for d in range(draws)]
     for start in range(0, len(rows), size):
         chunk = rows[start : start + size]
-        index = torch.tensor([i for i, _, _ in chunk], device=inputs.x0.device)
+        index = torch.tensor([row[0] for row in chunk], device=inputs.x0.device)
         chunk_inputs = ModelInputs(
             inputs.x0.index_select(0, index), {k: v.index_select(0, index) for k, v in inputs.conditioning.items()}
         )
-        yield slice(start, start + len(chunk)), index, chunk_inputs, [(keys[i], t, d) for i, t, d in chunk]
+        yield (slice(start, start + len(chunk)), index, chunk_inputs,
+               [(keys[i], t, column if column_keys else d) for i, t, d, column in chunk])
 
 
 def uniform_timesteps(num: int, num_train_timesteps: int) -> torch.Tensor:

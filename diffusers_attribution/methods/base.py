@@ -59,7 +59,7 @@ class Method:
     reduction: ClassVar[str] = "mean"
     query_reduction: ClassVar[str | None] = None
     defaults: ClassVar[dict[str, Any]] = {}
-    reads: ClassVar[tuple[str, ...]] = ("noise_draws",)
+    reads: ClassVar[tuple[str, ...]] = ("noise_draws", "query_samples", "query_noise")
     calibrated: ClassVar[bool] = False
     kernel: ClassVar[bool] = False
     curvature: ClassVar[str | None] = None

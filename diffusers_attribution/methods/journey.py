@@ -17,5 +17,5 @@ class JourneyTRAK(KernelMethod):
     title = "Journey-TRAK (Georgiev et al., 2023)"
     default_output = "loss"
     defaults = {"num_timesteps": 20, "timestep_schedule": "random", "query_noise_draws": 4}
-    reads = ("noise_draws", "query_noise_draws")
+    reads = ("noise_draws", "query_noise_draws", "query_samples", "query_noise")
 
