@@ -211,6 +211,9 @@ INFLUENCE_ROWS = (
     ("EK-FAC K=10 (MC Fisher)", "ekfac", {}),
     ("EK-FAC K=10 (empirical Fisher)", "ekfac-empirical", {}),
     ("EK-FAC K=10 (MC Fisher) ratio 0.1", "ekfac", {"damping_ratio": 0.1}),  # issue 24: the old default ratio
+    # issue 24: the paper's sampling recipe (S = 50 random (t, ε) per example; queries alike, not 100 as the paper's)
+    ("EK-FAC S=50 random (t, ε) per example", "ekfac", {"num_timesteps": 50, "timestep_schedule": "random",
+                                                         "noise_mode": "per-example"}),
     ("projected Fisher K=10", "fisher", {}),
     ("projected Fisher K=20", "fisher", {"num_timesteps": 20}),
     ("projected Fisher K=10 k=4096", "fisher", {"projection_dim": 4096}),
