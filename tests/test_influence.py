@@ -289,6 +289,11 @@ def test_ekfac_state_round_trip_and_truncation(ekfac):
                                 fisher="mc", damping_ratio=0.1)
     kept = sum(v.numel() for v in small["eigenvalues"].values())
     assert 40 <= kept < sum(p.numel() for p in parameters.values())
+    assert small["feature_damping"] == pytest.approx(0.1 * small["mean_eigenvalue"])
+    with gradients_only_for(model, parameters):  # an absolute λ (config.damping) whitens the features instead
+        absolute = ekfac_calibrate(task, model, parameters, [(ModelInputs(x), list(range(5)))], sketch_dim=40, seed=0,
+                                   fisher="mc", damping_ratio=0.1, damping=0.5)
+    assert absolute["feature_damping"] == 0.5 and absolute["mean_eigenvalue"] == small["mean_eigenvalue"]
 
 
 def test_mc_fisher_sample_is_unbiased_for_the_ggn():

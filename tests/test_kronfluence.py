@@ -15,7 +15,7 @@ from ekfac_kronfluence import kronfluence_scores, library_scores, spearman  # no
 from diffusers_attribution import AttributionConfig  # noqa: E402
 
 
-@pytest.mark.parametrize("ratio", [1e-3, 0.1])
+@pytest.mark.parametrize("ratio", [1e-4, 1e-2])
 def test_ekfac_at_every_coordinate_ranks_like_kronfluence(ratio):
     from tiny_pipelines import tiny_ddpm_pipeline
 
@@ -27,12 +27,12 @@ def test_ekfac_at_every_coordinate_ranks_like_kronfluence(ratio):
     parameters = [f"{name}.{kind}" for name in layers for kind in ("weight", "bias")
                   if getattr(pipe.unet.get_submodule(name), kind, None) is not None]
     total = sum(pipe.unet.get_parameter(name).numel() for name in parameters)
-    digits = load_digits_images(16, seed=0)
-    images, queries = digits[:12], digits[12:]
+    digits = load_digits_images(20, seed=0)
+    images, queries = digits[:16], digits[16:]
     config = AttributionConfig(method="ekfac-empirical", num_timesteps=4, batch_size=4, projection_dim=total,
-                               sketch_dim=total, calibration_examples=12, damping_ratio=ratio, parameters=parameters)
+                               sketch_dim=total, calibration_examples=16, damping_ratio=ratio, parameters=parameters)
     scores, featurizer, damping = library_scores(pipe, config, images, {"queries": queries})
-    assert featurizer.projector.fit_examples(len(images)) == list(range(12))  # curvature from every example's pairs
+    assert featurizer.projector.fit_examples(len(images)) == list(range(16))  # curvature from every example's pairs
     reference = kronfluence_scores(featurizer, images, queries, damping, fisher="empirical")
     assert reference.shape == scores["queries"].shape
     assert spearman(scores["queries"], reference) >= 0.99
