@@ -27,6 +27,8 @@ Two phases:
     # choosing the library defaults on the 32 validation queries only (λ, noise draws, k, ensembling), then timing:
     python benchmarks/lds_digits.py --choose-defaults [--only SETTINGS] [--projector P]
     python benchmarks/lds_digits.py --choose-timing
+    # EK-FAC's damping ratio (every coordinate once per seed, the default projection derived at each grid ratio):
+    python benchmarks/lds_digits.py --choose-ekfac
     # the default method from the table run's validation curves (rows featurizing at most 2x D-TRAK K=10;
     # --time-rounds 2: time the contenders again, interleaved, and use the minimum):
     python benchmarks/lds_digits.py --choose-method [--time-rounds 2]
@@ -208,6 +210,10 @@ def method_rows(quick: bool) -> list[dict]:
 INFLUENCE_ROWS = (
     ("EK-FAC K=10 (MC Fisher)", "ekfac", {}),
     ("EK-FAC K=10 (empirical Fisher)", "ekfac-empirical", {}),
+    ("EK-FAC K=10 (MC Fisher) ratio 0.1", "ekfac", {"damping_ratio": 0.1}),  # issue 24: the old default ratio
+    # issue 24: the paper's sampling recipe (S = 50 random (t, ε) per example; queries alike, not 100 as the paper's)
+    ("EK-FAC S=50 random (t, ε) per example", "ekfac", {"num_timesteps": 50, "timestep_schedule": "random",
+                                                         "noise_mode": "per-example"}),
     ("projected Fisher K=10", "fisher", {}),
     ("projected Fisher K=20", "fisher", {"num_timesteps": 20}),
     ("projected Fisher K=10 k=4096", "fisher", {"projection_dim": 4096}),
@@ -686,6 +692,124 @@ def run_choose_defaults(args) -> None:
     print(f"\nwrote {path}")
 
 
+def ekfac_at_ratio(full, train_sketch: torch.Tensor, ratio: float, dim: int, sketch_dim: int):
+    """The EK-FAC projector that featurizing at λ_f = ratio · mean Λ would fit, derived from a featurization at
+    every coordinate (`full`: its PreconditionedProjector; same Λ, bases and calibration examples), with the
+    indices of its kept coordinates in `full`'s sketch: ekfac_calibrate's own truncation (`keep_top` of the
+    preconditioned energy of the calibration examples) and mix, so that `projector.precondition(H[:, index], ...)`
+    are the features of that featurization (checked against one in `run_choose_ekfac`)."""
+    from diffusers_attribution.curvature import PreconditionedProjector
+    from diffusers_attribution.projection.calibrated import coordinate_blocks, keep_top
+
+    damping = ratio * full.mean_eigenvalue
+    calibration = full.fit_examples(len(train_sketch))
+    energy = train_sketch[calibration].double().pow(2).mean(0)
+    bases = keep_top(full.sketch, full.bases, energy / (full.sketch_eigenvalues.double() + damping), sketch_dim)
+    source = {b.name: b for b in coordinate_blocks(full.sketch)}
+    eigenvalues, index = {}, []
+    for name, sides in bases.items():
+        block = source[name]
+        values = full.sketch_eigenvalues[block.offset : block.offset + block.k]
+        if block.role == "weight":
+            rows, cols = sides["out"].shape[1], sides["in"].shape[1]
+            grid = torch.arange(block.k).view(block.k_out, block.k_in)[:rows, :cols]
+        else:
+            grid = torch.arange(sides["dense"].shape[1])
+        eigenvalues[name] = values[grid].contiguous()
+    projector = PreconditionedProjector(full.denoiser, full.parameters, dim, full.seed,
+                                        {"bases": bases, "eigenvalues": eigenvalues,
+                                         "mean_eigenvalue": full.mean_eigenvalue, "feature_damping": damping},
+                                        fisher=full.fisher)
+    for block in coordinate_blocks(projector.sketch):
+        origin = source[block.name]
+        if block.role == "weight":
+            grid = torch.arange(origin.k).view(origin.k_out, origin.k_in)[: block.k_out, : block.k_in]
+        else:
+            grid = torch.arange(block.k)
+        index.append(origin.offset + grid.flatten())
+    return projector, torch.cat(index)
+
+
+def training_sketch(featurizer, images: torch.Tensor) -> torch.Tensor:
+    """H(z) [N, k_mid] of the training images: the EK-FAC featurizer's training path (training keys, the core task)
+    with its rotated coordinates (`projector.sketch`) before weighting and mix."""
+    own, featurizer.projector = featurizer.projector, featurizer.projector.sketch
+    try:
+        size = featurizer.config.batch_size
+        return torch.cat([featurizer.features(images[start : start + size], [None] * len(images[start : start + size]),
+                                              list(range(start, min(start + size, len(images)))), reduction="mean")
+                          for start in range(0, len(images), size)])
+    finally:
+        featurizer.projector = own
+
+
+def run_choose_ekfac(args) -> None:
+    """EK-FAC's damping ratio from the 32 validation queries only: for each seed one featurization at every
+    coordinate, then for each grid ratio the library's default projection at λ_f = λ = ratio · mean Λ
+    (`ekfac_at_ratio`), its validation LDS; the rule: the best mean over seeds (ties → the larger λ)."""
+    import numpy as np
+
+    from diffusers_attribution.api import make_featurizer
+    from diffusers_attribution.evaluation.damping import DEFAULT_RATIOS
+    from diffusers_attribution.evaluation.lds import spearman_rows
+
+    gt = load_ground_truth()
+    masks, losses, queries = gt["masks"], gt["outputs"]["validation"], gt["queries"]["validation"]
+    del gt  # the evaluation and real queries are never read here
+    pipe = enable_attribution(full_model(Path(args.workdir)))
+    images = training_images()
+    total = sum(p.numel() for p in pipe.unet.parameters())
+    seeds = list(range(args.choose_seeds))
+    actual = (-losses.double().T).numpy()
+    out: dict = {"seeds": seeds, "ratios": list(DEFAULT_RATIOS), "num_validation": int(losses.shape[1]), "methods": {}}
+    for method in args.choose_methods.split(","):
+        runs = []
+        for seed in seeds:
+            config = AttributionConfig(method=method, num_timesteps=10, projector="factored", batch_size=32,
+                                       noise_seed=seed, projection_seed=seed, projection_dim=total, sketch_dim=total)
+            featurizer = make_featurizer(pipe, config)
+            t0 = time.perf_counter()
+            featurizer.featurize_dataset(images, progress=False)
+            full = featurizer.projector
+            train = training_sketch(featurizer, images).double()
+            sketch = featurizer.method.query_sketch(featurizer, queries).double()
+            seconds = time.perf_counter() - t0
+            curve, kept = [], []
+            for ratio in DEFAULT_RATIOS:
+                projector, index = ekfac_at_ratio(full, train, ratio, PROJECTION_DIM, 2 * PROJECTION_DIM)
+                damping = ratio * full.mean_eigenvalue
+                scores = projector.precondition(sketch[:, index], damping) @ projector.precondition(train[:, index], None).T
+                curve.append(float(spearman_rows((scores @ masks.double().T).numpy(), actual).mean()))
+                kept.append(len(index))
+            if seed == seeds[0]:  # the derivation is the featurization: check one ratio against a real one
+                ratio = DEFAULT_RATIOS[int(np.argmax(curve))]
+                real = make_featurizer(pipe, AttributionConfig(method=method, num_timesteps=10, projector="factored",
+                                                               batch_size=32, noise_seed=seed, projection_seed=seed,
+                                                               projection_dim=PROJECTION_DIM, damping_ratio=ratio))
+                store = real.featurize_dataset(images, progress=False)
+                projector, index = ekfac_at_ratio(full, train, ratio, PROJECTION_DIM, 2 * PROJECTION_DIM)
+                derived = projector.precondition(train[:, index], None)
+                error = float((derived - store.features.double()).norm() / store.features.double().norm())
+                print(f"{method}: derived vs featurized at ratio {ratio:g}: relative error {error:.2e} "
+                      f"({len(index)} vs {real.projector.sketch.dim} coordinates)", flush=True)
+                out.setdefault("checks", {})[method] = {"ratio": ratio, "relative_error": error,
+                                                        "kept": [len(index), real.projector.sketch.dim]}
+            runs.append({"seed": seed, "curve": curve, "kept": kept, "seconds": seconds,
+                         "mean_eigenvalue": full.mean_eigenvalue})
+            print(f"{method} seed {seed}: " + " ".join(f"{r:.3g}:{v:.3f}" for r, v in zip(DEFAULT_RATIOS, curve)), flush=True)
+        mean_curve = np.mean([r["curve"] for r in runs], axis=0)
+        best = max(i for i, v in enumerate(mean_curve) if v == mean_curve.max())  # ties → the larger λ
+        at_best = [r["curve"][best] for r in runs]
+        out["methods"][method] = {"damping_ratio": DEFAULT_RATIOS[best], "mean_curve": [float(v) for v in mean_curve],
+                                  "mean": float(np.mean(at_best)),
+                                  "std": float(np.std(at_best, ddof=1)) if len(at_best) > 1 else 0.0, "runs": runs}
+        print(f"{method}: damping_ratio {DEFAULT_RATIOS[best]:.2g}, validation LDS {np.mean(at_best):.3f}", flush=True)
+    out["torch"], out["machine"], out["git"] = torch.__version__, platform.platform(), git_state()
+    path = Path(args.choose_results or DATA / "choose_ekfac.json")
+    path.write_text(json.dumps(out, indent=2))
+    print(f"wrote {path}")
+
+
 def git_state() -> str:
     """The checkout's commit, with "+dirty" if the library has uncommitted changes (numbers depend on them)."""
     import subprocess
@@ -802,7 +926,10 @@ def main() -> None:
                         help="--choose-method: time the contending rows again, interleaved, this many rounds (min)")
     parser.add_argument("--choose-timing", action="store_true",
                         help="time each --choose-defaults setting once, back to back, and apply the rule again")
-    parser.add_argument("--choose-methods", default="trak,d-trak", help="--choose-defaults: methods to compare")
+    parser.add_argument("--choose-ekfac", action="store_true",
+                        help="EK-FAC's damping ratio on the validation queries only (--choose-methods ekfac,...)")
+    parser.add_argument("--choose-methods", default=None,
+                        help="--choose-defaults: methods to compare (default trak,d-trak; --choose-ekfac: ekfac,ekfac-empirical)")
     parser.add_argument("--choose-seeds", type=int, default=len(NOISE_SEEDS), help="--choose-defaults: replicates")
     parser.add_argument("--projector", default="factored", choices=projector_names(), help="--choose-defaults: projector")
     parser.add_argument("--choose-results", default=None,
@@ -822,6 +949,8 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true",
                         help="a tiny end-to-end run of every phase into <workdir>/smoke (checks the script, not LDS)")
     args = parser.parse_args()
+    if args.choose_methods is None:
+        args.choose_methods = "ekfac,ekfac-empirical" if args.choose_ekfac else "trak,d-trak"
     if args.smoke:
         apply_smoke(args)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
@@ -831,6 +960,8 @@ def main() -> None:
         run_counterfactual(args)
     elif args.choose_defaults:
         run_choose_defaults(args)
+    elif args.choose_ekfac:
+        run_choose_ekfac(args)
     elif args.choose_method:
         run_choose_method(args)
     elif args.choose_timing:

@@ -30,10 +30,18 @@ model's Gaussian likelihood (the GGN of the MSE, the paper's default), `"empiric
 
 The calibrated projector's machinery then does the rest: in the EK-FAC eigenbases the coordinates
 H = Q_Sᵀ G Q_A are one factored pass (no per-sample gradient), the top `sketch_dim` coordinates by their
-preconditioned energy E_i[H̄_i²] / (Λ + λ) are kept, and the seeded mix M (calibrated.py) maps them to k features.
-Training features are H(z) M; a query is preconditioned *before* the mix, φ̃(q) = (H(q) ⊘ (Λ + λ)) M, so that
-E_M[φ̃(q) · φ(z)] = Σ H(q) H(z) / (Λ + λ), the EK-FAC influence over the kept coordinates. The bases and Λ are
-saved in the store's projection.safetensors, so a store from the Hub scores new queries without training data.
+preconditioned energy E_i[H̄_i²] / (Λ + λ_f) are kept, and the seeded mix M (calibrated.py) maps them to k features.
+λ_f is the featurization's damping (the config's λ; saved as "feature_damping"). Features (`VERSION` 2):
+
+    training  φ(z) = (H(z) ⊘ sqrt(Λ + λ_f)) M          queries  φ̃(q) = (H(q) ⊙ sqrt(Λ + λ_f) ⊘ (Λ + λ)) M
+
+so that E_M[φ̃(q) · φ(z)] = Σ H(q) H(z) / (Λ + λ), the EK-FAC influence over the kept coordinates, at any λ, exactly
+when the mix is one-to-one (k ≥ the kept coordinates). Both sides are whitened before the mix: its collisions
+then add noise on the scale of the preconditioned (whitened) coordinates, whereas mixing H raw against
+H ⊘ (Λ + λ) (version 1: training H M, queries (H ⊘ (Λ + λ)) M, the stores written before) lets the large raw
+coordinates of big-Λ directions collide with the large preconditioned ones of small-Λ directions, which small λ
+makes dominant. The bases are saved in the store's projection.safetensors and Λ (with λ_f) in its
+method_state.safetensors, so a store from the Hub scores new queries without training data.
 """
 
 from __future__ import annotations
@@ -55,10 +63,11 @@ from .projection.calibrated import (CalibratedProjector, coordinate_blocks, eige
                                     reduced_sides)
 from .projection.factored import FactoredProjector, handled_parameters
 
-VERSION = 1
+VERSION = 2  # 2: both sides whitened by sqrt(Λ + λ_f) before the mix; 1: training features H M (module docstring)
 FISHERS = ("mc", "empirical")
 EIGENVALUES = "::eigenvalues"  # state-dict suffix of Λ (kept rectangle of each parameter)
 MEAN_EIGENVALUE = "mean_eigenvalue"  # mean Λ over every coordinate before truncation (the λ rule's scale)
+FEATURE_DAMPING = "feature_damping"  # λ_f of version 2's training features (absent from version 1 states)
 
 
 # ---------------------------------------------------------------------------------------------- projected Fisher
@@ -172,16 +181,18 @@ def curvature_task(adapter, config, fisher: str, seed: int) -> PointTask:
 
 def ekfac_calibrate(task: AttributionTask, denoiser: nn.Module, parameters: dict[str, nn.Parameter],
                     batches: Iterable[tuple[ModelInputs, Sequence]], sketch_dim: int, seed: int, *,
-                    fisher: str = "mc", damping_ratio: float, rows_per_pass: int = 64, progress: bool = False) -> dict:
+                    fisher: str = "mc", damping_ratio: float, damping: float | None = None, rows_per_pass: int = 64,
+                    progress: bool = False) -> dict:
     """EK-FAC bases and Λ from three passes over `batches` (a list of (inputs, keys) of training examples).
 
     1. Kronecker factors A, S over the pairs (hooks, `curvature_task`); their eigenvectors.
     2. Λ = E_pairs[H²] of the rotated per-pair gradients H = Q_Sᵀ G Q_A (a factored pass in those bases).
-    3. The preconditioned energy E_i[H̄_i²] / (Λ + λ) of the time-averaged measurement gradients (the core
-       task), λ = damping_ratio · mean(Λ), ranks the coordinates; the top `sketch_dim` are kept (`keep_top`).
+    3. The preconditioned energy E_i[H̄_i²] / (Λ + λ_f) of the time-averaged measurement gradients (the core
+       task), λ_f = `damping`, else damping_ratio · mean(Λ), ranks the coordinates; the top `sketch_dim` are kept
+       (`keep_top`).
 
-    Returns {"bases": {...}, "eigenvalues": {parameter: Λ of its kept rectangle}, "mean_eigenvalue": float}.
-    `progress`: a bar per pass.
+    Returns {"bases": {...}, "eigenvalues": {parameter: Λ of its kept rectangle}, "mean_eigenvalue": float,
+    "feature_damping": λ_f}. `progress`: a bar per pass.
     """
     batches = list(batches)
     if not batches:
@@ -227,7 +238,9 @@ def ekfac_calibrate(task: AttributionTask, denoiser: nn.Module, parameters: dict
                           on_rows=add_squares, task=pairs)
     eigenvalues = second / count
     mean_eigenvalue = float(eigenvalues.mean())
-    damping = damping_ratio * mean_eigenvalue
+    damping = damping_ratio * mean_eigenvalue if damping is None else float(damping)
+    if not damping > 0:
+        raise ValueError(f"EK-FAC damping must be > 0, got {damping}")
 
     energy = torch.zeros(rotated.dim, dtype=torch.float64)
     examples = 0
@@ -245,30 +258,41 @@ def ekfac_calibrate(task: AttributionTask, denoiser: nn.Module, parameters: dict
             kept[block.name] = values.reshape(block.k_out, block.k_in)[:rows, :cols].float().contiguous()
         else:
             kept[block.name] = values[: bases[block.name]["dense"].shape[1]].float().contiguous()
-    return {"bases": bases, "eigenvalues": kept, "mean_eigenvalue": mean_eigenvalue}
+    return {"bases": bases, "eigenvalues": kept, "mean_eigenvalue": mean_eigenvalue, "feature_damping": damping}
 
 
 class PreconditionedProjector(CalibratedProjector):
-    """`CalibratedProjector` in EK-FAC bases, with Λ: training features H M; queries (H ⊘ (Λ + λ)) M
-    (`precondition`, `for_queries`). `fit` measures bases and Λ (`ekfac_calibrate`) on the `fit_examples`;
-    `state_dict` / `load_state_dict` carry the bases (projection.safetensors, like any calibrated projection),
-    `curvature_state` / `load_curvature` carry Λ (the store's method_state.safetensors)."""
+    """`CalibratedProjector` in EK-FAC bases, with Λ: training features (H ⊘ sqrt(Λ + λ_f)) M; queries
+    (H ⊙ sqrt(Λ + λ_f) ⊘ (Λ + λ)) M (`precondition`, `for_queries`; version 1: H M and (H ⊘ (Λ + λ)) M). `fit`
+    measures bases and Λ (`ekfac_calibrate`) on the `fit_examples`; `state_dict` / `load_state_dict` carry the bases
+    (projection.safetensors, like any calibrated projection), `curvature_state` / `load_curvature` carry Λ and λ_f
+    (the store's method_state.safetensors; a state without λ_f is version 1)."""
 
     def __init__(self, denoiser: nn.Module, parameters: dict[str, nn.Parameter], dim: int, seed: int,
                  curvature: dict | None = None, *, sketch_dim: int | None = None, examples: int = 64,
-                 fisher: str = "mc", damping_ratio: float = 0.1):
-        """`curvature`: an `ekfac_calibrate` result ({"bases", "eigenvalues", "mean_eigenvalue"}), or None to `fit`.
-        `fisher`, `damping_ratio` (the λ that ranks coordinates for the truncation): used by `fit`."""
+                 fisher: str = "mc", damping_ratio: float = 0.1, feature_damping: float | None = None):
+        """`curvature`: an `ekfac_calibrate` result ({"bases", "eigenvalues", "mean_eigenvalue"[, "feature_damping"]}:
+        without it, version 1 features), or None to `fit`. `fisher`, `damping_ratio` / `feature_damping` (λ_f =
+        `feature_damping`, else damping_ratio · mean(Λ): the λ that ranks coordinates and whitens the features):
+        used by `fit`."""
         if fisher not in FISHERS:
             raise ValueError(f"fisher={fisher!r} is not one of {list(FISHERS)}")
         super().__init__(denoiser, parameters, dim, seed, sketch_dim=sketch_dim, examples=examples)
         self.fisher, self.damping_ratio, self.damping = fisher, float(damping_ratio), None
+        self.fit_damping = feature_damping
         self.eigenvalues: dict[str, torch.Tensor] | None = None
+        self.feature_damping: float | None = None
         if curvature is not None:
             self._use(curvature["bases"])
-            self._set_eigenvalues(curvature["eigenvalues"], curvature["mean_eigenvalue"])
+            self._set_eigenvalues(curvature["eigenvalues"], curvature["mean_eigenvalue"], curvature.get(FEATURE_DAMPING))
 
-    def _set_eigenvalues(self, eigenvalues: dict[str, torch.Tensor], mean_eigenvalue: float) -> None:
+    @property
+    def correction_version(self) -> int:
+        """2: features whitened by sqrt(Λ + λ_f); 1: a store's curvature without λ_f (module docstring)."""
+        return 1 if self.eigenvalues is not None and self.feature_damping is None else VERSION
+
+    def _set_eigenvalues(self, eigenvalues: dict[str, torch.Tensor], mean_eigenvalue: float,
+                         feature_damping: float | None = None) -> None:
         if set(eigenvalues) != set(self.bases):
             raise ValueError("EK-FAC eigenvalues and bases name different parameters")
         scale = torch.zeros(self.sketch.dim, dtype=torch.float32)
@@ -277,26 +301,32 @@ class PreconditionedProjector(CalibratedProjector):
             if len(values) != block.k:
                 raise ValueError(f"EK-FAC eigenvalues of {block.name}: {len(values)} values for {block.k} coordinates")
             scale[block.offset : block.offset + block.k] = values
+        if feature_damping is not None and not (math.isfinite(feature_damping) and feature_damping > 0):
+            raise ValueError(f"EK-FAC feature damping must be a finite number > 0, got {feature_damping}")
         self.eigenvalues, self.mean_eigenvalue, self.sketch_eigenvalues = eigenvalues, float(mean_eigenvalue), scale
+        self.feature_damping = None if feature_damping is None else float(feature_damping)
 
     def fit(self, task: AttributionTask, parameters: dict, batches, progress: bool = False) -> None:
         result = ekfac_calibrate(task, self.denoiser, parameters, batches, self.sketch_dim, self.seed,
-                                 fisher=self.fisher, damping_ratio=self.damping_ratio,
+                                 fisher=self.fisher, damping_ratio=self.damping_ratio, damping=self.fit_damping,
                                  rows_per_pass=task.config.batch_size * task.num_columns, progress=progress)
         self._use(result["bases"])
-        self._set_eigenvalues(result["eigenvalues"], result["mean_eigenvalue"])
+        self._set_eigenvalues(result["eigenvalues"], result["mean_eigenvalue"], result[FEATURE_DAMPING])
 
     def load_state_dict(self, state: dict[str, torch.Tensor], spec: dict | None = None) -> None:
         """The bases only; Λ comes with `load_curvature` (dropped here: it belongs to the bases it was measured in)."""
         super().load_state_dict(state, spec)
-        self.eigenvalues = None
+        self.eigenvalues, self.feature_damping = None, None
 
     def curvature_state(self) -> dict[str, torch.Tensor]:
-        """{"<parameter>::eigenvalues": Λ of its kept rectangle (float32), "mean_eigenvalue": [1] float64}."""
+        """{"<parameter>::eigenvalues": Λ of its kept rectangle (float32), "mean_eigenvalue": [1] float64,
+        "feature_damping": [1] float64 (version 2)}."""
         if self.eigenvalues is None:
             raise RuntimeError("no EK-FAC eigenvalues: fit the projector, or load_curvature a store's method_state")
         state = {f"{name}{EIGENVALUES}": values.contiguous() for name, values in self.eigenvalues.items()}
         state[MEAN_EIGENVALUE] = torch.tensor([self.mean_eigenvalue], dtype=torch.float64)
+        if self.feature_damping is not None:
+            state[FEATURE_DAMPING] = torch.tensor([self.feature_damping], dtype=torch.float64)
         return state
 
     def load_curvature(self, state: dict[str, torch.Tensor]) -> None:
@@ -304,7 +334,8 @@ class PreconditionedProjector(CalibratedProjector):
             raise ValueError(f"not an EK-FAC curvature state (no {MEAN_EIGENVALUE!r}): the store was featurized by "
                              "another method")
         eigenvalues = {key[: -len(EIGENVALUES)]: value.float() for key, value in state.items() if key.endswith(EIGENVALUES)}
-        self._set_eigenvalues(eigenvalues, float(state[MEAN_EIGENVALUE][0]))
+        feature_damping = float(state[FEATURE_DAMPING][0]) if FEATURE_DAMPING in state else None
+        self._set_eigenvalues(eigenvalues, float(state[MEAN_EIGENVALUE][0]), feature_damping)
 
     def for_queries(self, damping: float) -> "PreconditionedProjector":
         """The same bases and mix, with features preconditioned by 1 / (Λ + λ) before the mix."""
@@ -317,22 +348,37 @@ class PreconditionedProjector(CalibratedProjector):
         query.damping = float(damping)
         return query
 
-    def features(self, task: AttributionTask, parameters: dict, inputs: ModelInputs, keys: Sequence) -> torch.Tensor:
+    def partial_features(self, task: AttributionTask, parameters: dict, inputs: ModelInputs,
+                         keys: Sequence) -> torch.Tensor:
+        """The weighted coordinates (`weigh`) before the mix: training rows, or queries of `for_queries`."""
         if not self.fitted:
             raise RuntimeError("the EK-FAC curvature is measured on training examples: featurize the training set "
                                "first, or build the featurizer from the store")
-        return self.precondition(self.sketch.features(task, parameters, inputs, keys), self.damping)
+        return self.weigh(self.sketch.features(task, parameters, inputs, keys), self.damping)
 
     def precondition(self, sketch: torch.Tensor, damping: float | None) -> torch.Tensor:
-        """(H ⊘ (Λ + λ)) M from the rotated coordinates H [n, k_mid] (H M for `damping=None`)."""
+        """The features from the rotated coordinates H [n, k_mid]: queries preconditioned with λ = `damping`, or
+        the training features for `damping=None` (`weigh`, then the mix)."""
+        return self.finish(self.weigh(sketch, damping))
+
+    def weigh(self, sketch: torch.Tensor, damping: float | None) -> torch.Tensor:
+        """H times the per-coordinate weights of the features, before the mix: training (`damping=None`)
+        1 / sqrt(Λ + λ_f), queries sqrt(Λ + λ_f) / (Λ + λ); version 1: 1 and 1 / (Λ + λ)."""
+        if damping is None and self.feature_damping is None:
+            return sketch  # version 1 training features (or not yet fitted: `fit` sets λ_f)
+        if self.eigenvalues is None:
+            raise RuntimeError("no EK-FAC eigenvalues to precondition with: load_curvature the store's method_state")
+        eigenvalues = self.sketch_eigenvalues.double()
+        weights = torch.ones_like(eigenvalues)
+        if self.feature_damping is not None:
+            weights = (eigenvalues + self.feature_damping).sqrt()
+            weights = weights.reciprocal() if damping is None else weights
         if damping is not None:
-            if self.eigenvalues is None:
-                raise RuntimeError("no EK-FAC eigenvalues to precondition with: load_curvature the store's method_state")
-            sketch = sketch / (self.sketch_eigenvalues.to(sketch.device, sketch.dtype) + damping)
-        return self.finish(sketch)
+            weights = weights / (eigenvalues + damping)
+        return sketch * weights.to(sketch.device, sketch.dtype)
 
     def spec(self) -> dict:
-        return {**super().spec(), "eigenvalue_correction": {"version": VERSION, "fisher": self.fisher}}
+        return {**super().spec(), "eigenvalue_correction": {"version": self.correction_version, "fisher": self.fisher}}
 
 
 __all__ = ["FisherAccumulator", "KroneckerFactors", "PreconditionedProjector", "SampledLoss", "ekfac_calibrate",

@@ -225,27 +225,49 @@ def test_ekfac_eigenvalues_are_second_moments_of_rotated_autograd_pair_gradients
 
 
 def test_ekfac_scores_equal_the_explicit_damped_inverse(ekfac):
-    """φ̃(q)·φ(z) before the mix = g(q)ᵀ (Ĝ + λI)⁻¹ g(z), Ĝ = ⊕_layers (Q_S ⊗ Q_A) diag(Λ) (Q_S ⊗ Q_A)ᵀ built
-    as an explicit matrix; after the mix, the features are exactly the rotated coordinates times M."""
+    """φ̃(q)·φ(z) = g(q)ᵀ (Ĝ + λI)⁻¹ g(z), Ĝ = ⊕_layers (Q_S ⊗ Q_A) diag(Λ) (Q_S ⊗ Q_A)ᵀ built as an explicit
+    matrix, at the featurization's λ_f and at another λ, exactly when the mix is one-to-one (k ≥ the kept
+    coordinates); the features are the whitened coordinates times M (version 2) or, for a version-1 curvature (no
+    λ_f: the stores written before), H M with queries (H ⊘ (Λ + λ)) M."""
     model, config, task, parameters, x, result, _, core = ekfac
-    projector = PreconditionedProjector(model, parameters, 16, 0, result)
-    damping = 0.3 * result["mean_eigenvalue"]
     blocks, curvature = [], []
-    for name in projector.sketch.shapes:  # the explicit curvature matrix, block-diagonal over parameters
+    for name in parameters:  # the explicit curvature matrix, block-diagonal over parameters
         sides = result["bases"][name]
         q = sides["dense"].double() if "dense" in sides else torch.kron(sides["out"].double(), sides["in"].double())
         curvature.append(q @ torch.diag(result["eigenvalues"][name].double().flatten()) @ q.T)
         blocks.append(core[name].flatten(1).double())
     g = torch.cat(blocks, 1)
     matrix = torch.block_diag(*curvature)
-    explicit = g @ torch.linalg.solve(matrix + damping * torch.eye(len(matrix), dtype=torch.float64), g.T)
+    total = len(matrix)
+    assert result["feature_damping"] == pytest.approx(0.1 * result["mean_eigenvalue"])
+
+    def explicit(damping):
+        return g @ torch.linalg.solve(matrix + damping * torch.eye(total, dtype=torch.float64), g.T)
+
+    exact = PreconditionedProjector(model, parameters, total, 0, result)  # k = every coordinate: a signed permutation
+    small = PreconditionedProjector(model, parameters, 16, 0, result)
+    assert exact.spec()["eigenvalue_correction"]["version"] == 2
     with gradients_only_for(model, parameters):
-        h = projector.sketch.features(task, parameters, ModelInputs(x), list(range(5))).double()
-        train = projector.features(task, parameters, ModelInputs(x), list(range(5))).double()
-        query = projector.for_queries(damping).features(task, parameters, ModelInputs(x), list(range(5))).double()
-    eigenvalues = projector.sketch_eigenvalues.double()
-    torch.testing.assert_close((h / (eigenvalues + damping)) @ h.T, explicit, rtol=1e-3, atol=1e-5 * float(explicit.abs().max()))
-    mix = projector.mix("cpu").double()
+        h = exact.sketch.features(task, parameters, ModelInputs(x), list(range(5))).double()
+        train = exact.features(task, parameters, ModelInputs(x), list(range(5))).double()
+        train_small = small.features(task, parameters, ModelInputs(x), list(range(5))).double()
+        for damping in (result["feature_damping"], 3.0 * result["mean_eigenvalue"]):
+            query = exact.for_queries(damping).features(task, parameters, ModelInputs(x), list(range(5))).double()
+            expected = explicit(damping)
+            torch.testing.assert_close(query @ train.T, expected, rtol=1e-3, atol=1e-5 * float(expected.abs().max()))
+            torch.testing.assert_close(exact.precondition(h, damping).double(), query, rtol=1e-4,
+                                       atol=1e-6 * float(query.abs().max()))
+    eigenvalues = small.sketch_eigenvalues.double()
+    whitened = h / (eigenvalues + result["feature_damping"]).sqrt()
+    mix = small.mix("cpu").double()
+    torch.testing.assert_close(train_small, whitened @ mix, rtol=1e-4, atol=1e-6 * float(train_small.abs().max()))
+    # version 1 (a curvature without λ_f): training H M, queries (H ⊘ (Λ + λ)) M
+    old = PreconditionedProjector(model, parameters, 16, 0, {k: v for k, v in result.items() if k != "feature_damping"})
+    assert old.spec()["eigenvalue_correction"]["version"] == 1 and "feature_damping" not in old.curvature_state()
+    damping = 0.3 * result["mean_eigenvalue"]
+    with gradients_only_for(model, parameters):
+        train = old.features(task, parameters, ModelInputs(x), list(range(5))).double()
+        query = old.for_queries(damping).features(task, parameters, ModelInputs(x), list(range(5))).double()
     torch.testing.assert_close(train, h @ mix, rtol=1e-4, atol=1e-6 * float(train.abs().max()))
     torch.testing.assert_close(query, (h / (eigenvalues + damping)) @ mix, rtol=1e-4, atol=1e-6 * float(query.abs().max()))
 
@@ -258,14 +280,20 @@ def test_ekfac_state_round_trip_and_truncation(ekfac):
     again.load_state_dict(projector.state_dict())  # the bases (projection.safetensors)
     with pytest.raises(RuntimeError, match="eigenvalues"):
         again.for_queries(1.0)
-    again.load_curvature(projector.curvature_state())  # Λ (method_state.safetensors)
+    again.load_curvature(projector.curvature_state())  # Λ and λ_f (method_state.safetensors)
     assert torch.equal(again.sketch_eigenvalues, projector.sketch_eigenvalues)
+    assert again.feature_damping == projector.feature_damping == result["feature_damping"]
     assert again.spec() == projector.spec() and again.mean_eigenvalue == projector.mean_eigenvalue
     with gradients_only_for(model, parameters):
         small = ekfac_calibrate(task, model, parameters, [(ModelInputs(x), list(range(5)))], sketch_dim=40, seed=0,
                                 fisher="mc", damping_ratio=0.1)
     kept = sum(v.numel() for v in small["eigenvalues"].values())
     assert 40 <= kept < sum(p.numel() for p in parameters.values())
+    assert small["feature_damping"] == pytest.approx(0.1 * small["mean_eigenvalue"])
+    with gradients_only_for(model, parameters):  # an absolute λ (config.damping) whitens the features instead
+        absolute = ekfac_calibrate(task, model, parameters, [(ModelInputs(x), list(range(5)))], sketch_dim=40, seed=0,
+                                   fisher="mc", damping_ratio=0.1, damping=0.5)
+    assert absolute["feature_damping"] == 0.5 and absolute["mean_eigenvalue"] == small["mean_eigenvalue"]
 
 
 def test_mc_fisher_sample_is_unbiased_for_the_ggn():

@@ -1,12 +1,15 @@
 """EK-FAC influence (Mlodozeniec et al., "Influence Functions for Scalable Data Attribution in Diffusion Models",
 ICLR 2025), with stored training features and query-side preconditioning (curvature.py for the math):
 
-    τ(z, q) = Σ_coordinates H(q) H(z) / (Λ + λ)  ≈  φ̃(q) · φ(z),   φ(z) = H(z) M,  φ̃(q) = (H(q) ⊘ (Λ + λ)) M
+    τ(z, q) = Σ_coordinates H(q) H(z) / (Λ + λ)  ≈  φ̃(q) · φ(z),
+    φ(z) = (H(z) ⊘ sqrt(Λ + λ_f)) M,   φ̃(q) = (H(q) ⊙ sqrt(Λ + λ_f) ⊘ (Λ + λ)) M
 
 with H the gradient in the per-layer EK-FAC eigenbases (Q_S, Q_A of the K-FAC-expand factors), Λ the corrected
 eigenvalues measured over (example, timestep, noise) pairs, M the calibrated projector's seeded mix (a signed
-partition), and λ = damping_ratio · mean(Λ) (or `config.damping`), never chosen on queries. `ekfac` uses the MC
-Fisher (GGN, the paper's default), `ekfac-empirical` the empirical Fisher.
+partition), and λ = damping_ratio · mean(Λ) (or `config.damping`), never chosen on queries; λ_f is the λ the
+store was featurized with (both sides whitened before the mix; stores written before version 2 of the
+eigenvalue correction keep φ(z) = H(z) M, φ̃(q) = (H(q) ⊘ (Λ + λ)) M). `ekfac` uses the MC Fisher (GGN, the
+paper's default), `ekfac-empirical` the empirical Fisher.
 
 Declared parts: the projector is the EK-FAC one (fitted on data: its bases travel as the projection's state, Λ as
 what the method fitted, the store's method state); queries are preconditioned (`queries`); the scorer is the dot
@@ -19,10 +22,12 @@ from .base import Method, register_method
 
 
 class _EKFACMethod(Method):
-    """damping_ratio: the grid ratio with the best mean validation LDS on the digits benchmark (docs/benchmarks.md)."""
+    """damping_ratio: the grid ratio with the best mean validation LDS on the digits benchmark over 3 seeds
+    (`benchmarks/lds_digits.py --choose-ekfac`, docs/methods.md): 1e-4 (MC), 1.8e-4 (empirical); it was 0.1 and 0.32
+    before the features were whitened (version 2)."""
 
     default_output = "loss"
-    defaults = {"num_timesteps": 10, "damping_ratio": 0.1}
+    defaults = {"num_timesteps": 10, "damping_ratio": 0.0001}
     calibrated = True
     fisher = "mc"
 
@@ -37,7 +42,8 @@ class _EKFACMethod(Method):
 
         return PreconditionedProjector(denoiser, parameters, config.projection_dim, config.projection_seed,
                                        sketch_dim=config.sketch_dim, examples=config.calibration_examples,
-                                       fisher=self.fisher, damping_ratio=config.damping_ratio)
+                                       fisher=self.fisher, damping_ratio=config.damping_ratio,
+                                       feature_damping=config.damping)
 
     def fit_state(self, featurizer) -> dict:
         """Λ, fitted with the bases (the store's method state)."""
@@ -103,5 +109,5 @@ class EKFAC(_EKFACMethod):
 class EKFACEmpirical(_EKFACMethod):
     name = "ekfac-empirical"
     title = "EK-FAC influence, empirical Fisher (after Mlodozeniec et al., ICLR 2025)"
-    defaults = {"num_timesteps": 10, "damping_ratio": 0.32}
+    defaults = {"num_timesteps": 10, "damping_ratio": 0.00018}
     fisher = "empirical"
