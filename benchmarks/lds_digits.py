@@ -287,21 +287,23 @@ def damping_path(featurizer, store, kind: str, queries: dict, prompts: dict | No
 
 
 def lds_at_validation_damping(record: dict, scores_at, scale: float, masks: torch.Tensor, outputs: dict, seed: int,
-                              default_ratio: float) -> None:
-    """record[generated / real] at the λ ratio with the best validation LDS (ties → the larger λ), and
-    record[*_default_damping] at `default_ratio`; record["damping"]: the choice and the validation curve."""
+                              default_ratio: float, ratios=None) -> None:
+    """record[generated / real] at the λ ratio of `ratios` (default DEFAULT_RATIOS) with the best validation LDS
+    (ties → the larger λ), and record[*_default_damping] at `default_ratio`; record["damping"]: the choice and the
+    validation curve."""
     import numpy as np
 
     from diffusers_attribution.evaluation.damping import DEFAULT_RATIOS
 
-    curve = validation_curve(None, None, masks, outputs["validation"], lambda r: scores_at("validation", r))
+    ratios = DEFAULT_RATIOS if ratios is None else tuple(ratios)
+    curve = validation_curve(None, None, masks, outputs["validation"], lambda r: scores_at("validation", r), ratios)
     best = max(i for i, v in enumerate(curve) if v == np.nanmax(curve))
     for name in ("generated", "real"):
-        record[name] = lds(scores_at(name, DEFAULT_RATIOS[best]), masks, outputs[name], seed=seed).to_dict()
+        record[name] = lds(scores_at(name, ratios[best]), masks, outputs[name], seed=seed).to_dict()
         record[f"{name}_default_damping"] = lds(scores_at(name, default_ratio), masks, outputs[name],
                                                 seed=seed).to_dict()
-    record["damping"] = {"ratio": DEFAULT_RATIOS[best], "damping": DEFAULT_RATIOS[best] * scale,
-                         "default_ratio": default_ratio, "validation_curve": dict(zip(map(str, DEFAULT_RATIOS), curve))}
+    record["damping"] = {"ratio": ratios[best], "damping": ratios[best] * scale,
+                         "default_ratio": default_ratio, "validation_curve": dict(zip(map(str, ratios), curve))}
 
 
 def evaluate_row(pipe, row: dict, seed: int, gt: dict, images: torch.Tensor) -> dict:
@@ -481,8 +483,9 @@ CHOICE_SETTINGS = (
 
 
 def validation_curve(path: KernelPath, query_features: torch.Tensor, masks: torch.Tensor, losses: torch.Tensor,
-                     scores_at=None) -> list[float]:
-    """Mean validation LDS at every ratio of the damping grid (`scores_at(ratio)` → scores, for ensembles)."""
+                     scores_at=None, ratios=None) -> list[float]:
+    """Mean validation LDS at every ratio of the damping grid (`scores_at(ratio)` → scores, for ensembles;
+    `ratios`: another grid for `scores_at`, default DEFAULT_RATIOS)."""
     from diffusers_attribution.evaluation.damping import DEFAULT_RATIOS
     from diffusers_attribution.evaluation.lds import spearman_rows
 
@@ -490,7 +493,7 @@ def validation_curve(path: KernelPath, query_features: torch.Tensor, masks: torc
         return select_damping(path.phi, query_features, masks, losses, path=path).validation_lds
     actual = (-losses.double().T).numpy()
     curve = []
-    for ratio in DEFAULT_RATIOS:
+    for ratio in DEFAULT_RATIOS if ratios is None else ratios:
         predicted = scores_at(ratio) @ masks.double().T  # [n_v, M]: Σ_{i∈s} τ_i(q)
         curve.append(float(spearman_rows(predicted.numpy(), actual).mean()))
     return curve
