@@ -242,6 +242,9 @@ def run_table(args) -> None:
         raise SystemExit(f"no ground truth in {DATA}: run with --build-ground-truth first")
     gt = load_ground_truth()
     info = gt["info"]
+    if args.subsets < len(gt["masks"]):  # the first M subsets only (masks are prefix-stable)
+        gt["masks"] = gt["masks"][: args.subsets]
+        gt["outputs"] = {name: value[: args.subsets] for name, value in gt["outputs"].items()}
     pipe = enable_attribution(full_model())
     if fingerprint(pipe) != info["full_model_lora_fingerprint"]:
         warnings.warn("the full model trained here differs from the one the ground truth was built with "
@@ -292,10 +295,20 @@ def apply_smoke(args) -> None:
     args.results = str(DATA / "results.json")
 
 
+def apply_variant(args) -> None:
+    global DATA, LORA_RECIPE
+    if args.steps is not None:
+        LORA_RECIPE = replace(LORA_RECIPE, num_steps=args.steps)
+    if args.data is not None:
+        DATA = Path(args.data)
+        if args.results == str(ROOT / "benchmarks" / "data" / "lds_lora" / "results.json"):
+            args.results = str(DATA / "results.json")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--build-ground-truth", action="store_true", help="retrain on the subsets (long, resumable)")
-    parser.add_argument("--subsets", type=int, default=NUM_SUBSETS)
+    parser.add_argument("--subsets", type=int, default=NUM_SUBSETS, help="M (the table: the first M of the ground truth's)")
     parser.add_argument("--workdir", default=str(default_workdir()), help="per-subset results (not committed)")
     parser.add_argument("--rank", type=int, default=None, help="this process's rank (ground truth in several processes)")
     parser.add_argument("--world-size", type=int, default=None)
@@ -305,9 +318,14 @@ def main() -> None:
     parser.add_argument("--results", default=str(DATA / "results.json"))
     parser.add_argument("--smoke", action="store_true",
                         help="a tiny end-to-end run of both phases into <workdir>/smoke (checks the script, not LDS)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="another recipe length (a variant: give it its own --data and --workdir)")
+    parser.add_argument("--data", default=None, help="where the ground truth and results go (default "
+                        "benchmarks/data/lds_lora)")
     args = parser.parse_args()
     if args.smoke:
         apply_smoke(args)
+    apply_variant(args)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
     if args.build_ground_truth:
         build_ground_truth(args)
