@@ -299,6 +299,8 @@ def apply_variant(args) -> None:
     global DATA, LORA_RECIPE
     if args.steps is not None:
         LORA_RECIPE = replace(LORA_RECIPE, num_steps=args.steps)
+    if args.lr_scheduler is not None:
+        LORA_RECIPE = replace(LORA_RECIPE, lr_scheduler=args.lr_scheduler)
     if args.data is not None:
         DATA = Path(args.data)
         if args.results == str(ROOT / "benchmarks" / "data" / "lds_lora" / "results.json"):
@@ -320,6 +322,7 @@ def main() -> None:
                         help="a tiny end-to-end run of both phases into <workdir>/smoke (checks the script, not LDS)")
     parser.add_argument("--steps", type=int, default=None,
                         help="another recipe length (a variant: give it its own --data and --workdir)")
+    parser.add_argument("--lr-scheduler", default=None, help="another learning-rate schedule (a variant, as --steps)")
     parser.add_argument("--data", default=None, help="where the ground truth and results go (default "
                         "benchmarks/data/lds_lora)")
     args = parser.parse_args()
