@@ -112,13 +112,15 @@ def fingerprint(pipe) -> str:
     return model_fingerprint(pipe.unet, dict(pipe.unet.named_parameters()))["denoiser"]
 
 
-def load_ground_truth() -> dict:
+def load_ground_truth(directory: Path | None = None) -> dict:
+    """The committed ground truth in `directory` (default DATA)."""
     from safetensors.torch import load_file
 
-    info = json.loads((DATA / "ground_truth.json").read_text())
-    masks = load_file(str(DATA / "masks.safetensors"))["masks"].bool()
-    outputs = load_file(str(DATA / "outputs.safetensors"))
-    queries = load_file(str(DATA / "queries.safetensors"))
+    directory = DATA if directory is None else directory
+    info = json.loads((directory / "ground_truth.json").read_text())
+    masks = load_file(str(directory / "masks.safetensors"))["masks"].bool()
+    outputs = load_file(str(directory / "outputs.safetensors"))
+    queries = load_file(str(directory / "queries.safetensors"))
     return {"info": info, "masks": masks, "outputs": outputs, "queries": queries}
 
 
@@ -126,8 +128,6 @@ def load_ground_truth() -> dict:
 
 
 def build_ground_truth(args) -> None:
-    from safetensors.torch import save_file
-
     workdir = Path(args.workdir)
     DATA.mkdir(parents=True, exist_ok=True)
     images = training_images()
@@ -141,19 +141,9 @@ def build_ground_truth(args) -> None:
     harness = RetrainHarness(DigitsTrainingRecipe(LDS_RECIPE), images, masks, workdir / "retrain", measure,
                              seeds=(TRAINING_SEED,), rank=args.rank, world_size=args.world_size,
                              metadata={"benchmark": "lds_digits"})
-    results = harness.run()
-    if not results.complete:
-        missing = int((~results.done).sum())
-        print(f"ground truth: {missing} of {results.done.numel()} retrainings still missing (other processes?); "
-              "rerun without --rank to assemble once they finish")
+    seconds = write_ground_truth(DATA, harness, harness.run(), queries)
+    if seconds is None:
         return
-    if harness.rank != 0:
-        return
-    outputs = {name: results.outputs(name).contiguous() for name in ("validation", "generated", "real")}
-    save_file({"masks": masks.to(torch.uint8)}, str(DATA / "masks.safetensors"))
-    save_file(outputs, str(DATA / "outputs.safetensors"))
-    save_file({name: value.contiguous() for name, value in queries.items()}, str(DATA / "queries.safetensors"))
-    seconds = results.seconds()
     info = {
         "n_train": N_TRAIN, "training_set": f"load_digits_images({N_TRAIN}, seed=0)",
         "real_queries": f"load_digits_images({N_TRAIN + N_REAL}, seed=0)[{N_TRAIN}:]",
@@ -167,6 +157,24 @@ def build_ground_truth(args) -> None:
     (DATA / "ground_truth.json").write_text(json.dumps(info, indent=2, sort_keys=True))
     print(f"ground truth written to {DATA} ({args.subsets} subsets; training {seconds['train_mean']:.1f}s and "
           f"measuring {seconds['measure_mean']:.1f}s per model)")
+
+
+def write_ground_truth(directory: Path, harness, results, queries: dict) -> dict | None:
+    """Once every retraining has finished, on rank 0: the masks, each query set's outputs and the queries as
+    safetensors in `directory`; returns the retraining seconds (None where there is nothing to write yet)."""
+    from safetensors.torch import save_file
+
+    if not results.complete:
+        missing = int((~results.done).sum())
+        print(f"ground truth: {missing} of {results.done.numel()} retrainings still missing (other processes?); "
+              "rerun without --rank to assemble once they finish")
+        return None
+    if harness.rank != 0:
+        return None
+    save_file({"masks": harness.masks.to(torch.uint8)}, str(directory / "masks.safetensors"))
+    save_file({name: results.outputs(name).contiguous() for name in queries}, str(directory / "outputs.safetensors"))
+    save_file({name: value.contiguous() for name, value in queries.items()}, str(directory / "queries.safetensors"))
+    return results.seconds()
 
 
 # ---------------------------------------------------------------------------------------------- phase 2
@@ -230,10 +238,7 @@ def influence_rows() -> list[dict]:
 
 def evaluate_influence_row(pipe, row: dict, seed: int, gt: dict, images: torch.Tensor) -> dict:
     """One seed of an influence row: featurize, then LDS at the validation-chosen and at the default λ ratio."""
-    import numpy as np
-
     from diffusers_attribution.api import make_featurizer
-    from diffusers_attribution.evaluation.damping import DEFAULT_RATIOS
 
     config = AttributionConfig(**{"batch_size": 32, "projection_dim": PROJECTION_DIM, "noise_seed": seed, **row["config"]})
     masks, outputs, queries = gt["masks"], gt["outputs"], gt["queries"]
@@ -244,42 +249,67 @@ def evaluate_influence_row(pipe, row: dict, seed: int, gt: dict, images: torch.T
         t0 = time.perf_counter()
         store = featurizer.featurize_dataset(images, progress=False)
         t1 = time.perf_counter()
-        phi = store.features.double()
-        if kind.startswith("ekfac"):
-            sketches = {name: featurizer.method.query_sketch(featurizer, queries[name]).double() for name in names}
-            scale = featurizer.projector.mean_eigenvalue
-
-            def scores_at(name, ratio):
-                return featurizer.projector.precondition(sketches[name], ratio * scale) @ phi.T
-        elif kind == "fisher":
-            features = {name: featurizer.featurize_queries(queries[name]).double() for name in names}
-            fisher = store.method_state["pair_fisher"].double()
-            eigenvalues, vectors = torch.linalg.eigh(fisher)
-            scale, right = float(fisher.trace()) / len(fisher), vectors.T @ phi.T
-
-            def scores_at(name, ratio):
-                return ((features[name] @ vectors) / (eigenvalues.clamp_min(0) + ratio * scale)) @ right
-        else:
-            features = {name: featurizer.featurize_queries(queries[name]) for name in names}
-            path, residuals = KernelPath(store.features), store.method_state["residuals"].double()
-            scale = path.mean_eigenvalue
-
-            def scores_at(name, ratio):
-                return path.scores(features[name], ratio * scale) * residuals[None]
+        scores_at, scale = damping_path(featurizer, store, kind, {name: queries[name] for name in names})
         t2 = time.perf_counter()
-        curve = validation_curve(None, None, masks, outputs["validation"], lambda r: scores_at("validation", r))
-        best = max(i for i, v in enumerate(curve) if v == np.nanmax(curve))  # ties → the larger λ
         record: dict = {"seed": seed, "dim": int(store.dim)}
-        for name in ("generated", "real"):
-            record[name] = lds(scores_at(name, DEFAULT_RATIOS[best]), masks, outputs[name], seed=seed).to_dict()
-            record[f"{name}_default_damping"] = lds(scores_at(name, config.damping_ratio), masks, outputs[name],
-                                                    seed=seed).to_dict()
-        record["damping"] = {"ratio": DEFAULT_RATIOS[best], "damping": DEFAULT_RATIOS[best] * scale,
-                             "default_ratio": config.damping_ratio, "validation_curve": dict(zip(map(str, DEFAULT_RATIOS), curve))}
+        lds_at_validation_damping(record, scores_at, scale, masks, outputs, seed, config.damping_ratio)
         t3 = time.perf_counter()
     record["seconds"] = {"train_features": t1 - t0, "query_features": t2 - t1, "scoring": t3 - t2, "total": t3 - t0}
     record["peak_memory_mib"] = memory.mib
     return record
+
+
+def damping_path(featurizer, store, kind: str, queries: dict, prompts: dict | None = None):
+    """(scores_at(name, ratio) → scores [n_name, N], scale): the scores of each named query set at λ = ratio · scale
+    for every ratio from one featurization. `kind`: ekfac*, fisher (pair Fisher), das (kernel × residuals), or a
+    kernel method (trak, d-trak); `prompts`: {name: prompts} for text-conditioned queries."""
+    prompts = prompts or {}
+    phi = store.features.double()
+    if kind.startswith("ekfac"):
+        sketches = {name: featurizer.method.query_sketch(featurizer, images, prompts.get(name)).double()
+                    for name, images in queries.items()}
+        scale = featurizer.projector.mean_eigenvalue
+
+        def scores_at(name, ratio):
+            return featurizer.projector.precondition(sketches[name], ratio * scale) @ phi.T
+    elif kind == "fisher":
+        features = {name: featurizer.featurize_queries(images, prompts.get(name)).double()
+                    for name, images in queries.items()}
+        fisher = store.method_state["pair_fisher"].double()
+        eigenvalues, vectors = torch.linalg.eigh(fisher)
+        scale, right = float(fisher.trace()) / len(fisher), vectors.T @ phi.T
+
+        def scores_at(name, ratio):
+            return ((features[name] @ vectors) / (eigenvalues.clamp_min(0) + ratio * scale)) @ right
+    else:
+        features = {name: featurizer.featurize_queries(images, prompts.get(name)) for name, images in queries.items()}
+        path = KernelPath(store.features)
+        weights = store.method_state["residuals"].double()[None] if kind == "das" else 1.0
+        scale = path.mean_eigenvalue
+
+        def scores_at(name, ratio):
+            return path.scores(features[name], ratio * scale) * weights
+    return scores_at, scale
+
+
+def lds_at_validation_damping(record: dict, scores_at, scale: float, masks: torch.Tensor, outputs: dict, seed: int,
+                              default_ratio: float, ratios=None) -> None:
+    """record[generated / real] at the λ ratio of `ratios` (default DEFAULT_RATIOS) with the best validation LDS
+    (ties → the larger λ), and record[*_default_damping] at `default_ratio`; record["damping"]: the choice and the
+    validation curve."""
+    import numpy as np
+
+    from diffusers_attribution.evaluation.damping import DEFAULT_RATIOS
+
+    ratios = DEFAULT_RATIOS if ratios is None else tuple(ratios)
+    curve = validation_curve(None, None, masks, outputs["validation"], lambda r: scores_at("validation", r), ratios)
+    best = max(i for i, v in enumerate(curve) if v == np.nanmax(curve))
+    for name in ("generated", "real"):
+        record[name] = lds(scores_at(name, ratios[best]), masks, outputs[name], seed=seed).to_dict()
+        record[f"{name}_default_damping"] = lds(scores_at(name, default_ratio), masks, outputs[name],
+                                                seed=seed).to_dict()
+    record["damping"] = {"ratio": ratios[best], "damping": ratios[best] * scale,
+                         "default_ratio": default_ratio, "validation_curve": dict(zip(map(str, ratios), curve))}
 
 
 def evaluate_row(pipe, row: dict, seed: int, gt: dict, images: torch.Tensor) -> dict:
@@ -384,11 +414,11 @@ def run_table(args) -> None:
     print(f"\nwrote {out_path} and {PLOT}")
 
 
-def markdown_table(result: dict) -> str:
+def markdown_table(result: dict, reference_name: str = "D-TRAK K=10 factored") -> str:
     lines = ["| method | LDS generated (λ from validation) | LDS generated (default λ) | LDS real held-out | "
              "time / seed (s) | training featurization / D-TRAK K=10 | peak memory (MiB) |",
              "|---|---|---|---|---|---|---|"]
-    reference = next((row.get("train_seconds") for row in result["rows"] if row["name"] == "D-TRAK K=10 factored"), None)
+    reference = next((row.get("train_seconds") for row in result["rows"] if row["name"] == reference_name), None)
     for row in result["rows"]:
         def cell(key):
             if key not in row:
@@ -459,8 +489,9 @@ CHOICE_SETTINGS = (
 
 
 def validation_curve(path: KernelPath, query_features: torch.Tensor, masks: torch.Tensor, losses: torch.Tensor,
-                     scores_at=None) -> list[float]:
-    """Mean validation LDS at every ratio of the damping grid (`scores_at(ratio)` → scores, for ensembles)."""
+                     scores_at=None, ratios=None) -> list[float]:
+    """Mean validation LDS at every ratio of the damping grid (`scores_at(ratio)` → scores, for ensembles;
+    `ratios`: another grid for `scores_at`, default DEFAULT_RATIOS)."""
     from diffusers_attribution.evaluation.damping import DEFAULT_RATIOS
     from diffusers_attribution.evaluation.lds import spearman_rows
 
@@ -468,7 +499,7 @@ def validation_curve(path: KernelPath, query_features: torch.Tensor, masks: torc
         return select_damping(path.phi, query_features, masks, losses, path=path).validation_lds
     actual = (-losses.double().T).numpy()
     curve = []
-    for ratio in DEFAULT_RATIOS:
+    for ratio in DEFAULT_RATIOS if ratios is None else ratios:
         predicted = scores_at(ratio) @ masks.double().T  # [n_v, M]: Σ_{i∈s} τ_i(q)
         curve.append(float(spearman_rows(predicted.numpy(), actual).mean()))
     return curve

@@ -30,16 +30,9 @@ def load_training_set(spec: str, num: int | None = None, shuffle: bool = False):
 
 def word_tokenizer():
     """A CLIP-style tokenizer over `WORDS` (a `transformers.PreTrainedTokenizerFast`, nothing downloaded)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
+    from diffusers_attribution.demo.captioned_digits import word_tokenizer as words_tokenizer
 
-    vocab = {word: index for index, word in enumerate(WORDS)}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    backend.post_processor = processors.TemplateProcessing(
-        single="<bos> $A <eos>", special_tokens=[("<bos>", vocab["<bos>"]), ("<eos>", vocab["<eos>"])])
-    return PreTrainedTokenizerFast(tokenizer_object=backend, model_max_length=MAX_TOKENS, pad_token="<pad>",
-                                   unk_token="<unk>", bos_token="<bos>", eos_token="<eos>")
+    return words_tokenizer(WORDS, MAX_TOKENS)
 
 
 def tiny_text_to_image_pipeline(seed: int = 0):

@@ -86,3 +86,13 @@ def test_journey_trak(tmp_path):
     out = run_example("journey_trak.py", tmp_path=tmp_path)
     assert len(re.findall(r"step +\d+ \(t= *\d+\): top training image \d+", out)) == 10
     assert (tmp_path / "outputs/journey_trak/journey.png").is_file()
+
+
+def test_lds_lora(tmp_path):
+    out = run_example("lds_lora.py", tmp_path=tmp_path)
+    assert "retrain: subset-00003-seed-0 done" in out
+    values = re.findall(r"LDS +([\w-]+) +(generated|real): ([+-]\d\.\d+)", out)
+    assert [(method, name) for method, name, _ in values] == [
+        ("das", "generated"), ("das", "real"), ("pixel-cosine", "generated"), ("pixel-cosine", "real")]
+    assert all(-1 <= float(value) <= 1 for _, _, value in values)
+    assert len(list((tmp_path / "outputs/lds_lora/retrain").glob("subset-*.safetensors"))) == 4

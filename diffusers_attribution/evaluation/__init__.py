@@ -6,4 +6,5 @@ from .damping import DampingSelection, evaluate_with_validation_damping, select_
 from .lds import LDSResult, lds, summarize_seeds
 from .masks import removal_masks, subset_masks
 from .outputs import LossSpec, QueryLosses, diffusion_losses
+from .recipes import LoraTextToImageRecipe
 from .retrain import DigitsTrainingRecipe, FunctionRecipe, RetrainHarness, RetrainResults, load_results, retrain_subsets
