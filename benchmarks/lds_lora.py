@@ -191,18 +191,20 @@ def build_ground_truth(args) -> None:
 
 ROWS = (  # name, config fields (parameters="lora" added), whether it has a λ chosen on validation queries
     ("pixel cosine", {"method": "pixel-cosine"}),
-    ("DAS K=10 (library default)", {"method": "das", "num_timesteps": 10}),
+    ("DAS K=10", {"method": "das", "num_timesteps": 10}),
+    ("DAS K=10, loss output", {"method": "das", "num_timesteps": 10, "output": "loss"}),
+    ("DAS K=10, lora_B only", {"method": "das", "num_timesteps": 10, "parameters": ["*lora_B*"]}),
     ("D-TRAK K=10", {"method": "d-trak", "num_timesteps": 10}),
     ("D-TRAK K=30", {"method": "d-trak", "num_timesteps": 30}),
     ("TRAK K=10", {"method": "trak", "num_timesteps": 10}),
     ("projected Fisher K=10", {"method": "fisher", "num_timesteps": 10}),
-    ("EK-FAC K=10 (MC Fisher)", {"method": "ekfac", "num_timesteps": 10}),
+    ("EK-FAC K=10 (MC Fisher; the LoRA default)", {"method": "ekfac", "num_timesteps": 10}),
 )
-QUICK = ("pixel cosine", "DAS K=10 (library default)", "D-TRAK K=10", "projected Fisher K=10")
+QUICK = ("pixel cosine", "DAS K=10", "D-TRAK K=10", "projected Fisher K=10")
 
 
 def method_rows(quick: bool) -> list[dict]:
-    return [{"name": name, "config": {**fields, "parameters": "lora"}, "seeded": fields["method"] != "pixel-cosine"}
+    return [{"name": name, "config": {"parameters": "lora", **fields}, "seeded": fields["method"] != "pixel-cosine"}
             for name, fields in ROWS if not quick or name in QUICK]
 
 

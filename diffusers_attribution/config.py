@@ -28,7 +28,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from .methods.registry import get_method
+from .methods.registry import default_method, get_method
 from .projection.registry import projector_names
 
 OUTPUTS = ("loss", "squared-norm", "mean", "l1-norm", "l2-norm", "linf-norm", "weighted-mse")
@@ -68,7 +68,9 @@ class AttributionConfig:
     Each field says what it is in one line (its `help`, which the CLI flag shows); what needs more:
 
     Args:
-        method: `"das"` (the default since the validation-only choice of issue 14, docs/benchmarks.md), `"trak"`
+        method: None = the default for the setting, chosen on validation queries (docs/benchmarks.md): `"das"`
+            (issue 14's choice on the digits benchmark) and, with `parameters="lora"`, `"ekfac"` (issue 24's choice
+            on the LoRA benchmark, where the kernel methods need 4–7 decades more damping); `"trak"`
             (output = training loss), `"d-trak"` (output = squared norm of the denoiser output), `"journey-trak"`
             (TRAK features, plus per-sampling-step queries: `pipe.attribute_trajectory`), `"tracin"` / `"retrac"`
             (methods/tracin.py), the similarity baselines `"pixel-dot"`, `"pixel-cosine"`, `"embedding-cosine"`
@@ -107,7 +109,8 @@ class AttributionConfig:
         damping: λ of the kernel (ΦᵀΦ + λI)⁻¹. `None` applies the rule λ = damping_ratio · tr(ΦᵀΦ) / rank,
             i.e. a fixed fraction of the kernel's mean non-zero eigenvalue; it never looks at queries.
         damping_ratio: None = the method's default (`Method.defaults`: 0.18 for TRAK, 0.0018 for D-TRAK, chosen on
-            validation queries, docs/benchmarks.md; else 0.1). Like `damping`, it only changes scores.
+            validation queries, docs/benchmarks.md; else 0.1; with `parameters="lora"`, `Method.lora_defaults`, chosen
+            on the LoRA benchmark's). Like `damping`, it only changes scores.
         parameters: `"all"` (every trainable parameter of the denoiser), `"lora"` (only LoRA weights of the
             active peft adapter), or a list of glob patterns matched against parameter names.
         dtype: features and kernels are always accumulated in float32.
@@ -131,7 +134,8 @@ class AttributionConfig:
             (Flux-dev); a key the family does not take is an error (docs/families.md).
     """
 
-    method: str = _field("feature", "das", help="attribution method (docs/methods.md), e.g. das, trak, d-trak, tracin")
+    method: str | None = _field("feature", help="attribution method (docs/methods.md), e.g. das, trak, d-trak, tracin "
+                                                "(default: das; ekfac with --parameters lora)")
     output: str | None = _field("feature", choices=OUTPUTS,
                                 help="the per-sample output f that is differentiated (default: the method's own)")
     num_timesteps: int | None = _field("feature", metavar="K",
@@ -199,11 +203,13 @@ class AttributionConfig:
                                                   "max_sequence_length=256 (repeatable)")
 
     def __post_init__(self):
+        if self.method is None:  # the method declaring itself the default for this setting (methods/)
+            self.method = default_method(self.parameters if isinstance(self.parameters, str) else "all")
         method = get_method(self.method)
         self.method = method.name
         if self.output is None:
             self.output = method.default_output
-        for name, value in method.resolved_defaults().items():
+        for name, value in method.resolved_defaults(self.parameters).items():
             if getattr(self, name) is None:
                 setattr(self, name, value)
         for name, cap in CAPS.items():

@@ -267,7 +267,8 @@ def test_hooks_leave_no_state_behind():
 def test_lora_only_attribution_on_a_stable_diffusion_unet(tmp_path):
     pipe = enable_attribution(tiny_stable_diffusion_pipeline())
     pipe.load_lora_weights(save_tiny_lora(pipe, tmp_path / "lora"), adapter_name="tiny_lora")
-    config = AttributionConfig(parameters="lora", num_timesteps=2, projection_dim=256, calibration_examples=0)
+    config = AttributionConfig(method="das", parameters="lora", num_timesteps=2, projection_dim=256,
+                               calibration_examples=0)
     featurizer = Featurizer(pipe, config)
     spec = featurizer.projector.spec()
     assert spec["excluded"] == [] and all(".lora_" in name for name in spec["parameters"])

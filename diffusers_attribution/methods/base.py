@@ -22,9 +22,10 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from .registry import REDUCTIONS, get_method, method_names, register_method
+from .registry import REDUCTIONS, default_method, get_method, method_names, register_method
 
-__all__ = ["BASE_DEFAULTS", "Method", "REDUCTIONS", "get_method", "method_names", "refuse_options", "register_method"]
+__all__ = ["BASE_DEFAULTS", "Method", "REDUCTIONS", "default_method", "get_method", "method_names", "refuse_options",
+           "register_method"]
 
 # The defaults of every method, unless its `defaults` say otherwise (fields left as None in the config).
 BASE_DEFAULTS = {"num_timesteps": 10, "timestep_schedule": "uniform", "damping_ratio": 0.1}
@@ -40,7 +41,9 @@ class Method:
     reduction: how an example's per-(t, ε) gradients become one feature: "mean" (the averaged gradient,
         projected once), "pairs" (each pair projected, then averaged), "unit-pairs" (each projected pair
         divided by its norm, then averaged); `query_reduction`: the same for queries (None: `reduction`).
-    defaults: values of config fields left as None (over `BASE_DEFAULTS`).
+    defaults: values of config fields left as None (over `BASE_DEFAULTS`); `lora_defaults`: over those when
+        `parameters="lora"` (the damping ratios chosen on the LoRA benchmark, docs/benchmarks.md).
+    default_for: the `parameters` settings ("all", "lora") for which this is the method of a config that names none.
     reads: which method-specific config fields (`config.METHOD_FIELDS`) the method reads.
     calibrated: the calibrated factored projection applies (`calibration_examples` defaults to 64 with `factored`).
     kernel: scores go through the kernel (ΦᵀΦ + λI)⁻¹, so a saved store includes its Gram matrix.
@@ -59,6 +62,8 @@ class Method:
     reduction: ClassVar[str] = "mean"
     query_reduction: ClassVar[str | None] = None
     defaults: ClassVar[dict[str, Any]] = {}
+    lora_defaults: ClassVar[dict[str, Any]] = {}
+    default_for: ClassVar[tuple[str, ...]] = ()
     reads: ClassVar[tuple[str, ...]] = ("noise_draws", "query_samples", "query_noise")
     calibrated: ClassVar[bool] = False
     kernel: ClassVar[bool] = False
@@ -67,8 +72,9 @@ class Method:
     per_step_queries: ClassVar[bool] = False
     fingerprints: ClassVar[tuple[str, ...]] = ("model_fingerprint",)
 
-    def resolved_defaults(self) -> dict[str, Any]:
-        return {**BASE_DEFAULTS, **self.defaults}
+    def resolved_defaults(self, parameters: Any = "all") -> dict[str, Any]:
+        """The values of config fields left as None, for a `parameters` setting."""
+        return {**BASE_DEFAULTS, **self.defaults, **(self.lora_defaults if parameters == "lora" else {})}
 
     def check_config(self, config) -> None:
         """Method-specific checks of a config (after defaults are applied); raise `ValueError` naming the field."""

@@ -28,6 +28,7 @@ class _EKFACMethod(Method):
 
     default_output = "loss"
     defaults = {"num_timesteps": 10, "damping_ratio": 0.0001}
+    lora_defaults = {"damping_ratio": 0.56}  # the LoRA benchmark's rule (docs/benchmarks.md)
     calibrated = True
     fisher = "mc"
 
@@ -102,6 +103,7 @@ class _EKFACMethod(Method):
 class EKFAC(_EKFACMethod):
     name = "ekfac"
     aliases = ("ek-fac",)
+    default_for = ("lora",)  # issue 24's choice on the LoRA benchmark (docs/benchmarks.md)
     title = "EK-FAC influence, MC Fisher (Mlodozeniec et al., ICLR 2025)"
 
 

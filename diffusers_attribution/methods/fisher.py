@@ -23,6 +23,7 @@ class ProjectedFisher(Method):
     query_reduction = "mean"
     # damping_ratio: the grid ratio with the best mean validation LDS on the digits benchmark (docs/benchmarks.md)
     defaults = {"num_timesteps": 10, "damping_ratio": 0.1}
+    lora_defaults = {"damping_ratio": 1e4}  # the LoRA benchmark's rule (the grid's top; docs/benchmarks.md)
     calibrated = True
     curvature = "pair_fisher"
     per_step_queries = True

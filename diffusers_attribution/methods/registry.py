@@ -1,4 +1,4 @@
-"""The one registry of methods: `register_method`, `get_method`, `method_names`.
+"""The one registry of methods: `register_method`, `get_method`, `method_names`, `default_method`.
 
 It imports nothing but discovery.py: `config.py` asks it for names and defaults, and the registry imports the
 method modules (declarations, light) on first use, never at import time.
@@ -47,3 +47,15 @@ def get_method(name: str) -> Any:
     if key is None:
         raise ValueError(f"AttributionConfig.method={name!r} is not one of {list(_REGISTRY)}")
     return _REGISTRY[key]
+
+
+def default_method(parameters: Any = "all") -> str:
+    """The name of the method that declares itself the default for a `parameters` setting (`Method.default_for`:
+    "all" for every parameter or glob patterns, "lora" for the LoRA weights); each was chosen by the
+    validation-only rule on its setting's benchmark (docs/benchmarks.md)."""
+    setting = parameters if parameters in ("all", "lora") else "all"
+    discover(__package__)
+    chosen = [name for name, method in _REGISTRY.items() if setting in method.default_for]
+    if len(chosen) != 1:
+        raise RuntimeError(f"{len(chosen)} methods declare themselves the default for parameters={setting!r}: {chosen}")
+    return chosen[0]

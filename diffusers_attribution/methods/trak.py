@@ -28,6 +28,7 @@ class TRAK(KernelMethod):
     title = "TRAK (Park et al., 2023)"
     default_output = "loss"
     defaults = {"damping_ratio": 0.18}
+    lora_defaults = {"damping_ratio": 1e4}  # the LoRA benchmark's rule (the grid's top; docs/benchmarks.md)
 
 
 @register_method
@@ -37,3 +38,4 @@ class DTRAK(KernelMethod):
     title = "D-TRAK (Zheng et al., ICLR 2024)"
     default_output = "squared-norm"
     defaults = {"damping_ratio": 0.0018, "num_timesteps": 30}
+    lora_defaults = {"damping_ratio": 180.0}  # the LoRA benchmark's rule (docs/benchmarks.md)
