@@ -219,6 +219,8 @@ INFLUENCE_ROWS = (
     ("EK-FAC K=10 (MC Fisher)", "ekfac", {}),
     ("EK-FAC K=10 (empirical Fisher)", "ekfac-empirical", {}),
     ("EK-FAC K=10 (MC Fisher) ratio 0.1", "ekfac", {"damping_ratio": 0.1}),  # issue 24: the old default ratio
+    ("EK-FAC K=10 (MC Fisher) k=4096", "ekfac", {"projection_dim": 4096}),  # issue 24: what the projection costs
+    ("EK-FAC K=10 (MC Fisher) k=8192", "ekfac", {"projection_dim": 8192}),
     # issue 24: the paper's sampling recipe (S = 50 random (t, ε) per example; queries alike, not 100 as the paper's)
     ("EK-FAC S=50 random (t, ε) per example", "ekfac", {"num_timesteps": 50, "timestep_schedule": "random",
                                                          "noise_mode": "per-example"}),
