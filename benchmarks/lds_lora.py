@@ -199,6 +199,7 @@ ROWS = (  # name, config fields (parameters="lora" added), whether it has a λ c
     ("TRAK K=10", {"method": "trak", "num_timesteps": 10}),
     ("projected Fisher K=10", {"method": "fisher", "num_timesteps": 10}),
     ("EK-FAC K=10 (MC Fisher; the LoRA default)", {"method": "ekfac", "num_timesteps": 10}),
+    ("EK-FAC K=10 (empirical Fisher)", {"method": "ekfac-empirical", "num_timesteps": 10}),
     # query samples (issue 24): the training set's K pairs first, then fresh (t, ε) per query
     ("EK-FAC K=10, 30 query samples", {"method": "ekfac", "num_timesteps": 10, "query_samples": 30}),
     ("EK-FAC K=10, 100 query samples", {"method": "ekfac", "num_timesteps": 10, "query_samples": 100}),

@@ -156,8 +156,9 @@ def test_method_config_defaults_and_errors():
     lora = AttributionConfig(parameters="lora")
     assert (lora.method, lora.damping_ratio) == ("ekfac", 0.56)
     assert AttributionConfig(parameters=["*lora_B*"]).method == "das"
-    assert {m: AttributionConfig(method=m, parameters="lora").damping_ratio for m in ("das", "trak", "d-trak", "fisher")} \
-        == {"das": 32.0, "trak": 1e4, "d-trak": 180.0, "fisher": 1e4}
+    methods = ("das", "trak", "d-trak", "fisher", "ekfac-empirical")
+    assert {m: AttributionConfig(method=m, parameters="lora").damping_ratio for m in methods} \
+        == {"das": 32.0, "trak": 1e4, "d-trak": 180.0, "fisher": 1e4, "ekfac-empirical": 0.32}
     assert AttributionConfig(method="das", parameters="lora", damping_ratio=0.1).damping_ratio == 0.1
     assert AttributionConfig.from_json(lora.to_json()) == lora
     with pytest.raises(ValueError, match="does not apply"):

@@ -112,4 +112,5 @@ class EKFACEmpirical(_EKFACMethod):
     name = "ekfac-empirical"
     title = "EK-FAC influence, empirical Fisher (after Mlodozeniec et al., ICLR 2025)"
     defaults = {"num_timesteps": 10, "damping_ratio": 0.00018}
+    lora_defaults = {"damping_ratio": 0.32}  # the LoRA benchmark's rule (docs/benchmarks.md)
     fisher = "empirical"
