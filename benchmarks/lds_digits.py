@@ -228,6 +228,7 @@ INFLUENCE_ROWS = (
     ("projected Fisher K=20", "fisher", {"num_timesteps": 20}),
     ("projected Fisher K=10 k=4096", "fisher", {"projection_dim": 4096}),
     ("DAS K=10", "das", {}),
+    ("DAS K=10, loss output", "das", {"output": "loss"}),  # issue 24: the output that helped DAS on the LoRA benchmark
     ("DAS K=10 float16", "das", {"feature_dtype": "float16"}),
 )
 
