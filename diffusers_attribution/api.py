@@ -135,7 +135,7 @@ class AttributionSession:
         self.index = None  # an approximate index of the store's rows, if one was built on this machine
         if use_index and hasattr(self.scorer, "index"):
             try:
-                self.index = self.scorer.index(build=False)
+                self.index = self.scorer.index(build=False, latest=True)  # built here, of any kind
             except ImportError:  # faiss is not installed: no index can have been built here
                 self.index = None
         self.resident = None  # the store's rows held on `search_device` (a GPU): exact top-k there

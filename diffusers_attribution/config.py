@@ -204,7 +204,7 @@ class AttributionConfig:
 
     def __post_init__(self):
         if self.method is None:  # the method declaring itself the default for this setting (methods/)
-            self.method = default_method(self.parameters if isinstance(self.parameters, str) else "all")
+            self.method = default_method(self.parameters)
         method = get_method(self.method)
         self.method = method.name
         if self.output is None:

@@ -221,15 +221,14 @@ class KernelScorer(Scorer):
         """The FAISS maximum-inner-product index of this store's rows (× w_i) for q' (search.py), from this machine's
         cache keyed by the store's shard digests; `build=True` builds (and caches) it when absent, else None is
         returned. `options`: `search.build_index`'s (kind, params, target_recall, tuning_queries: q' of real
-        queries to tune the search on; by default the held-out rows mapped by (C + λI)⁻¹). None for the dual form
+        queries to tune the search on; by default the held-out rows mapped by (C + λI)⁻¹; `latest=True` with
+        `build=False`: the index built last for these rows, of any kind). None for the dual form
         and for stores in memory (no digests to key it by)."""
         if self.dual or getattr(self.store, "directory", None) is None:
             return None
         from .search import IndexCache
 
         cache = cache or IndexCache()
-        if not build and not options:  # a session's lookup: the index built last for these rows, of any kind
-            options = {"latest": True}
         return cache.for_store(self.store, self.row_weights, query_map=self.inverse.float(), build=build, **options)
 
     def resident(self, device):

@@ -146,14 +146,15 @@ class ResidentRows:
         """Copy `blocks` (as read: every check of the reader applies) to `device`, merged into blocks of up to
         `block_rows` rows (fewer, larger GEMMs)."""
         device = torch.device(device)
-        merged, pending, pending_start = [], [], None
+        merged, pending, pending_start, pending_rows = [], [], None, 0
         for start, block in blocks:
             if pending_start is None:
                 pending_start = start
             pending.append(block.detach().to(device))
-            if sum(len(part) for part in pending) >= block_rows:
+            pending_rows += len(block)
+            if pending_rows >= block_rows:
                 merged.append((pending_start, torch.cat(pending)))
-                pending, pending_start = [], None
+                pending, pending_start, pending_rows = [], None, 0
         if pending:
             merged.append((pending_start, torch.cat(pending)))
         return cls(merged, device, row_weights)
@@ -489,8 +490,6 @@ class IndexCache:
             try:
                 path = self.path(pointer.read_text())  # validated: 64 hex digits, a file in this cache
             except (OSError, ValueError, UnicodeDecodeError):
-                return None
-            if not (path.is_file() and path.with_suffix(".json").is_file()):
                 return None
             kind = None  # the record says which
         found = self._read(path, kind, num_rows, dim)
