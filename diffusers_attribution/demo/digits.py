@@ -147,7 +147,7 @@ class DigitsRecipe:
 # ----------------------------------------------------------------------- training
 
 
-def _batches(n: int, batch_size: int, generator: torch.Generator):
+def epoch_batches(n: int, batch_size: int, generator: torch.Generator):
     """Endless stream of index batches, reshuffled every epoch (last partial batch dropped)."""
     batch_size = min(batch_size, n)
     while True:
@@ -180,7 +180,7 @@ def train_digits_ddpm(
     ema = [p.detach().clone() for p in unet.parameters()] if recipe.ema_decay else None
 
     unet.train()
-    batches = _batches(len(images), recipe.batch_size, generator)
+    batches = epoch_batches(len(images), recipe.batch_size, generator)
     bar = tqdm(range(recipe.num_steps), desc="train digits DDPM", disable=not progress)
     running = None
     for step in bar:

@@ -98,7 +98,7 @@ class LoraTextToImageRecipe:
         from peft import LoraConfig
 
         from ..data import TrainingData
-        from ..demo.digits import _batches
+        from ..demo.digits import epoch_batches
 
         base = self.base_pipeline()
         unet = copy.deepcopy(base.unet)
@@ -138,7 +138,7 @@ class LoraTextToImageRecipe:
         schedule = get_scheduler(self.lr_scheduler, optimizer=optimizer, num_warmup_steps=self.lr_warmup_steps,
                                  num_training_steps=self.num_steps)
         generator = torch.Generator().manual_seed(int(seed))
-        batches = _batches(len(examples), self.batch_size, generator)
+        batches = epoch_batches(len(examples), self.batch_size, generator)
         unet.train()
         for step in range(self.num_steps):
             index = next(batches)
