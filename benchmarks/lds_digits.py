@@ -230,6 +230,9 @@ INFLUENCE_ROWS = (
     ("DAS K=10", "das", {}),
     ("DAS K=10, loss output", "das", {"output": "loss"}),  # issue 24: the output that helped DAS on the LoRA benchmark
     ("DAS K=10 float16", "das", {"feature_dtype": "float16"}),
+    # issue 24: DAS's score with the pair-level curvature (methods/das_fisher.py)
+    ("DAS-Fisher K=10", "das-fisher", {}),
+    ("DAS-Fisher K=10 k=4096", "das-fisher", {"projection_dim": 4096}),
 )
 
 
@@ -275,24 +278,30 @@ def damping_path(featurizer, store, kind: str, queries: dict, prompts: dict | No
 
         def scores_at(name, ratio):
             return featurizer.projector.precondition(sketches[name], ratio * scale) @ phi.T
-    elif kind == "fisher":
+    elif featurizer.method.curvature is not None:  # fisher, das-fisher: a stored curvature C, row weights or 1
         features = {name: featurizer.featurize_queries(images, prompts.get(name)).double()
                     for name, images in queries.items()}
-        fisher = store.method_state["pair_fisher"].double()
-        eigenvalues, vectors = torch.linalg.eigh(fisher)
-        scale, right = float(fisher.trace()) / len(fisher), vectors.T @ phi.T
+        curvature = store.method_state[featurizer.method.curvature].double()
+        eigenvalues, vectors = torch.linalg.eigh(curvature)
+        scale, right = float(curvature.trace()) / len(curvature), vectors.T @ phi.T
+        weights = row_weights(featurizer.method, store)
 
         def scores_at(name, ratio):
-            return ((features[name] @ vectors) / (eigenvalues.clamp_min(0) + ratio * scale)) @ right
+            return ((features[name] @ vectors) / (eigenvalues.clamp_min(0) + ratio * scale)) @ right * weights
     else:
         features = {name: featurizer.featurize_queries(images, prompts.get(name)) for name, images in queries.items()}
         path = KernelPath(store.features)
-        weights = store.method_state["residuals"].double()[None] if kind == "das" else 1.0
+        weights = row_weights(featurizer.method, store)
         scale = path.mean_eigenvalue
 
         def scores_at(name, ratio):
             return path.scores(features[name], ratio * scale) * weights
     return scores_at, scale
+
+
+def row_weights(method, store):
+    """The method's declared row weights w [1, N] (DAS's residuals) from the store's state, or 1."""
+    return 1.0 if method.row_weights is None else store.method_state[method.row_weights].double()[None]
 
 
 def lds_at_validation_damping(record: dict, scores_at, scale: float, masks: torch.Tensor, outputs: dict, seed: int,

@@ -198,7 +198,11 @@ ROWS = (  # name, config fields (parameters="lora" added), whether it has a λ c
     ("D-TRAK K=30", {"method": "d-trak", "num_timesteps": 30}),
     ("TRAK K=10", {"method": "trak", "num_timesteps": 10}),
     ("projected Fisher K=10", {"method": "fisher", "num_timesteps": 10}),
-    ("EK-FAC K=10 (MC Fisher; the LoRA default)", {"method": "ekfac", "num_timesteps": 10}),
+    # issue 24: DAS's parts separated (methods/das_fisher.py): the pair-level curvature, pairs not normalized
+    ("DAS-Fisher K=10", {"method": "das-fisher", "num_timesteps": 10}),
+    ("D-TRAK K=10, mean output (DAS's output, pairs not normalized, kernel)",
+     {"method": "d-trak", "num_timesteps": 10, "output": "mean"}),
+    ("EK-FAC K=10 (MC Fisher)", {"method": "ekfac", "num_timesteps": 10}),
     ("EK-FAC K=10 (empirical Fisher)", {"method": "ekfac-empirical", "num_timesteps": 10}),
     # query samples (issue 24): the training set's K pairs first, then fresh (t, ε) per query
     ("EK-FAC K=10, 30 query samples", {"method": "ekfac", "num_timesteps": 10, "query_samples": 30}),
@@ -261,7 +265,8 @@ def run_table(args) -> None:
     data = training_set()
     rows = method_rows(args.quick)
     if args.only:
-        rows = [row for row in rows if any(part.lower() in row["name"].lower() for part in args.only.split(","))]
+        rows = [row for row in rows if any(row["name"] == part[1:] if part.startswith("=") else
+                                           part.lower() in row["name"].lower() for part in args.only.split(","))]
     seeds = tuple(int(s) for s in args.seeds.split(",")) if args.seeds else NOISE_SEEDS
     out_path = Path(args.results)
     previous = json.loads(out_path.read_text()) if out_path.is_file() else {}
@@ -324,7 +329,7 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=None, help="this process's rank (ground truth in several processes)")
     parser.add_argument("--world-size", type=int, default=None)
     parser.add_argument("--quick", action="store_true", help="table: " + ", ".join(QUICK) + " only")
-    parser.add_argument("--only", default=None, help="table: comma-separated substrings of row names to (re)run")
+    parser.add_argument("--only", default=None, help="table: comma-separated substrings of row names to (re)run ('=NAME': that row only)")
     parser.add_argument("--seeds", default=None, help="table: comma-separated noise seeds (default 0,1,2)")
     parser.add_argument("--results", default=str(DATA / "results.json"))
     parser.add_argument("--smoke", action="store_true",

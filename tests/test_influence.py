@@ -336,6 +336,15 @@ def reference_pair_gradients(featurizer, images, keys, output):
     return flat.view(len(keys), task.num_columns, -1), inputs, projector
 
 
+def reference_residuals(featurizer, config, inputs):
+    """DAS's r_i = mean_p sqrt(ℓ_ip) / ‖sqrt(ℓ_i)‖ of the 7 tiny_setup examples (K·D = 4 pairs), from the losses."""
+    point = curvature_task(featurizer.adapter, config, "empirical", 0)
+    losses = torch.cat([point.outputs(chunk_inputs, chunk_keys).detach().double() for _, _, chunk_inputs, chunk_keys
+                        in point_chunks(inputs, list(range(7)), featurizer.task.timesteps(list(range(7))), 2, 100)])
+    roots = losses.view(7, 4).sqrt()
+    return (roots.sum(1) / roots.norm(dim=1)) / 4
+
+
 def test_das_matches_its_closed_form_with_the_default_damping_rule(tmp_path):
     """s = φ(q)(ΦᵀΦ + λI)⁻¹Φᵀ ⊙ r with unit-normalized per-pair gradients of the mean output (exact, identity
     projector), r_i = mean_p sqrt(ℓ_ip) / ‖sqrt(ℓ_i)‖, λ = ratio · ‖Φ‖²_F / min(N, k)."""
@@ -348,11 +357,7 @@ def test_das_matches_its_closed_form_with_the_default_damping_rule(tmp_path):
     psi, inputs, _ = reference_pair_gradients(featurizer, images, list(range(7)), "mean")
     phi = (psi / psi.norm(dim=2, keepdim=True)).mean(1)
     torch.testing.assert_close(store.features.double(), phi, rtol=1e-4, atol=1e-6 * float(phi.abs().max()))
-    point = curvature_task(featurizer.adapter, config, "empirical", 0)
-    losses = torch.cat([point.outputs(chunk_inputs, chunk_keys).detach().double() for _, _, chunk_inputs, chunk_keys
-                        in point_chunks(inputs, list(range(7)), featurizer.task.timesteps(list(range(7))), 2, 100)])
-    roots = losses.view(7, 4).sqrt()
-    residuals = (roots.sum(1) / roots.norm(dim=1)) / 4
+    residuals = reference_residuals(featurizer, config, inputs)
     torch.testing.assert_close(store.method_state["residuals"], residuals, rtol=1e-5, atol=1e-7)
 
     queries = featurizer.featurize_queries(images[:2])
@@ -374,6 +379,51 @@ def test_das_matches_its_closed_form_with_the_default_damping_rule(tmp_path):
     sharded = get_method("das").featurizer(pipe, config).featurize_dataset(images, progress=False, output_dir=tmp_path / "s",
                                                             shard_rows=3)  # residuals collected per shard
     assert torch.equal(sharded.method_state["residuals"], store.method_state["residuals"])
+    torch.testing.assert_close(sharded.features, store.features)
+
+
+def test_das_fisher_matches_its_closed_form_with_the_default_damping_rule(tmp_path):
+    """s = φ(q)(F + λI)⁻¹Φᵀ ⊙ r: F = Σ_i (1/(K·D)) Σ_p ψ_ip ψ_ipᵀ of autograd per-pair gradients of the mean output
+    (not normalized), φ their mean, r DAS's residuals, λ = ratio · tr(F) / k (exact: identity projector, conv_out)."""
+    from diffusers_attribution.methods.base import get_method
+
+    pipe, config, images = tiny_setup(method="das-fisher", projector="identity", damping_ratio=0.3,
+                                      parameters=["conv_out.*"])
+    featurizer = get_method("das-fisher").featurizer(pipe, config)
+    store = featurizer.featurize_dataset(images, progress=False)
+    psi, inputs, _ = reference_pair_gradients(featurizer, images, list(range(7)), "mean")
+    phi, fisher = psi.mean(1), torch.einsum("ipk,ipl->kl", psi, psi) / 4
+    scale = float(fisher.abs().max())
+    torch.testing.assert_close(store.features.double(), phi, rtol=1e-4, atol=1e-6 * float(phi.abs().max()))
+    torch.testing.assert_close(store.method_state["pair_fisher"], fisher, rtol=1e-4, atol=1e-6 * scale)
+    assert int(store.method_state["pairs"]) == 28
+    residuals = reference_residuals(featurizer, config, inputs)
+    torch.testing.assert_close(store.method_state["residuals"], residuals, rtol=1e-5, atol=1e-7)
+
+    queries = featurizer.featurize_queries(images[:2])
+    psi_q, _, _ = reference_pair_gradients(featurizer, images[:2], ["query:0", "query:1"], "mean")
+    torch.testing.assert_close(queries.double(), psi_q.mean(1), rtol=1e-4, atol=1e-6 * float(phi.abs().max()))
+    k = fisher.shape[0]
+    damping = 0.3 * float(fisher.trace()) / k
+    expected = queries.double() @ torch.linalg.inv(fisher + damping * torch.eye(k, dtype=torch.float64)) @ phi.T
+    expected = expected * residuals[None]
+    scorer = get_method("das-fisher").scorer(store)
+    assert scorer.damping == pytest.approx(damping)
+    scores = scorer.scores(queries).double()
+    torch.testing.assert_close(scores, expected, rtol=1e-4, atol=1e-6 * float(expected.abs().max()))
+    # neither DAS's kernel of the averaged features nor the projected Fisher without the residual weights
+    kernel = phi.T @ phi
+    damped = 0.3 * float(kernel.trace()) / k
+    das_like = queries.double() @ torch.linalg.inv(kernel + damped * torch.eye(k, dtype=torch.float64)) @ phi.T
+    assert not torch.allclose(das_like * residuals[None], expected, rtol=1e-2)
+    assert not torch.allclose(expected / residuals[None], expected, rtol=1e-3)
+    saved = FeatureStore.from_pretrained(store.save_pretrained(tmp_path / "das-fisher"), verify=True)
+    torch.testing.assert_close(get_method("das-fisher").scorer(saved).scores(queries), scorer.scores(queries))
+    sharded = get_method("das-fisher").featurizer(pipe, config).featurize_dataset(
+        images, progress=False, output_dir=tmp_path / "s", shard_rows=3)  # F and r collected per shard, then combined
+    assert torch.equal(sharded.method_state["residuals"], store.method_state["residuals"])
+    torch.testing.assert_close(sharded.method_state["pair_fisher"], store.method_state["pair_fisher"], rtol=1e-10,
+                               atol=1e-12 * scale)
     torch.testing.assert_close(sharded.features, store.features)
 
 

@@ -36,7 +36,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                                        "under --adapter-name")
     parser.add_argument("--shard-rows", type=int, help="examples per shard (default: from --max-shard-size)")
     parser.add_argument("--max-shard-size", default="2GB", help="shard size when --shard-rows is not set (default: 2GB)")
-    parser.add_argument("--no-kernel", action="store_true", help="do not store the kernel ΦᵀΦ (computed when scoring)")
+    parser.add_argument("--no-kernel", action="store_true", help="do not store the kernel ΦᵀΦ of a kernel method (computed "
+                        "when scoring); other methods store none, as through the API")
     parser.add_argument("--push-to-hub", metavar="REPO_ID", help="upload the finished store to this Hub dataset repo")
     parser.add_argument("--private", action="store_true", help="with --push-to-hub: create a private repository")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -60,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
             f"parameters={config.parameters}")
     store = pipe.featurize(
         dataset, config, output_dir=args.out, accelerator=state, progress=not args.no_progress,
-        shard_rows=args.shard_rows, max_shard_size=args.max_shard_size, compute_kernel=not args.no_kernel,
+        shard_rows=args.shard_rows, max_shard_size=args.max_shard_size, compute_kernel=False if args.no_kernel else None,
         dataset_name=args.dataset,
     )
     if state.is_main_process:

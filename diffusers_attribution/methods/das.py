@@ -28,7 +28,6 @@ class DAS(Method):
     reduction = "unit-pairs"
     # damping_ratio: the grid ratio with the best mean validation LDS on the digits benchmark (docs/benchmarks.md)
     defaults = {"num_timesteps": 10, "damping_ratio": 0.00056}
-    default_for = ("all",)  # issue 14's choice on the digits benchmark (docs/benchmarks.md)
     lora_defaults = {"damping_ratio": 32.0}  # the LoRA benchmark's rule (docs/benchmarks.md): 0.00056 scores ≈ 0 there
     calibrated = True
     kernel = True

@@ -103,7 +103,6 @@ class _EKFACMethod(Method):
 class EKFAC(_EKFACMethod):
     name = "ekfac"
     aliases = ("ek-fac",)
-    default_for = ("lora",)  # issue 24's choice on the LoRA benchmark (docs/benchmarks.md)
     title = "EK-FAC influence, MC Fisher (Mlodozeniec et al., ICLR 2025)"
 
 

@@ -1,0 +1,68 @@
+"""DAS-Fisher: DAS's score with the pair-level curvature in place of its kernel (this library's combination of DAS
+and the projected Fisher; not a published method). The default method (docs/benchmarks.md):
+
+    s_i(q) = φ(q) (F + λI)⁻¹ φ_iᵀ · r_i,      λ = damping_ratio · tr(F) / k   (scoring.KernelScorer)
+    F = Σ_i (1/(K·D)) Σ_{t,d} ψ_{i,t,d} ψ_{i,t,d}ᵀ,   ψ = P ∇θ mean(ε_θ(x_t, t, c_i))
+    φ_i = (1/(K·D)) Σ_{t,d} ψ_{i,t,d}   (queries alike),   r_i: DAS's residual weights (methods/das.py)
+
+It is to DAS what the projected Fisher is to TRAK: ΦᵀΦ sums the outer products of each example's averaged
+feature, F those of every (t, ε) pair. Two of DAS's parts change: the curvature, and the pairs are not divided by
+their norms (on a text-to-image LoRA fine-tune that normalization is what collapses DAS: docs/methods.md). Same
+forward and backward passes as DAS; F costs one k × k update per pair.
+
+Declared parts: DAS's training output (the mean output) and records (the loss, for r); training rows reduced
+"pairs", queries "mean"; the state F (curvature.FisherAccumulator) and r collected from the same passes; the
+kernel scorer with F as its curvature and r as its row weights.
+"""
+
+from __future__ import annotations
+
+from .base import Method, register_method
+from .das import ResidualCollector
+
+
+@register_method
+class DASFisher(Method):
+    name = "das-fisher"
+    title = "DAS-Fisher: the DAS score with the pair-level curvature of its mean-output gradients (this library's)"
+    default_output = "mean"
+    records = ("loss",)
+    reduction = "pairs"
+    query_reduction = "mean"
+    # damping_ratio: the grid ratio with the best mean validation LDS on each benchmark (docs/benchmarks.md)
+    defaults = {"num_timesteps": 10, "damping_ratio": 0.0018}
+    lora_defaults = {"damping_ratio": 3200.0}  # the top of a flat validation curve (1800 … 1e4) on the LoRA benchmark
+    default_for = ("all", "lora")  # issue 24: the validation-only rule across both benchmarks (docs/benchmarks.md)
+    calibrated = True
+    curvature = "pair_fisher"
+    row_weights = "residuals"
+    per_step_queries = True
+
+    def collector(self, featurizer):
+        from ..curvature import FisherAccumulator
+
+        return FisherAndResiduals(FisherAccumulator(featurizer.dim, featurizer.task.num_columns))
+
+    def combine(self, parts: list[dict]) -> dict:
+        """Σ of the ranges' partial F and pair counts; their residuals concatenated, in row order."""
+        import torch
+
+        return {"pair_fisher": sum(part["pair_fisher"].double() for part in parts),
+                "pairs": sum(part["pairs"] for part in parts),
+                "residuals": torch.cat([part["residuals"] for part in parts])}
+
+
+class FisherAndResiduals:
+    """The state of a range of rows: F from the pairs (`on_pairs`) and DAS's residuals r (`on_records`)."""
+
+    def __init__(self, fisher):
+        self.fisher, self.residuals = fisher, ResidualCollector()
+
+    def on_pairs(self, index, psi) -> None:
+        self.fisher.on_pairs(index, psi)
+
+    def on_records(self, records: dict) -> None:
+        self.residuals.on_records(records)
+
+    def state(self) -> dict:
+        return {**self.fisher.state(), **self.residuals.state()}
