@@ -898,7 +898,8 @@ def run_counterfactual(args) -> None:
     ratios = {row["name"]: row.get("damping_ratios", [None])[0] for row in previous["rows"]}
     shared_random: Path | None = None  # the random-removal control is the same for every method: train it once
     labels = {"d-trak": "D-TRAK K=10 factored", "trak": "TRAK K=10 factored", "fisher": "projected Fisher K=10",
-              "das": "DAS K=10", "ekfac": "EK-FAC K=10 (MC Fisher)", "ekfac-empirical": "EK-FAC K=10 (empirical Fisher)"}
+              "das": "DAS K=10", "das-fisher": "DAS-Fisher K=10", "ekfac": "EK-FAC K=10 (MC Fisher)",
+              "ekfac-empirical": "EK-FAC K=10 (empirical Fisher)"}
     for method in args.counterfactual_methods.split(","):
         label = labels[method]
         output_dir = workdir / f"counterfactual-{method}-k{args.counterfactual_k}"

@@ -54,15 +54,19 @@ def only(labels: str | None, rows: list) -> list:
 
 
 def scorer(method: str, store):
-    """scores_at(query features, ratio) of the method, for any λ ratio from one decomposition."""
+    """scores_at(query features, ratio) of the method, for any λ ratio from one decomposition: its declared
+    curvature (the Fisher's, DAS-Fisher's F) or the kernel ΦᵀΦ, times its declared row weights (DAS's residuals)."""
+    from diffusers_attribution.methods.base import get_method
+
+    declared = get_method(method)
     phi = store.features.double()
-    if method == "fisher":
-        fisher = store.method_state["pair_fisher"].double()
-        eigenvalues, vectors = torch.linalg.eigh(fisher)
-        scale, right = float(fisher.trace()) / len(fisher), vectors.T @ phi.T
-        return lambda q, ratio: ((q.double() @ vectors) / (eigenvalues.clamp_min(0) + ratio * scale)) @ right
+    weights = bench.row_weights(declared, store)
+    if declared.curvature is not None:
+        curvature = store.method_state[declared.curvature].double()
+        eigenvalues, vectors = torch.linalg.eigh(curvature)
+        scale, right = float(curvature.trace()) / len(curvature), vectors.T @ phi.T
+        return lambda q, ratio: ((q.double() @ vectors) / (eigenvalues.clamp_min(0) + ratio * scale)) @ right * weights
     path = KernelPath(store.features)
-    weights = store.method_state["residuals"].double()[None] if method == "das" else 1.0
     return lambda q, ratio: path.scores(q, ratio * path.mean_eigenvalue) * weights
 
 

@@ -35,7 +35,7 @@ def setup():
 # ---------------------------------------------------------------------------------------------- every caller
 
 
-@pytest.mark.parametrize("method", ["das", "d-trak", "journey-trak", "fisher"])
+@pytest.mark.parametrize("method", ["das", "das-fisher", "d-trak", "journey-trak", "fisher"])
 def test_journey_scores_per_step_features_with_the_stores_own_scorer(method, monkeypatch):
     """Per-step queries against a store are scored by its method's scorer: DAS's residual weights (and its
     per-pair normalization) and the Fisher's curvature are not dropped, as they were by a plain kernel scorer."""
@@ -59,7 +59,7 @@ def test_journey_scores_per_step_features_with_the_stores_own_scorer(method, mon
     expected = get_method(method).scorer(store).scores(phi)
     assert torch.equal(result.scores, expected)
     assert kwargs["normalize"] == (method == "das")
-    if method in ("das", "fisher"):  # what a plain kernel scorer of the same features would have returned
+    if method in ("das", "das-fisher", "fisher"):  # what a plain kernel scorer of the same features would have returned
         assert not torch.allclose(KernelScorer(store).scores(phi), expected, rtol=1e-3, atol=0)
 
 
