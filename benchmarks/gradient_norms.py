@@ -10,10 +10,9 @@ of an example's mean over t. Dividing each pair by its norm (DAS) removes that s
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
-
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -42,6 +41,7 @@ def report(name: str, pipe, data, parameters) -> None:
 
 
 def main() -> None:
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     digits = lds_digits.enable_attribution(lds_digits.full_model(lds_digits.default_workdir()))
     report("digits UNet, every parameter", digits, lds_digits.training_images()[:EXAMPLES], "all")
     lora = lds_lora.enable_attribution(lds_lora.full_model())

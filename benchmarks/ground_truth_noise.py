@@ -24,7 +24,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -67,7 +66,8 @@ def main() -> None:
     measure = QueryLosses(gt["queries"], s["loss_spec"], **({"prompts": s["prompts"]} if s["prompts"] else {}))
     started = time.time()
     harness = RetrainHarness(s["recipe"], s["data"], masks, workdir / f"noise-{args.benchmark}-seed-{args.seed}",
-                             measure, seeds=(args.seed,), metadata={"benchmark": f"ground_truth_noise/{args.benchmark}"})
+                             measure, seeds=(args.seed,),
+                             metadata={"benchmark": f"ground_truth_noise/{args.benchmark}"})
     results = harness.run()
     if not results.complete:
         raise SystemExit("not every retraining finished: rerun to resume")
@@ -88,8 +88,8 @@ def main() -> None:
         ceiling = float(np.sqrt(np.clip(r, 0, None)).mean())
         prompts = s["prompts"][name] if s["prompts"] else None
         scores = scorer.scores(featurizer.featurize_queries(gt["queries"][name], prompts))
-        versus = {label: lds(scores, masks, outputs).mean
-                  for label, outputs in (("seed 0", first), (f"seed {args.seed}", other), ("mean", (first + other) / 2))}
+        sets = (("seed 0", first), (f"seed {args.seed}", other), ("mean", (first + other) / 2))
+        versus = {label: lds(scores, masks, outputs).mean for label, outputs in sets}
         report["splits"][name] = {"r_mean": float(np.nanmean(r)), "r_per_query": r.tolist(), "ceiling": ceiling,
                                   "lds": versus}
         values = list(versus.values())
