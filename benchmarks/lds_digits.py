@@ -563,7 +563,8 @@ def run_choose_method(args) -> None:
                    "validation LDS is within one std of the best", "results": args.results,
            "cost": f"min over {args.time_rounds} interleaved rounds of timing (seed 0)" if timing else "the table run",
            "timing_seconds": timing, "rows": dict(table), "choice": choice}
-    path = DATA / "choose_method.json"
+    # beside its table: results.json → choose_method.json, results_X.json → choose_method_X.json
+    path = Path(args.results).with_name(Path(args.results).name.replace("results", "choose_method", 1))
     path.write_text(json.dumps(out, indent=2))
     print("| row | validation LDS (best ratio, mean ± std over seeds) | ratio | featurization / D-TRAK K=10 |")
     print("|---|---|---|---|")
