@@ -112,8 +112,10 @@ def fingerprint(pipe) -> str:
     return model_fingerprint(pipe.unet, dict(pipe.unet.named_parameters()))["denoiser"]
 
 
-def load_ground_truth(directory: Path | None = None) -> dict:
-    """The committed ground truth in `directory` (default DATA)."""
+def load_ground_truth(directory: Path | None = None, seeds: tuple[int, ...] = (TRAINING_SEED,)) -> dict:
+    """The committed ground truth in `directory` (default DATA). `seeds`: the training seeds whose outputs are
+    averaged: the committed ones (TRAINING_SEED) and further seeds' outputs_seed<S>.safetensors of the same subsets
+    (benchmarks/ground_truth_noise.py --save); info["training_seeds"] says which."""
     from safetensors.torch import load_file
 
     directory = DATA if directory is None else directory
@@ -121,7 +123,21 @@ def load_ground_truth(directory: Path | None = None) -> dict:
     masks = load_file(str(directory / "masks.safetensors"))["masks"].bool()
     outputs = load_file(str(directory / "outputs.safetensors"))
     queries = load_file(str(directory / "queries.safetensors"))
+    if TRAINING_SEED not in seeds or len(set(seeds)) != len(seeds):
+        raise SystemExit(f"--ground-truth-seeds must hold the committed seed {TRAINING_SEED} once, got {list(seeds)}")
+    runs = [outputs] + [load_file(str(directory / f"outputs_seed{s}.safetensors")) for s in seeds if s != TRAINING_SEED]
+    for run in runs[1:]:
+        if {k: v.shape for k, v in run.items()} != {k: v.shape for k, v in outputs.items()}:
+            raise SystemExit(f"{directory}: another seed's outputs do not match the committed ones' splits and shapes")
+    if len(runs) > 1:
+        outputs = {name: torch.stack([run[name].double() for run in runs]).mean(0) for name in outputs}
+    info = {**info, "training_seeds": list(seeds)}
     return {"info": info, "masks": masks, "outputs": outputs, "queries": queries}
+
+
+def ground_truth_seeds(text: str) -> tuple[int, ...]:
+    """`--ground-truth-seeds` "0,1" → (0, 1)."""
+    return tuple(int(part) for part in text.split(","))
 
 
 # ---------------------------------------------------------------------------------------------- phase 1
@@ -387,7 +403,7 @@ def summarize(row: dict, records: list[dict]) -> dict:
 def run_table(args) -> None:
     if not (DATA / "ground_truth.json").is_file():
         raise SystemExit(f"no ground truth in {DATA}: run with --build-ground-truth first")
-    gt = load_ground_truth()
+    gt = load_ground_truth(seeds=ground_truth_seeds(args.ground_truth_seeds))
     info = gt["info"]
     pipe = enable_attribution(full_model(Path(args.workdir)))
     if fingerprint(pipe) != info["full_model_fingerprint"]:
@@ -414,7 +430,8 @@ def run_table(args) -> None:
         summary["per_seed"] = records
         table[row["name"]] = summary
     result = {
-        "rows": list(table.values()), "ground_truth": {k: info[k] for k in ("n_train", "num_subsets", "alpha", "loss_spec")},
+        "rows": list(table.values()),
+        "ground_truth": {k: info[k] for k in ("n_train", "num_subsets", "alpha", "loss_spec", "training_seeds")},
         "projection_dim": PROJECTION_DIM, "noise_seeds": list(NOISE_SEEDS), "table_seconds": time.time() - started,
         "torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.platform(),
         "loadavg_at_end": open("/proc/loadavg").read().split()[:3] if os.path.exists("/proc/loadavg") else None,
@@ -987,6 +1004,9 @@ def main() -> None:
     parser.add_argument("--only", default=None, help="table / --choose-defaults: comma-separated substrings of row "
                         "or setting names to (re)run")
     parser.add_argument("--results", default=str(DATA / "results.json"))
+    parser.add_argument("--ground-truth-seeds", default=str(TRAINING_SEED),
+                        help="table: average the outputs of these training seeds (0: the committed ones; others from "
+                             "benchmarks/ground_truth_noise.py --save)")
     parser.add_argument("--counterfactual-queries", type=int, default=8)
     parser.add_argument("--counterfactual-k", type=int, default=100)
     parser.add_argument("--counterfactual-methods", default="d-trak,trak",

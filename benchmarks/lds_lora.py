@@ -53,6 +53,7 @@ sys.path.insert(0, str(ROOT))
 
 from lds_digits import (  # noqa: E402  (beside this script)
     damping_path,
+    ground_truth_seeds,
     write_ground_truth,
     git_state,
     lds_at_validation_damping,
@@ -137,8 +138,8 @@ def fingerprint(pipe) -> str:
     return model_fingerprint(pipe.unet, dict(pipe.unet.named_parameters()))["lora"]
 
 
-def load_ground_truth() -> dict:
-    gt = load_digits_ground_truth(DATA)
+def load_ground_truth(seeds: tuple[int, ...] = (TRAINING_SEED,)) -> dict:
+    gt = load_digits_ground_truth(DATA, seeds)
     gt["prompts"] = json.loads((DATA / "prompts.json").read_text())
     return gt
 
@@ -253,7 +254,7 @@ def evaluate_row(pipe, row: dict, seed: int, gt: dict, data) -> dict:
 def run_table(args) -> None:
     if not (DATA / "ground_truth.json").is_file():
         raise SystemExit(f"no ground truth in {DATA}: run with --build-ground-truth first")
-    gt = load_ground_truth()
+    gt = load_ground_truth(ground_truth_seeds(args.ground_truth_seeds))
     info = gt["info"]
     if args.subsets < len(gt["masks"]):  # the first M subsets only (masks are prefix-stable)
         gt["masks"] = gt["masks"][: args.subsets]
@@ -282,7 +283,7 @@ def run_table(args) -> None:
         table[row["name"]] = {**summarize(row, records), "per_seed": records}
     result = {
         "rows": list(table.values()),
-        "ground_truth": {k: info[k] for k in ("n_train", "num_subsets", "alpha", "loss_spec")},
+        "ground_truth": {k: info[k] for k in ("n_train", "num_subsets", "alpha", "loss_spec", "training_seeds")},
         "parameters": "lora", "projection_dim": PROJECTION_DIM, "noise_seeds": list(seeds),
         "table_seconds": time.time() - started, "torch": torch.__version__, "threads": torch.get_num_threads(),
         "machine": platform.platform(), "git": git_state(),
@@ -332,6 +333,9 @@ def main() -> None:
     parser.add_argument("--only", default=None, help="table: comma-separated substrings of row names to (re)run ('=NAME': that row only)")
     parser.add_argument("--seeds", default=None, help="table: comma-separated noise seeds (default 0,1,2)")
     parser.add_argument("--results", default=str(DATA / "results.json"))
+    parser.add_argument("--ground-truth-seeds", default=str(TRAINING_SEED),
+                        help="table: average the outputs of these training seeds (0: the committed ones; others from "
+                             "benchmarks/ground_truth_noise.py --save)")
     parser.add_argument("--smoke", action="store_true",
                         help="a tiny end-to-end run of both phases into <workdir>/smoke (checks the script, not LDS)")
     parser.add_argument("--steps", type=int, default=None,
