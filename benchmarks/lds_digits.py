@@ -412,7 +412,8 @@ def run_table(args) -> None:
     images = training_images()
     rows = method_rows(args.quick)
     if args.only:
-        rows = [row for row in rows if any(part.lower() in row["name"].lower() for part in args.only.split(","))]
+        rows = [row for row in rows if any(row["name"] == part[1:] if part.startswith("=") else
+                                           part.lower() in row["name"].lower() for part in args.only.split(","))]
     out_path = Path(args.results)
     previous = json.loads(out_path.read_text()) if out_path.is_file() else {}
     table = {row["name"]: row for row in previous.get("rows", [])} if args.only else {}
@@ -1002,7 +1003,7 @@ def main() -> None:
     parser.add_argument("--world-size", type=int, default=None)
     parser.add_argument("--quick", action="store_true", help="table: pixel, K=10 factored and identity rows only")
     parser.add_argument("--only", default=None, help="table / --choose-defaults: comma-separated substrings of row "
-                        "or setting names to (re)run")
+                        "or setting names to (re)run ('=NAME': that table row only)")
     parser.add_argument("--results", default=str(DATA / "results.json"))
     parser.add_argument("--ground-truth-seeds", default=str(TRAINING_SEED),
                         help="table: average the outputs of these training seeds (0: the committed ones; others from "
