@@ -68,9 +68,10 @@ class AttributionConfig:
     Each field says what it is in one line (its `help`, which the CLI flag shows); what needs more:
 
     Args:
-        method: None = the default, chosen on validation queries across both benchmarks (docs/benchmarks.md):
-            `"das-fisher"` (DAS's score with the pair-level curvature; issue 24), at its LoRA ratio with
-            `parameters="lora"` (where the kernel methods need 4–7 decades more damping); `"das"`, `"trak"`
+        method: None = the default for the setting, chosen on validation queries (docs/benchmarks.md):
+            `"das-fisher"` (DAS's score with the pair-level curvature; issue 24's choice on the digits benchmark)
+            and, with `parameters="lora"`, `"ekfac"` (issue 24's choice on the LoRA benchmark, where the kernel
+            methods need 4–7 decades more damping); `"das"`, `"trak"`
             (output = training loss), `"d-trak"` (output = squared norm of the denoiser output), `"journey-trak"`
             (TRAK features, plus per-sampling-step queries: `pipe.attribute_trajectory`), `"tracin"` / `"retrac"`
             (methods/tracin.py), the similarity baselines `"pixel-dot"`, `"pixel-cosine"`, `"embedding-cosine"`
@@ -135,7 +136,7 @@ class AttributionConfig:
     """
 
     method: str | None = _field("feature", help="attribution method (docs/methods.md), e.g. das-fisher, das, trak, "
-                                                "d-trak, tracin (default: das-fisher)")
+                                                "d-trak, tracin (default: das-fisher; ekfac with --parameters lora)")
     output: str | None = _field("feature", choices=OUTPUTS,
                                 help="the per-sample output f that is differentiated (default: the method's own)")
     num_timesteps: int | None = _field("feature", metavar="K",

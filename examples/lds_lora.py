@@ -44,8 +44,8 @@ def main() -> None:
     parser.add_argument("--model", help="the base pipeline (default: tiny SD from configs, 8x8 RGB)")
     parser.add_argument("--dataset", help="captioned images: a Hub dataset or save_to_disk dir with image/text")
     parser.add_argument("--resolution", type=int, default=512, help="with --dataset: the training resolution")
-    parser.add_argument("--method", default=None, help="the attribution method measured (default: the library's, "
-                        "das-fisher)")
+    parser.add_argument("--method", default=None, help="the attribution method measured (default: the library's "
+                        "for the LoRA weights, ekfac)")
     parser.add_argument("--num-train", type=int, default=48)
     parser.add_argument("--num-queries", type=int, default=4, help="held-out examples: real queries, and prompts")
     parser.add_argument("--num-subsets", type=int, default=4, help="M LoRA retrainings (LDS needs at least 3)")

@@ -93,6 +93,6 @@ def test_lds_lora(tmp_path):
     assert "retrain: subset-00003-seed-0 done" in out
     values = re.findall(r"LDS +([\w-]+) +(generated|real): ([+-]\d\.\d+)", out)
     assert [(method, name) for method, name, _ in values] == [
-        ("das-fisher", "generated"), ("das-fisher", "real"), ("pixel-cosine", "generated"), ("pixel-cosine", "real")]
+        ("ekfac", "generated"), ("ekfac", "real"), ("pixel-cosine", "generated"), ("pixel-cosine", "real")]
     assert all(-1 <= float(value) <= 1 for _, _, value in values)
     assert len(list((tmp_path / "outputs/lds_lora/retrain").glob("subset-*.safetensors"))) == 4

@@ -150,16 +150,16 @@ def test_method_config_defaults_and_errors():
     restored = AttributionConfig.from_json(AttributionConfig(method="retrac", checkpoints=["a", {"revision": "r"}],
                                                              learning_rates=[1, 2]).to_json())
     assert restored.checkpoints == ["a", {"revision": "r"}] and restored.learning_rates == [1.0, 2.0]
-    # the default (docs/benchmarks.md): DAS-Fisher on both benchmarks, each method's damping ratio chosen on its
-    # setting's benchmark (the LoRA weights: `lora_defaults`); an explicit method or ratio is kept
+    # the default per setting (docs/benchmarks.md): DAS-Fisher for every parameter, EK-FAC for the LoRA weights, and
+    # each method's damping ratio chosen on its setting's benchmark; an explicit method or ratio is kept
     assert (AttributionConfig().method, AttributionConfig().damping_ratio) == ("das-fisher", 0.0018)
     assert AttributionConfig(method="das").damping_ratio == 0.00056
     lora = AttributionConfig(parameters="lora")
-    assert (lora.method, lora.damping_ratio) == ("das-fisher", 3200.0)
+    assert (lora.method, lora.damping_ratio) == ("ekfac", 0.56)
     assert AttributionConfig(parameters=["*lora_B*"]).method == "das-fisher"
-    methods = ("das", "trak", "d-trak", "fisher", "ekfac", "ekfac-empirical")
+    methods = ("das", "das-fisher", "trak", "d-trak", "fisher", "ekfac-empirical")
     assert {m: AttributionConfig(method=m, parameters="lora").damping_ratio for m in methods} \
-        == {"das": 32.0, "trak": 1e4, "d-trak": 180.0, "fisher": 1e4, "ekfac": 0.56, "ekfac-empirical": 0.32}
+        == {"das": 32.0, "das-fisher": 3200.0, "trak": 1e4, "d-trak": 180.0, "fisher": 1e4, "ekfac-empirical": 0.32}
     assert AttributionConfig(method="das", parameters="lora", damping_ratio=0.1).damping_ratio == 0.1
     assert AttributionConfig.from_json(lora.to_json()) == lora
     with pytest.raises(ValueError, match="does not apply"):

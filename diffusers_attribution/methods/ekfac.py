@@ -103,6 +103,7 @@ class _EKFACMethod(Method):
 class EKFAC(_EKFACMethod):
     name = "ekfac"
     aliases = ("ek-fac",)
+    default_for = ("lora",)  # issue 24's choice on the LoRA benchmark, kept on its two-seed ground truth (docs/benchmarks.md)
     title = "EK-FAC influence, MC Fisher (Mlodozeniec et al., ICLR 2025)"
 
 
