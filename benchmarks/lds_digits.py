@@ -283,41 +283,38 @@ def evaluate_influence_row(pipe, row: dict, seed: int, gt: dict, images: torch.T
 
 def damping_path(featurizer, store, kind: str, queries: dict, prompts: dict | None = None):
     """(scores_at(name, ratio) → scores [n_name, N], scale): the scores of each named query set at λ = ratio · scale
-    for every ratio from one featurization. `kind`: ekfac*, fisher (pair Fisher), das (kernel × residuals), or a
-    kernel method (trak, d-trak); `prompts`: {name: prompts} for text-conditioned queries."""
+    for every ratio from one featurization. `kind`: ekfac* (preconditioned sketches), else the method's declared
+    parts (`declared_path`); `prompts`: {name: prompts} for text-conditioned queries."""
     prompts = prompts or {}
-    phi = store.features.double()
     if kind.startswith("ekfac"):
+        phi = store.features.double()
         sketches = {name: featurizer.method.query_sketch(featurizer, images, prompts.get(name)).double()
                     for name, images in queries.items()}
         scale = featurizer.projector.mean_eigenvalue
 
         def scores_at(name, ratio):
             return featurizer.projector.precondition(sketches[name], ratio * scale) @ phi.T
-    elif featurizer.method.curvature is not None:  # fisher, das-fisher: a stored curvature C, row weights or 1
-        features = {name: featurizer.featurize_queries(images, prompts.get(name)).double()
-                    for name, images in queries.items()}
-        curvature = store.method_state[featurizer.method.curvature].double()
+        return scores_at, scale
+    features = {name: featurizer.featurize_queries(images, prompts.get(name)) for name, images in queries.items()}
+    scores, scale = declared_path(featurizer.method, store)
+    return (lambda name, ratio: scores(features[name], ratio)), scale
+
+
+def declared_path(method, store):
+    """(scores(query features, ratio) → [n, N], scale) of a kernel or curvature method at λ = ratio · scale, from
+    one decomposition: its declared curvature C (the Fisher's, DAS-Fisher's F; scale tr(C)/k) or the kernel ΦᵀΦ
+    (scale its mean eigenvalue), times its declared row weights (DAS's residuals) or 1."""
+    weights = 1.0 if method.row_weights is None else store.method_state[method.row_weights].double()[None]
+    if method.curvature is not None:
+        curvature = store.method_state[method.curvature].double()
         eigenvalues, vectors = torch.linalg.eigh(curvature)
-        scale, right = float(curvature.trace()) / len(curvature), vectors.T @ phi.T
-        weights = row_weights(featurizer.method, store)
+        scale, right = float(curvature.trace()) / len(curvature), vectors.T @ store.features.double().T
 
-        def scores_at(name, ratio):
-            return ((features[name] @ vectors) / (eigenvalues.clamp_min(0) + ratio * scale)) @ right * weights
-    else:
-        features = {name: featurizer.featurize_queries(images, prompts.get(name)) for name, images in queries.items()}
-        path = KernelPath(store.features)
-        weights = row_weights(featurizer.method, store)
-        scale = path.mean_eigenvalue
-
-        def scores_at(name, ratio):
-            return path.scores(features[name], ratio * scale) * weights
-    return scores_at, scale
-
-
-def row_weights(method, store):
-    """The method's declared row weights w [1, N] (DAS's residuals) from the store's state, or 1."""
-    return 1.0 if method.row_weights is None else store.method_state[method.row_weights].double()[None]
+        def scores(features, ratio):
+            return ((features.double() @ vectors) / (eigenvalues.clamp_min(0) + ratio * scale)) @ right * weights
+        return scores, scale
+    path = KernelPath(store.features)
+    return (lambda features, ratio: path.scores(features, ratio * path.mean_eigenvalue) * weights), path.mean_eigenvalue
 
 
 def lds_at_validation_damping(record: dict, scores_at, scale: float, masks: torch.Tensor, outputs: dict, seed: int,

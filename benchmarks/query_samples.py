@@ -29,7 +29,7 @@ import torch
 import lds_digits as bench  # benchmarks/, beside this script (it puts the checkout on sys.path)
 from diffusers_attribution import AttributionConfig, enable_attribution  # noqa: E402
 from diffusers_attribution.api import make_featurizer  # noqa: E402
-from diffusers_attribution.evaluation.damping import DEFAULT_RATIOS, KernelPath  # noqa: E402
+from diffusers_attribution.evaluation.damping import DEFAULT_RATIOS  # noqa: E402
 from diffusers_attribution.evaluation.lds import lds, summarize_seeds  # noqa: E402
 
 NAMES = ("validation", "generated", "real")
@@ -54,20 +54,11 @@ def only(labels: str | None, rows: list) -> list:
 
 
 def scorer(method: str, store):
-    """scores_at(query features, ratio) of the method, for any λ ratio from one decomposition: its declared
-    curvature (the Fisher's, DAS-Fisher's F) or the kernel ΦᵀΦ, times its declared row weights (DAS's residuals)."""
+    """scores_at(query features, ratio) of the method, for any λ ratio from one decomposition (lds_digits.declared_path:
+    its declared curvature or the kernel, times its declared row weights)."""
     from diffusers_attribution.methods.base import get_method
 
-    declared = get_method(method)
-    phi = store.features.double()
-    weights = bench.row_weights(declared, store)
-    if declared.curvature is not None:
-        curvature = store.method_state[declared.curvature].double()
-        eigenvalues, vectors = torch.linalg.eigh(curvature)
-        scale, right = float(curvature.trace()) / len(curvature), vectors.T @ phi.T
-        return lambda q, ratio: ((q.double() @ vectors) / (eigenvalues.clamp_min(0) + ratio * scale)) @ right * weights
-    path = KernelPath(store.features)
-    return lambda q, ratio: path.scores(q, ratio * path.mean_eigenvalue) * weights
+    return bench.declared_path(get_method(method), store)[0]
 
 
 def evaluate(pipe, method: str, seed: int, gt: dict, images, device: str | None,
