@@ -18,7 +18,8 @@ kernel scorer with F as its curvature and r as its row weights.
 from __future__ import annotations
 
 from .base import Method, register_method
-from .das import ResidualCollector
+from .das import DAS, ResidualCollector
+from .fisher import ProjectedFisher
 
 
 @register_method
@@ -46,12 +47,8 @@ class DASFisher(Method):
         return FisherAndResiduals(FisherAccumulator(featurizer.dim, featurizer.task.num_columns))
 
     def combine(self, parts: list[dict]) -> dict:
-        """Σ of the ranges' partial F and pair counts; their residuals concatenated, in row order."""
-        import torch
-
-        return {"pair_fisher": sum(part["pair_fisher"].double() for part in parts),
-                "pairs": sum(part["pairs"] for part in parts),
-                "residuals": torch.cat([part["residuals"] for part in parts])}
+        """The Fisher's combine (Σ of the ranges' F and pair counts) and DAS's (residuals in row order)."""
+        return {**ProjectedFisher.combine(self, parts), **DAS.combine(self, parts)}
 
 
 class FisherAndResiduals:
