@@ -408,9 +408,7 @@ def run_table(args) -> None:
                       "(another torch version or CPU?): scores are of a slightly different model")
     images = training_images()
     rows = method_rows(args.quick)
-    if args.only:
-        rows = [row for row in rows if any(row["name"] == part[1:] if part.startswith("=") else
-                                           part.lower() in row["name"].lower() for part in args.only.split(","))]
+    rows = only_rows(rows, args.only)
     out_path = Path(args.results)
     previous = json.loads(out_path.read_text()) if out_path.is_file() else {}
     table = {row["name"]: row for row in previous.get("rows", [])} if args.only else {}
@@ -439,6 +437,14 @@ def run_table(args) -> None:
     print(markdown_table(result))
     plot(result, PLOT)
     print(f"\nwrote {out_path} and {PLOT}")
+
+
+def only_rows(rows: list[dict], only: str | None) -> list[dict]:
+    """The rows `--only` names: comma-separated substrings of row names (any case), or "=NAME" for that row alone."""
+    if not only:
+        return rows
+    return [row for row in rows if any(row["name"] == part[1:] if part.startswith("=") else
+                                       part.lower() in row["name"].lower() for part in only.split(","))]
 
 
 def markdown_table(result: dict, reference_name: str = "D-TRAK K=10 factored") -> str:

@@ -59,6 +59,7 @@ from lds_digits import (  # noqa: E402  (beside this script)
     lds_at_validation_damping,
     load_ground_truth as load_digits_ground_truth,
     markdown_table,
+    only_rows,
     summarize,
 )
 from peak_memory import PeakMemory  # noqa: E402
@@ -265,9 +266,7 @@ def run_table(args) -> None:
                       "(another torch version or CPU?): scores are of a slightly different model")
     data = training_set()
     rows = method_rows(args.quick)
-    if args.only:
-        rows = [row for row in rows if any(row["name"] == part[1:] if part.startswith("=") else
-                                           part.lower() in row["name"].lower() for part in args.only.split(","))]
+    rows = only_rows(rows, args.only)
     seeds = tuple(int(s) for s in args.seeds.split(",")) if args.seeds else NOISE_SEEDS
     out_path = Path(args.results)
     previous = json.loads(out_path.read_text()) if out_path.is_file() else {}
