@@ -275,11 +275,15 @@ class AttributionConfig:
     def from_json(cls, text: str) -> "AttributionConfig":
         return cls.from_dict(json.loads(text))
 
-    def feature_dict(self) -> dict[str, Any]:
-        """The fields that determine feature values: the hashed roles, without fields at an `omit` value."""
+    def feature_dict(self, *, method_fields: bool = True) -> dict[str, Any]:
+        """The fields that determine feature values: the hashed roles and the fields of other roles the method's
+        features depend on (`Method.feature_fields`: EK-FAC whitens its features at the store's λ), without fields
+        at an `omit` value. `method_fields=False`: the hashed roles only (what stores written before issue 24 recorded)."""
         data = self.to_dict()
+        extra = get_method(self.method).feature_fields if method_fields else ()
         return {f.name: data[f.name] for f in dataclasses.fields(self)
-                if f.metadata["role"] in HASHED_ROLES and not _omitted(data[f.name], f.metadata["omit"])}
+                if (f.metadata["role"] in HASHED_ROLES or f.name in extra)
+                and not _omitted(data[f.name], f.metadata["omit"])}
 
     def feature_hash(self) -> str:
         """A stable hash of the fields that determine feature values."""

@@ -494,6 +494,34 @@ def test_ekfac_featurizer_store_scores_new_queries_without_training_data(tmp_pat
     torch.testing.assert_close(method.scorer(sharded).scores(queries), scores)
 
 
+def test_ekfac_features_depend_on_the_damping_so_a_folder_of_another_damping_is_refused(tmp_path):
+    """EK-FAC whitens its features at the config's λ (`Method.feature_fields`): featurizing at another ratio into a
+    folder of the first must not silently return (or resume) the first store; kernel methods' λ stays score-only."""
+    from dataclasses import replace
+
+    from diffusers_attribution.methods.base import get_method
+    from diffusers_attribution.store.errors import StoreMismatchError
+
+    pipe, config, images = tiny_setup(method="ekfac", projection_dim=32, calibration_examples=4, damping_ratio=1e-4)
+    other = replace(config, damping_ratio=0.5)
+    assert config.feature_hash() != other.feature_hash()
+    assert config.feature_dict(method_fields=False) == other.feature_dict(method_fields=False)
+    das = AttributionConfig(method="das-fisher", damping_ratio=1e-4)
+    assert das.feature_hash() == replace(das, damping_ratio=0.5).feature_hash()
+    method = get_method("ekfac")
+    first = method.featurizer(pipe, config).featurize_dataset(images, progress=False, output_dir=tmp_path / "s",
+                                                              shard_rows=3)
+    fresh = method.featurizer(pipe, other).featurize_dataset(images, progress=False)
+    assert not torch.allclose(first.features, fresh.features)  # the features do depend on λ_f
+    with pytest.raises(StoreMismatchError, match="damping"):
+        method.featurizer(pipe, other).featurize_dataset(images, progress=False, output_dir=tmp_path / "s", shard_rows=3)
+    # the same ratio resumes and reloads (the hash is stable), and a reloaded store still loads with verification
+    again = method.featurizer(pipe, config).featurize_dataset(images, progress=False, output_dir=tmp_path / "s",
+                                                              shard_rows=3)
+    torch.testing.assert_close(again.features, first.features)
+    FeatureStore.from_pretrained(tmp_path / "s", verify=True)
+
+
 def test_fisher_in_a_directory_in_shards_and_two_processes_equals_one_pass(tmp_path):
     """Per-shard partial F summed in shard order: the same F (and features) in memory, sharded, resumed, and
     featurized by 2 processes (accelerate's debug launcher on CPU, gloo)."""

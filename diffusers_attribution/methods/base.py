@@ -50,6 +50,9 @@ class Method:
     curvature / row_weights: the names, in the store's method state, of the matrix C replacing ΦᵀΦ in the kernel
         scorer and of the per-row weights w_i (scoring.KernelScorer).
     per_step_queries: Journey-TRAK's per-step queries may be scored against this method's stores.
+    feature_fields: config fields outside the hashed roles that this method's features depend on (EK-FAC: the
+        damping its features are whitened at); they join the feature hash, so a store or a resumed folder of
+        another value is a mismatch, not a silent reuse.
     fingerprints: the store metadata (dotted paths) that pin what the features were computed from; a store of
         this method without them is refused (recorded in config.json by the writer: store/schema.py reads them).
     """
@@ -71,6 +74,7 @@ class Method:
     row_weights: ClassVar[str | None] = None
     per_step_queries: ClassVar[bool] = False
     fingerprints: ClassVar[tuple[str, ...]] = ("model_fingerprint",)
+    feature_fields: ClassVar[tuple[str, ...]] = ()
 
     def resolved_defaults(self, parameters: Any = "all") -> dict[str, Any]:
         """The values of config fields left as None, for a `parameters` setting."""

@@ -31,6 +31,8 @@ class _EKFACMethod(Method):
     lora_defaults = {"damping_ratio": 0.56}  # the LoRA benchmark's rule (docs/benchmarks.md)
     calibrated = True
     fisher = "mc"
+    # the features are whitened by sqrt(Λ + λ_f), λ_f the config's λ, and the kept coordinates ranked after it
+    feature_fields = ("damping", "damping_ratio")
 
     def check_config(self, config) -> None:
         if config.projector != "factored" or not config.calibration_examples:

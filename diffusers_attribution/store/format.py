@@ -599,9 +599,10 @@ def _feature_hashes(config: AttributionConfig) -> set[str]:
     had roles (0.1.0: the data columns were hashed too), so that stores written then still load."""
     import hashlib
 
-    legacy = {**config.feature_dict(), "image_column": config.image_column, "caption_column": config.caption_column}
-    blob = json.dumps(legacy, sort_keys=True, separators=(",", ":"))
-    return {config.feature_hash(), hashlib.sha256(blob.encode()).hexdigest()[:16]}
+    before = config.feature_dict(method_fields=False)  # before a method's own fields were hashed (issue 24)
+    legacy = {**before, "image_column": config.image_column, "caption_column": config.caption_column}
+    return {config.feature_hash()} | {hashlib.sha256(json.dumps(fields, sort_keys=True, separators=(",", ":"))
+                                                     .encode()).hexdigest()[:16] for fields in (before, legacy)}
 
 
 def _check_file(handle: StoreFile, entry: dict[str, Any], full: bool) -> None:
