@@ -206,12 +206,11 @@ ROWS = (  # name, config fields (parameters="lora" added), whether it has a λ c
      {"method": "d-trak", "num_timesteps": 10, "output": "mean"}),
     ("EK-FAC K=10 (MC Fisher)", {"method": "ekfac", "num_timesteps": 10}),
     ("EK-FAC K=10 (empirical Fisher)", {"method": "ekfac-empirical", "num_timesteps": 10}),
-    # query samples (issue 24): the training set's K pairs first, then fresh (t, ε) per query
-    ("EK-FAC K=10, 30 query samples", {"method": "ekfac", "num_timesteps": 10, "query_samples": 30}),
-    ("EK-FAC K=10, 100 query samples", {"method": "ekfac", "num_timesteps": 10, "query_samples": 100}),
-    ("TRAK K=10, 100 query samples", {"method": "trak", "num_timesteps": 10, "query_samples": 100}),
-    ("projected Fisher K=10, 100 query samples", {"method": "fisher", "num_timesteps": 10, "query_samples": 100}),
-    ("DAS K=10, 100 query samples", {"method": "das", "num_timesteps": 10, "query_samples": 100}),
+    # query samples (issue 24), for every gradient method: the training set's K pairs first, then fresh (t, ε)
+    *((f"{label} K=10, {samples} query samples", {"method": method, "num_timesteps": 10, "query_samples": samples})
+      for method, label in (("ekfac", "EK-FAC"), ("trak", "TRAK"), ("fisher", "projected Fisher"), ("das", "DAS"),
+                            ("d-trak", "D-TRAK"), ("das-fisher", "DAS-Fisher"))
+      for samples in (30, 100)),
 )
 QUICK = ("pixel cosine", "DAS K=10", "D-TRAK K=10", "projected Fisher K=10")
 

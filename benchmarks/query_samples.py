@@ -9,8 +9,9 @@ the store's fitted projection, as `attribute` does) and scored at every ratio of
     generated / real   the evaluation LDS at that validation-chosen λ, and at the method's default ratio
     query seconds      featurizing the 160 queries
 
-    python benchmarks/query_samples.py [--methods d-trak,das,fisher] [--seeds 0,1,2] [--device cuda]
-        [--noise-mode per-example] [--settings today,fresh-noise] [--out FILE.json] [--table]
+    python benchmarks/query_samples.py [--methods d-trak,das,fisher,trak,ekfac] [--seeds 0,1,2] [--device cuda]
+        [--noise-mode per-example] [--settings "training pairs,fresh-noise"] [--ground-truth-seeds 0,1]
+        [--out FILE.json] [--table]
 
 The choice, on validation only (docs/benchmarks.md, "The rule"): per method, the cheapest setting (query seconds)
 whose mean validation LDS over the seeds is within one std of the best mean (`lds_digits.choose_by_rule`).
@@ -36,8 +37,9 @@ NAMES = ("validation", "generated", "real")
 
 
 def settings(pairs: int) -> list[tuple[str, int | None, str | None]]:
-    """(label, query_samples, query_noise): today's (the training set's K·D pairs), then more samples."""
-    out = [(f"S={pairs} (today: the training pairs)", None, None),
+    """(label, query_samples, query_noise): the training set's K·D pairs (S = K·D shared-then-fresh: the same
+    features as query_samples=None, whatever the method's default), then more samples."""
+    out = [(f"S={pairs} (the training pairs)", pairs, "shared-then-fresh"),
            (f"S={pairs} fresh", pairs, "fresh"),  # the same count without the coupling
            (f"S={pairs} fresh-noise", pairs, "fresh-noise")]  # ... with the training timesteps
     for S in (30, 100):
@@ -53,12 +55,17 @@ def only(labels: str | None, rows: list) -> list:
     return rows if not labels else [row for row in rows if any(part in row[0] for part in labels.split(","))]
 
 
-def scorer(method: str, store):
-    """scores_at(query features, ratio) of the method, for any λ ratio from one decomposition (lds_digits.declared_path:
-    its declared curvature or the kernel, times its declared row weights)."""
-    from diffusers_attribution.methods.base import get_method
-
-    return bench.declared_path(get_method(method), store)[0]
+def query_path(featurizer, store):
+    """(query_features(images), scores_at(query features, ratio)) of the featurizer's method, for any λ ratio from
+    one featurization: EK-FAC's queries are its rotated sketches, preconditioned at each ratio (lds_digits.damping_path);
+    every other method's are its query features, scored through its declared parts (lds_digits.declared_path)."""
+    method = featurizer.method
+    if method.name.startswith("ekfac"):
+        phi, projector = store.features.double(), featurizer.projector
+        scale = projector.mean_eigenvalue
+        return (lambda images: method.query_sketch(featurizer, images).double(),
+                lambda sketch, ratio: projector.precondition(sketch, ratio * scale) @ phi.T)
+    return featurizer.featurize_queries, bench.declared_path(method, store)[0]
 
 
 def evaluate(pipe, method: str, seed: int, gt: dict, images, device: str | None,
@@ -70,15 +77,15 @@ def evaluate(pipe, method: str, seed: int, gt: dict, images, device: str | None,
     t0 = time.perf_counter()
     store = make_featurizer(pipe, config).featurize_dataset(images, progress=False)
     train_seconds = time.perf_counter() - t0
-    scores_at = scorer(method, store)
     masks, outputs, queries = gt["masks"], gt["outputs"], gt["queries"]
     records = []
     for label, samples, noise in only(labels, settings(config.num_timesteps * (config.noise_draws or 1))):
         qconfig = dataclasses.replace(config, query_samples=samples, query_noise=noise)
         featurizer = make_featurizer(pipe, qconfig, store=store)
+        query_features, scores_at = query_path(featurizer, store)
         _sync()
         t1 = time.perf_counter()
-        features = {name: featurizer.featurize_queries(queries[name]) for name in NAMES}
+        features = {name: query_features(queries[name]) for name in NAMES}
         _sync()
         seconds = time.perf_counter() - t1
         curve = bench.validation_curve(None, None, masks, outputs["validation"],
@@ -159,11 +166,13 @@ def main() -> None:
                         help="the training features' noise (per-example: no coupling with any query)")
     parser.add_argument("--settings", default=None, help="comma-separated substrings of the settings to run")
     parser.add_argument("--table", action="store_true", help="print the table of --out, computing nothing")
+    parser.add_argument("--ground-truth-seeds", default="0",
+                        help="training seeds of the ground truth, averaged (lds_digits.py's option), e.g. 0,1")
     args = parser.parse_args()
     if args.table:
         print(table(json.loads(Path(args.out).read_text())["rows"]))
         return
-    gt = bench.load_ground_truth()
+    gt = bench.load_ground_truth(seeds=bench.ground_truth_seeds(args.ground_truth_seeds))
     if args.smoke:
         gt["queries"] = {name: q[:4] for name, q in gt["queries"].items()}
         gt["outputs"] = {name: o[:, :4] for name, o in gt["outputs"].items()}
@@ -177,6 +186,7 @@ def main() -> None:
             records.extend(evaluate(pipe, method, seed, gt, images, args.device, args.noise_mode, args.settings))
             rows = summary(records)
             Path(args.out).write_text(json.dumps({"rows": rows, "records": records, "device": args.device,
+                                                  "ground_truth_seeds": args.ground_truth_seeds,
                                                   "torch": torch.__version__}, indent=2))
     print()
     print(table(summary(records)))

@@ -28,6 +28,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from .methods.base import PerPair
 from .methods.registry import default_method, get_method
 from .projection.registry import projector_names
 
@@ -121,7 +122,10 @@ class AttributionConfig:
             `learning_rates` config (its features are the same).
         query_samples: S, the (t, ε) samples each query's measurement gradient is averaged over (every gradient
             method but TracIn / ReTrac, whose queries take `query_timesteps` × `query_noise_draws`); None = the
-            training set's K·D pairs with the query's position as its id (the query features of earlier versions).
+            training set's K·D pairs with the query's position as its id (the query features of earlier versions),
+            unless the method's default is another (`ekfac`: 3·K·D, shared-then-fresh, unless `parameters="lora"`;
+            docs/benchmarks.md); 0 = the training set's pairs whatever the method's default (what a store written
+            before its method had a default of query samples records).
             Set, query q's sample s is a pure function of (noise_seed, q's content hash, s) (gradients/queries.py):
             the same query gives the same features in any batch, order or process. A query-side setting: it
             leaves the store's feature hash alone, and a query config's value overrides the store's.
@@ -193,7 +197,8 @@ class AttributionConfig:
                                            help="tracin/retrac: noises per query timestep; journey-trak: fresh "
                                                 "noises per sampling step")
     query_samples: int | None = _field("query", omit=(None,), method_specific=True, metavar="S",
-                                       help="S, (t, ε) samples per query gradient (default: the training set's K·D)")
+                                       help="S, (t, ε) samples per query gradient (default: the method's: 3·K·D for "
+                                            "ekfac on every parameter, else the training set's K·D; 0: those K·D)")
     query_noise: str | None = _field("query", omit=(None,), choices=QUERY_NOISE, method_specific=True,
                                      help="query samples: the training set's K·D pairs first, then fresh; or all fresh "
                                           "(default: shared-then-fresh)")
@@ -210,9 +215,15 @@ class AttributionConfig:
         self.method = method.name
         if self.output is None:
             self.output = method.default_output
+        per_pair = {}
         for name, value in method.resolved_defaults(self.parameters).items():
             if getattr(self, name) is None:
-                setattr(self, name, value)
+                if isinstance(value, PerPair):
+                    per_pair[name] = value  # counted in training pairs: resolved once K and D are
+                else:
+                    setattr(self, name, value)
+        for name, value in per_pair.items():
+            setattr(self, name, value.of(self.num_timesteps, self.noise_draws))
         for name, cap in CAPS.items():
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral) or value > cap):
@@ -312,11 +323,14 @@ def _check_method_fields(config: "AttributionConfig", method) -> None:
         if getattr(config, name) is not None and name not in method.reads:
             raise ValueError(f"AttributionConfig.{name} does not apply to method={config.method!r}")
     for name in ("query_timesteps", "query_noise_draws", "noise_draws", "query_samples"):
-        if getattr(config, name) is not None and int(getattr(config, name)) < 1:
-            raise ValueError(f"AttributionConfig.{name} must be >= 1, got {getattr(config, name)}")
+        least = 0 if name == "query_samples" else 1  # query_samples=0: the training pairs (no samples of its own)
+        if getattr(config, name) is not None and int(getattr(config, name)) < least:
+            raise ValueError(f"AttributionConfig.{name} must be >= {least}, got {getattr(config, name)}")
+    if config.query_samples == 0 and config.query_noise is not None:
+        raise ValueError(f"AttributionConfig.query_samples=0 (the training set's pairs) takes no query_noise, got "
+                         f"{config.query_noise!r}")
     pairs = config.num_timesteps * int(config.noise_draws or 1)
-    if config.query_samples is not None and config.query_noise in (None, "shared-then-fresh") and \
-            config.query_samples < pairs:
+    if config.query_samples and config.query_noise in (None, "shared-then-fresh") and config.query_samples < pairs:
         raise ValueError(f"AttributionConfig.query_samples={config.query_samples} is below the training set's "
                          f"K·D = {pairs} (time, noise) pairs, which query_noise='shared-then-fresh' uses first: ask "
                          f"for at least {pairs}, or query_noise='fresh'")

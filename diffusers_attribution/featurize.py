@@ -550,7 +550,7 @@ class Featurizer(FeaturizerBase):
 
     def query_samples(self) -> QuerySamples | None:
         """The queries' own (t, ε) samples (`config.query_samples`, `query_noise`), or None: the training set's."""
-        if self.config.query_samples is None and self.config.query_noise is None:
+        if not self.config.query_samples and self.config.query_noise is None:  # None or 0: the training pairs
             return None
         return QuerySamples(self.task, self.config.query_samples, self.config.query_noise)
 

@@ -79,6 +79,8 @@ def test_stores_written_before_the_redesign_score_as_before(method):
     store = FeatureStore.from_pretrained(FIXTURES / "stores_cec49ed" / method, verify=True)
     assert "method_facts" not in store.metadata and store.method_facts["kernel"] == get_method(method).kernel
     assert torch.equal(store.features, expected[f"{method}.features"])
+    # written before EK-FAC's default of 3·K·D query samples: its queries stay the training pairs (query_samples=0)
+    assert store.config.query_samples == (0 if method == "ekfac" else None)
     pipe = enable_attribution(tiny_ddpm_pipeline())
     scores = pipe.attribute(expected["queries"], store, progress=False).scores
     torch.testing.assert_close(scores, expected[f"{method}.scores"], rtol=1e-5,

@@ -29,8 +29,10 @@ def test_ekfac_at_every_coordinate_ranks_like_kronfluence(ratio):
     total = sum(pipe.unet.get_parameter(name).numel() for name in parameters)
     digits = load_digits_images(20, seed=0)
     images, queries = digits[:16], digits[16:]
+    # query_samples=K: the queries' gradients from the training pairs, the samples kronfluence sees (the default is 3·K)
     config = AttributionConfig(method="ekfac-empirical", num_timesteps=4, batch_size=4, projection_dim=total,
-                               sketch_dim=total, calibration_examples=16, damping_ratio=ratio, parameters=parameters)
+                               sketch_dim=total, calibration_examples=16, damping_ratio=ratio, parameters=parameters,
+                               query_samples=4)
     scores, featurizer, damping = library_scores(pipe, config, images, {"queries": queries})
     assert featurizer.projector.fit_examples(len(images)) == list(range(16))  # curvature from every example's pairs
     reference = kronfluence_scores(featurizer, images, queries, damping, fisher="empirical")

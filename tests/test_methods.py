@@ -162,6 +162,14 @@ def test_method_config_defaults_and_errors():
         == {"das": 32.0, "das-fisher": 3200.0, "trak": 1e4, "d-trak": 180.0, "fisher": 1e4, "ekfac-empirical": 0.32}
     assert AttributionConfig(method="das", parameters="lora", damping_ratio=0.1).damping_ratio == 0.1
     assert AttributionConfig.from_json(lora.to_json()) == lora
+    # EK-FAC's (MC) query samples: 3 per training pair on every parameter (following the config's own K and D), the
+    # training pairs alone for the LoRA weights; an explicit value wins; every other method: the training pairs
+    ekfac = [AttributionConfig(method="ekfac", **kwargs).query_samples
+             for kwargs in ({}, {"num_timesteps": 20}, {"noise_draws": 2}, {"parameters": "lora"}, {"query_samples": 10})]
+    assert ekfac == [30, 60, 60, None, 10]
+    assert AttributionConfig.from_json(AttributionConfig(method="ekfac").to_json()).query_samples == 30
+    others = ("das", "das-fisher", "trak", "d-trak", "fisher", "ekfac-empirical")
+    assert {m: AttributionConfig(method=m).query_samples for m in others} == dict.fromkeys(others)
     with pytest.raises(ValueError, match="does not apply"):
         AttributionConfig(method="d-trak", query_timesteps=5)
     with pytest.raises(ValueError, match="learning_rates"):

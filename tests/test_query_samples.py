@@ -185,7 +185,7 @@ def test_query_features_are_the_same_in_two_processes(pipe, images, tmp_path):
 # ------------------------------------------------------------------------------------------------ refused values
 
 
-@pytest.mark.parametrize("value,match", [(0, ">= 1"), (-3, ">= 1"), (10**9, "<= 10000"), (2.5, "integer"),
+@pytest.mark.parametrize("value,match", [(-1, ">= 0"), (-3, ">= 0"), (10**9, "<= 10000"), (2.5, "integer"),
                                          (True, "integer")])
 def test_bad_query_samples_are_refused_before_anything_is_allocated(value, match):
     with pytest.raises(ValueError, match=match):
@@ -201,18 +201,31 @@ def test_query_sample_settings_are_refused_where_they_do_not_apply():
             AttributionConfig(method=method, query_samples=100)
     with pytest.raises(ValueError, match="query_noise"):
         AttributionConfig(method="das", query_noise="sometimes")
+    with pytest.raises(ValueError, match="takes no query_noise"):  # 0: the training pairs, no samples of its own
+        AttributionConfig(method="ekfac", query_samples=0, query_noise="fresh")
 
 
 def test_ekfac_and_journey_queries_take_query_samples(pipe, images):
-    """EK-FAC's preconditioned queries go through the same path (S = K·D: today's, bit for bit); Journey-TRAK's
-    plain queries too (random timesteps keyed by the query's content hash)."""
+    """EK-FAC's preconditioned queries go through the same path: its default S = 3·K·D is the explicit
+    shared-then-fresh S = 3·K·D bit for bit, and differs from the training pairs alone; Journey-TRAK's plain
+    queries too (random timesteps keyed by the query's content hash)."""
     common = dict(projector="factored", projection_dim=16, calibration_examples=4)
     ekfac = AttributionConfig(method="ekfac", num_timesteps=2, batch_size=4, **common)
+    assert (ekfac.query_samples, ekfac.query_noise) == (6, None)
     store = pipe.featurize(images, ekfac, progress=False)
-    old = make_featurizer(pipe, ekfac, store=store).featurize_queries(images[:2])
-    same = make_featurizer(pipe, ekfac.with_query_fields(AttributionConfig(method="ekfac", num_timesteps=2,
-                                                                           query_samples=2)), store=store)
-    assert torch.equal(same.featurize_queries(images[:2]), old)
+    default = make_featurizer(pipe, ekfac, store=store).featurize_queries(images[:2])
+
+    def with_samples(samples):
+        query = AttributionConfig(method="ekfac", num_timesteps=2, query_samples=samples, query_noise="shared-then-fresh")
+        return make_featurizer(pipe, ekfac.with_query_fields(query), store=store).featurize_queries(images[:2])
+
+    assert torch.equal(with_samples(6), default)
+    pairs = with_samples(2)
+    assert not torch.allclose(pairs, default)
+    # query_samples=0: the training pairs keyed by position (a store written before EK-FAC's default records it)
+    legacy = make_featurizer(pipe, ekfac.with_query_fields(AttributionConfig(method="ekfac", num_timesteps=2,
+                                                                             query_samples=0)), store=store)
+    assert legacy.query_samples() is None and torch.equal(legacy.featurize_queries(images[:2]), pairs)
     more = pipe.attribute(images[:2], store, AttributionConfig(**{**ekfac.to_dict(), "query_samples": 6}),
                           progress=False).scores
     assert more.shape == (2, 5) and torch.isfinite(more).all()
@@ -251,8 +264,9 @@ def test_the_cli_flags_set_query_samples_over_a_stores_config():
     given = config_from_args(args, base=store_config)
     assert (given.query_samples, given.query_noise) == (40, "fresh")
     assert given.feature_hash() == AttributionConfig.from_dict(store_config).feature_hash()  # no StoreMismatchError
-    with pytest.raises(SystemExit, match="query_samples must be >= 1"):
-        config_from_args(parser.parse_args(["--query-samples", "0"]), base=store_config)
+    with pytest.raises(SystemExit, match="query_samples must be >= 0"):
+        config_from_args(parser.parse_args(["--query-samples", "-1"]), base=store_config)
+    assert config_from_args(parser.parse_args(["--query-samples", "0"]), base=store_config).query_samples == 0
 
 
 def test_fresh_noise_keeps_the_training_timesteps_with_fresh_noise(pipe):

@@ -24,11 +24,25 @@ from typing import Any, ClassVar
 
 from .registry import REDUCTIONS, default_method, get_method, method_names, register_method
 
-__all__ = ["BASE_DEFAULTS", "Method", "REDUCTIONS", "default_method", "get_method", "method_names", "refuse_options",
-           "register_method"]
+__all__ = ["BASE_DEFAULTS", "Method", "PerPair", "REDUCTIONS", "default_method", "get_method", "method_names",
+           "refuse_options", "register_method"]
 
 # The defaults of every method, unless its `defaults` say otherwise (fields left as None in the config).
 BASE_DEFAULTS = {"num_timesteps": 10, "timestep_schedule": "uniform", "damping_ratio": 0.1}
+
+
+class PerPair:
+    """A default counted in the training set's (t, ε) pairs: `PerPair(3)` for `query_samples` is S = 3·K·D, so the
+    default follows a config's own K and D (config.py resolves it after K and D)."""
+
+    def __init__(self, factor: int):
+        self.factor = int(factor)
+
+    def __repr__(self) -> str:
+        return f"PerPair({self.factor})"
+
+    def of(self, num_timesteps: int, noise_draws: int | None) -> int:
+        return self.factor * int(num_timesteps) * int(noise_draws or 1)
 
 
 class Method:
@@ -41,8 +55,9 @@ class Method:
     reduction: how an example's per-(t, ε) gradients become one feature: "mean" (the averaged gradient,
         projected once), "pairs" (each pair projected, then averaged), "unit-pairs" (each projected pair
         divided by its norm, then averaged); `query_reduction`: the same for queries (None: `reduction`).
-    defaults: values of config fields left as None (over `BASE_DEFAULTS`); `lora_defaults`: over those when
-        `parameters="lora"` (the damping ratios chosen on the LoRA benchmark, docs/benchmarks.md).
+    defaults: values of config fields left as None (over `BASE_DEFAULTS`; `PerPair(n)`: n per training pair);
+        `lora_defaults`: over those when `parameters="lora"` (the damping ratios chosen on the LoRA benchmark,
+        docs/benchmarks.md).
     default_for: the `parameters` settings ("all", "lora") for which this is the method of a config that names none.
     reads: which method-specific config fields (`config.METHOD_FIELDS`) the method reads.
     calibrated: the calibrated factored projection applies (`calibration_examples` defaults to 64 with `factored`).

@@ -18,17 +18,19 @@ product.
 
 from __future__ import annotations
 
-from .base import Method, register_method
+from .base import Method, PerPair, register_method
 
 
 class _EKFACMethod(Method):
     """damping_ratio: the grid ratio with the best mean validation LDS on the digits benchmark over 3 seeds
     (`benchmarks/lds_digits.py --choose-ekfac`, docs/methods.md): 1e-4 (MC), 1.8e-4 (empirical); it was 0.1 and 0.32
-    before the features were whitened (version 2)."""
+    before the features were whitened (version 2). query_samples (MC Fisher): 3 per training pair (S = 30 at K = 10),
+    the training pairs first (`benchmarks/query_samples.py`'s rule on the digits benchmark); with parameters="lora"
+    the training pairs alone (the LoRA benchmark's rule)."""
 
     default_output = "loss"
-    defaults = {"num_timesteps": 10, "damping_ratio": 0.0001}
-    lora_defaults = {"damping_ratio": 0.56}  # the LoRA benchmark's rule (docs/benchmarks.md)
+    defaults = {"num_timesteps": 10, "damping_ratio": 0.0001, "query_samples": PerPair(3)}
+    lora_defaults = {"damping_ratio": 0.56, "query_samples": None}  # the LoRA benchmark's rule (docs/benchmarks.md)
     calibrated = True
     fisher = "mc"
     # the features are whitened by sqrt(Λ + λ_f), λ_f the config's λ, and the kept coordinates ranked after it
@@ -113,6 +115,7 @@ class EKFAC(_EKFACMethod):
 class EKFACEmpirical(_EKFACMethod):
     name = "ekfac-empirical"
     title = "EK-FAC influence, empirical Fisher (after Mlodozeniec et al., ICLR 2025)"
-    defaults = {"num_timesteps": 10, "damping_ratio": 0.00018}
-    lora_defaults = {"damping_ratio": 0.32}  # the LoRA benchmark's rule (docs/benchmarks.md)
+    # query_samples: the training pairs; the rule keeps them on the digits benchmark (3·K·D is within one std)
+    defaults = {"num_timesteps": 10, "damping_ratio": 0.00018, "query_samples": None}
+    lora_defaults = {"damping_ratio": 0.32, "query_samples": None}  # the LoRA benchmark's rule (docs/benchmarks.md)
     fisher = "empirical"

@@ -183,6 +183,10 @@ def validate_config(data: Any, where: str) -> AttributionConfig:
             raise CorruptStoreError(f"{where}: config.{name} must be {_describe(hints[name])}, got {data[name]!r}")
     try:
         config = AttributionConfig.from_dict(data)
+        if "query_samples" in later and config.query_samples is not None:
+            # a store written before its method's default of query samples: its queries are the training pairs
+            data = {**data, "query_samples": 0}
+            config = AttributionConfig.from_dict(data)
     except (ValueError, TypeError, KeyError) as error:
         raise CorruptStoreError(f"{where}: config is not a valid AttributionConfig: {error}") from error
     if config.to_dict() != data:  # the defaults were resolved when it was written: nothing may be left to fill
