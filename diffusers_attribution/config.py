@@ -28,8 +28,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from .methods.base import PerPair
-from .methods.registry import default_method, get_method
+from .methods.registry import PerPair, default_method, get_method
 from .projection.registry import projector_names
 
 OUTPUTS = ("loss", "squared-norm", "mean", "l1-norm", "l2-norm", "linf-norm", "weighted-mse")

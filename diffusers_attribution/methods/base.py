@@ -22,27 +22,13 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from .registry import REDUCTIONS, default_method, get_method, method_names, register_method
+from .registry import REDUCTIONS, PerPair, default_method, get_method, method_names, register_method
 
 __all__ = ["BASE_DEFAULTS", "Method", "PerPair", "REDUCTIONS", "default_method", "get_method", "method_names",
            "refuse_options", "register_method"]
 
 # The defaults of every method, unless its `defaults` say otherwise (fields left as None in the config).
 BASE_DEFAULTS = {"num_timesteps": 10, "timestep_schedule": "uniform", "damping_ratio": 0.1}
-
-
-class PerPair:
-    """A default counted in the training set's (t, ε) pairs: `PerPair(3)` for `query_samples` is S = 3·K·D, so the
-    default follows a config's own K and D (config.py resolves it after K and D)."""
-
-    def __init__(self, factor: int):
-        self.factor = int(factor)
-
-    def __repr__(self) -> str:
-        return f"PerPair({self.factor})"
-
-    def of(self, num_timesteps: int, noise_draws: int | None) -> int:
-        return self.factor * int(num_timesteps) * int(noise_draws or 1)
 
 
 class Method:

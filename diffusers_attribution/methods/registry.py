@@ -1,4 +1,5 @@
-"""The one registry of methods: `register_method`, `get_method`, `method_names`, `default_method`.
+"""The one registry of methods: `register_method`, `get_method`, `method_names`, `default_method` (and `PerPair`,
+a default counted in training pairs, which config.py resolves).
 
 It imports nothing but discovery.py: `config.py` asks it for names and defaults, and the registry imports the
 method modules (declarations, light) on first use, never at import time.
@@ -11,6 +12,20 @@ from typing import Any
 from ..discovery import discover
 
 REDUCTIONS = ("mean", "pairs", "unit-pairs")  # how a method reduces per-(t, ε) rows (methods/base.py)
+
+
+class PerPair:
+    """A method default counted in the training set's (t, ε) pairs: `PerPair(3)` for `query_samples` is S = 3·K·D,
+    so the default follows a config's own K and D (config.py resolves it after K and D)."""
+
+    def __init__(self, factor: int):
+        self.factor = int(factor)
+
+    def __repr__(self) -> str:
+        return f"PerPair({self.factor})"
+
+    def of(self, num_timesteps: int, noise_draws: int | None) -> int:
+        return self.factor * int(num_timesteps) * int(noise_draws or 1)
 
 _REGISTRY: dict[str, Any] = {}
 _ALIASES: dict[str, str] = {}

@@ -90,9 +90,9 @@ class DirectoryWriter:
         recorded = read_projection(path)[1]
         differ = identity_difference(recorded, identity, [key for key in identity if key != "examples"])
         if differ:
-            what = ", ".join(differ[0]).replace("feature_hash", "feature config (feature_hash: a field that sets the "
-                                                "features differs, e.g. the method, timesteps, noise, projection, or "
-                                                "EK-FAC's damping)")
+            what = ", ".join(differ[0]).replace("feature_hash", "feature_hash (a field that sets the features "
+                                                "differs, e.g. the method, timesteps, noise, projection, or EK-FAC's "
+                                                "damping)")
             raise StoreMismatchError(f"{path} holds a projection calibrated for another {what} ({differ[1]}). Use "
                                      "another output_dir, or delete it to start over")
         changed = [i for i, h in identity["examples"].items() if (recorded.get("examples") or {}).get(i) != h]
