@@ -29,6 +29,8 @@ Two phases:
     python benchmarks/lds_digits.py --choose-timing
     # EK-FAC's damping ratio (every coordinate once per seed, the default projection derived at each grid ratio):
     python benchmarks/lds_digits.py --choose-ekfac
+    # DAS-Fisher's timestep fraction and ratio (validation queries only; --ground-truth-seeds 0,1 for both seeds):
+    python benchmarks/lds_digits.py --choose-fraction [--ground-truth-seeds 0,1]
     # the default method from the table run's validation curves (rows featurizing at most 2x D-TRAK K=10;
     # --time-rounds 2: time the contenders again, interleaved, and use the minimum):
     python benchmarks/lds_digits.py --choose-method [--time-rounds 2]
@@ -251,6 +253,8 @@ INFLUENCE_ROWS = (
     # issue 24: DAS's score with the pair-level curvature (methods/das_fisher.py)
     ("DAS-Fisher K=10", "das-fisher", {}),
     ("DAS-Fisher K=10 k=4096", "das-fisher", {"projection_dim": 4096}),
+    # session 9: the default before the timestep fraction (every timestep, at the ratio chosen for it)
+    ("DAS-Fisher K=10, every timestep (f = 1)", "das-fisher", {"timestep_fraction": 1.0, "damping_ratio": 0.0018}),
 )
 
 
@@ -877,6 +881,53 @@ def run_choose_ekfac(args) -> None:
     print(f"wrote {path}")
 
 
+TIMESTEP_FRACTIONS = (1.0, 0.8, 0.6, 0.5, 0.4, 0.3, 0.2)
+
+
+def run_choose_fraction(args) -> None:
+    """A method's timestep fraction f (`timestep_fraction`: K = 10 timesteps in the lowest f of T) and its λ ratio,
+    from the 32 validation queries only: per f and seed one featurization, the validation curve over the ratio grid;
+    per f the ratio with the best mean curve (ties → the larger), and f with the best mean there (ties → the larger
+    f), with the seeds' std beside it. `--ground-truth-seeds 0,1`: the validation outputs of both training seeds."""
+    import numpy as np
+
+    from diffusers_attribution.api import make_featurizer
+    from diffusers_attribution.evaluation.damping import DEFAULT_RATIOS
+
+    gt = load_ground_truth(seeds=ground_truth_seeds(args.ground_truth_seeds))
+    masks, losses, queries = gt["masks"], gt["outputs"]["validation"], gt["queries"]["validation"]
+    del gt  # the evaluation and real queries are never read here
+    pipe = enable_attribution(full_model(Path(args.workdir)))
+    images = training_images()
+    out: dict = {"ratios": list(DEFAULT_RATIOS), "ground_truth_seeds": args.ground_truth_seeds, "methods": {}}
+    for method in args.choose_methods.split(","):
+        fractions = {}
+        for fraction in TIMESTEP_FRACTIONS:
+            curves = []
+            for seed in range(args.choose_seeds):
+                config = AttributionConfig(method=method, num_timesteps=10, batch_size=32, noise_seed=seed,
+                                           projection_dim=PROJECTION_DIM, timestep_fraction=fraction)
+                featurizer = make_featurizer(pipe, config)
+                scores, _ = declared_path(featurizer.method, featurizer.featurize_dataset(images, progress=False))
+                features = featurizer.featurize_queries(queries)
+                curves.append(validation_curve(None, None, masks, losses, lambda r: scores(features, r)))
+            mean = np.mean(curves, axis=0)
+            best = max(i for i, v in enumerate(mean) if v == mean.max())
+            at = [curve[best] for curve in curves]
+            fractions[fraction] = {"damping_ratio": DEFAULT_RATIOS[best], "mean": float(np.mean(at)),
+                                   "std": float(np.std(at, ddof=1)), "curves": curves}
+            print(f"{method} f={fraction}: validation {np.mean(at):.3f} ± {np.std(at, ddof=1):.3f} at ratio "
+                  f"{DEFAULT_RATIOS[best]:.2g}", flush=True)
+        top = max(fractions.values(), key=lambda r: r["mean"])["mean"]
+        chosen = max(f for f, r in fractions.items() if r["mean"] == top)
+        out["methods"][method] = {"timestep_fraction": chosen, "fractions": fractions}
+        print(f"{method}: timestep_fraction {chosen} (ratio {fractions[chosen]['damping_ratio']:.2g})", flush=True)
+    out["torch"], out["machine"], out["git"] = torch.__version__, platform.platform(), git_state()
+    path = Path(args.choose_results or DATA / "choose_timestep_fraction.json")
+    path.write_text(json.dumps(out, indent=2))
+    print(f"wrote {path}")
+
+
 def git_state() -> str:
     """The checkout's commit, with "+dirty" if the library has uncommitted changes (numbers depend on them)."""
     import subprocess
@@ -996,8 +1047,11 @@ def main() -> None:
                         help="time each --choose-defaults setting once, back to back, and apply the rule again")
     parser.add_argument("--choose-ekfac", action="store_true",
                         help="EK-FAC's damping ratio on the validation queries only (--choose-methods ekfac,...)")
+    parser.add_argument("--choose-fraction", action="store_true",
+                        help="a method's timestep_fraction and λ ratio on the validation queries only (--choose-methods)")
     parser.add_argument("--choose-methods", default=None,
-                        help="--choose-defaults: methods to compare (default trak,d-trak; --choose-ekfac: ekfac,ekfac-empirical)")
+                        help="--choose-defaults: methods to compare (default trak,d-trak; --choose-ekfac: ekfac,ekfac-empirical; "
+                             "--choose-fraction: das-fisher)")
     parser.add_argument("--choose-seeds", type=int, default=len(NOISE_SEEDS), help="--choose-defaults: replicates")
     parser.add_argument("--projector", default="factored", choices=projector_names(), help="--choose-defaults: projector")
     parser.add_argument("--choose-results", default=None,
@@ -1021,7 +1075,8 @@ def main() -> None:
                         help="a tiny end-to-end run of every phase into <workdir>/smoke (checks the script, not LDS)")
     args = parser.parse_args()
     if args.choose_methods is None:
-        args.choose_methods = "ekfac,ekfac-empirical" if args.choose_ekfac else "trak,d-trak"
+        args.choose_methods = ("ekfac,ekfac-empirical" if args.choose_ekfac else "das-fisher" if args.choose_fraction
+                               else "trak,d-trak")
     if args.smoke:
         apply_smoke(args)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
@@ -1033,6 +1088,8 @@ def main() -> None:
         run_choose_defaults(args)
     elif args.choose_ekfac:
         run_choose_ekfac(args)
+    elif args.choose_fraction:
+        run_choose_fraction(args)
     elif args.choose_method:
         run_choose_method(args)
     elif args.choose_timing:

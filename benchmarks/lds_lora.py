@@ -202,6 +202,8 @@ ROWS = (  # name, config fields (parameters="lora" added), whether it has a λ c
     ("projected Fisher K=10", {"method": "fisher", "num_timesteps": 10}),
     # issue 24: DAS's parts separated (methods/das_fisher.py): the pair-level curvature, pairs not normalized
     ("DAS-Fisher K=10", {"method": "das-fisher", "num_timesteps": 10}),
+    # session 9: the digits default's timestep fraction (the LoRA default keeps every timestep)
+    ("DAS-Fisher K=10, timesteps below 0.3 T", {"method": "das-fisher", "num_timesteps": 10, "timestep_fraction": 0.3}),
     ("D-TRAK K=10, mean output (DAS's output, pairs not normalized, kernel)",
      {"method": "d-trak", "num_timesteps": 10, "output": "mean"}),
     ("EK-FAC K=10 (MC Fisher)", {"method": "ekfac", "num_timesteps": 10}),

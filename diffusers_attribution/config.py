@@ -48,14 +48,17 @@ CAPS = {"num_timesteps": 10_000, "noise_draws": 10_000, "query_timesteps": 10_00
 
 
 def _field(role: str, default: Any = None, *, omit: tuple = (), factory=None, help: str, choices: tuple | None = None,
-           method_specific: bool = False, metavar: str | None = None, flag: str | None = None, cli: bool = True):
+           method_specific: bool = False, metavar: str | None = None, flag: str | None = None, cli: bool = True,
+           legacy: Any = None):
     """A config field. role: the module docstring; help: one line (the CLI flag's help); choices: the values it
     takes; method_specific: only some methods read it (`METHOD_FIELDS`, `Method.reads`); metavar, flag: the CLI
-    flag's (flag defaults to --kebab-name); cli=False: no flag (cli/options.py makes one for every other field)."""
+    flag's (flag defaults to --kebab-name); cli=False: no flag (cli/options.py makes one for every other field);
+    legacy: what a store written before the field existed meant by leaving it out, where a method's default for it
+    is now another value (store/schema.py)."""
     if role not in ROLES:
         raise ValueError(f"unknown config field role {role!r}; roles: {ROLES}")
     metadata = {"role": role, "omit": omit, "help": help, "choices": choices, "method_specific": method_specific,
-                "metavar": metavar, "flag": flag, "cli": cli}
+                "metavar": metavar, "flag": flag, "cli": cli, "legacy": legacy}
     if factory is not None:
         return field(default_factory=factory, metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -147,6 +150,9 @@ class AttributionConfig:
     timestep_schedule: str | None = _field("feature", choices=TIMESTEP_SCHEDULES,
                                            help="the same K timesteps for every example, or K drawn per example "
                                                 "(default: the method's)")
+    timestep_fraction: float | None = _field("feature", omit=(None, 1.0), metavar="f", legacy=1.0,
+                                             help="the timesteps lie in the lowest f of the T training timesteps "
+                                                  "(default: the method's: 0.3 for das-fisher, else 1)")
     noise_seed: int = _field("feature", 0, help="seed of the noise ε_t and of random timesteps")
     noise_draws: int | None = _field("feature", omit=(None, 1), method_specific=True, metavar="D",
                                      help="D, noise draws per timestep (default: 1)")
@@ -195,7 +201,7 @@ class AttributionConfig:
     query_noise_draws: int | None = _field("feature", omit=(None,), method_specific=True,
                                            help="tracin/retrac: noises per query timestep; journey-trak: fresh "
                                                 "noises per sampling step")
-    query_samples: int | None = _field("query", omit=(None,), method_specific=True, metavar="S",
+    query_samples: int | None = _field("query", omit=(None,), method_specific=True, metavar="S", legacy=0,
                                        help="S, (t, ε) samples per query gradient (default: the method's: 3·K·D for "
                                             "ekfac on every parameter, else the training set's K·D; 0: those K·D)")
     query_noise: str | None = _field("query", omit=(None,), choices=QUERY_NOISE, method_specific=True,
@@ -250,6 +256,11 @@ class AttributionConfig:
             value = getattr(self, name)
             if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
                 raise ValueError(f"AttributionConfig.{name} must be a finite number > 0, got {value!r}")
+        fraction = self.timestep_fraction
+        if fraction is not None:
+            if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
+                raise ValueError(f"AttributionConfig.timestep_fraction must be a number in (0, 1], got {fraction!r}")
+            self.timestep_fraction = float(fraction)
         method.check_config(self)
 
     @classmethod

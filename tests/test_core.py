@@ -238,6 +238,20 @@ def test_random_timesteps_are_seeded_per_example(images):
     assert int(t.min()) >= 0 and int(t.max()) < 1000
     uniform = Featurizer(pipe, exact_config(num_timesteps=10)).task.timesteps([0])
     assert uniform[0].tolist() == list(range(0, 1000, 100))
+    # timestep_fraction f: the grid and the random draws lie in [0, ⌊f·T⌋), and fresh query samples too
+    low = Featurizer(pipe, exact_config(num_timesteps=10, timestep_fraction=0.3)).task
+    assert low.timesteps([0])[0].tolist() == list(range(0, 300, 30))
+    drawn = Featurizer(pipe, exact_config(timestep_schedule="random", num_timesteps=50, timestep_fraction=0.2)).task
+    assert int(drawn.timesteps([0, 1]).max()) < 200
+    sampled = Featurizer(pipe, exact_config(num_timesteps=10, timestep_fraction=0.3, query_samples=40)).query_samples()
+    fresh = sampled.timesteps(["a", "b"])[:, 10:]
+    assert int(fresh.max()) < 300 and len(set(fresh[0].tolist())) > 20
+    for bad in (0, 1.5, -0.1, True, "0.3"):
+        with pytest.raises(ValueError, match="timestep_fraction"):
+            exact_config(timestep_fraction=bad)
+    # 1 is the whole range: the hash of a config without the field (stores written before it)
+    assert exact_config(timestep_fraction=1).feature_hash() == exact_config().feature_hash()
+    assert exact_config(timestep_fraction=0.3).feature_hash() != exact_config().feature_hash()
 
 
 def test_enable_attribution_keeps_the_stock_class(tmp_path):

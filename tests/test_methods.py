@@ -152,7 +152,17 @@ def test_method_config_defaults_and_errors():
     assert restored.checkpoints == ["a", {"revision": "r"}] and restored.learning_rates == [1.0, 2.0]
     # the default per setting (docs/benchmarks.md): DAS-Fisher for every parameter, EK-FAC for the LoRA weights, and
     # each method's damping ratio chosen on its setting's benchmark; an explicit method or ratio is kept
-    assert (AttributionConfig().method, AttributionConfig().damping_ratio) == ("das-fisher", 0.0018)
+    default = AttributionConfig()
+    assert (default.method, default.damping_ratio, default.timestep_fraction) == ("das-fisher", 0.0032, 0.3)
+    assert AttributionConfig(method="das-fisher", parameters="lora").timestep_fraction is None
+    assert {AttributionConfig(method=m).timestep_fraction for m in ("das", "trak", "d-trak", "fisher", "ekfac")} == {None}
+    # a store written before the field existed left it out: for DAS-Fisher that meant every timestep (legacy 1.0)
+    from diffusers_attribution.store.schema import validate_config
+
+    written = {k: v for k, v in AttributionConfig(method="das-fisher", timestep_fraction=1.0).to_dict().items()
+               if k != "timestep_fraction"}
+    assert validate_config(written, "old store").timestep_fraction == 1.0
+    assert validate_config(AttributionConfig().to_dict(), "new store").timestep_fraction == 0.3
     assert AttributionConfig(method="das").damping_ratio == 0.00056
     lora = AttributionConfig(parameters="lora")
     assert (lora.method, lora.damping_ratio) == ("ekfac", 0.56)

@@ -75,7 +75,7 @@ class QuerySamples:
 
     def timesteps(self, keys: Sequence) -> torch.Tensor:
         """LongTensor [B, S]: the training pairs' timesteps (column order), then fresh ones."""
-        T, seed = self.base.adapter.num_train_timesteps, self.base.config.noise_seed
+        T, seed = self.base.timestep_limit, self.base.config.noise_seed  # fresh samples cover the task's [0, T')
         pairs = self.base.timesteps(keys).repeat_interleave(self.base.noise_draws, dim=1)
         if self.mode == "fresh-noise":  # the training pairs' timesteps, cycled
             return pairs[:, torch.arange(self.count) % pairs.shape[1]]

@@ -49,9 +49,16 @@ class AttributionTask:
         """Columns (rows of the forward pass) per example: K timesteps × D noise draws; `chunks()` slices them."""
         return self.config.num_timesteps * self.noise_draws
 
+    @property
+    def timestep_limit(self) -> int:
+        """T' = ⌊f·T⌋ (at least 1): the timesteps used lie in [0, T'), f = `config.timestep_fraction` (None: 1)."""
+        T, fraction = self.adapter.num_train_timesteps, self.config.timestep_fraction
+        return T if fraction is None else max(1, int(fraction * T))
+
     def timesteps(self, keys: Sequence) -> torch.Tensor:
-        """LongTensor [B, K]: the uniform grid t_k = k·T/K for every example, or K per-example random draws."""
-        T, K = self.adapter.num_train_timesteps, self.config.num_timesteps
+        """LongTensor [B, K]: the uniform grid t_k = k·⌊T'/K⌋ for every example, or K per-example random draws in
+        [0, T') (T' = `timestep_limit`: T unless `timestep_fraction` is set)."""
+        T, K = self.timestep_limit, self.config.num_timesteps
         if self.config.timestep_schedule == "uniform":
             grid = torch.arange(K, dtype=torch.long) * (T // K) if K <= T else torch.arange(K) % T
             return grid.expand(len(keys), K).clone()

@@ -183,9 +183,12 @@ def validate_config(data: Any, where: str) -> AttributionConfig:
             raise CorruptStoreError(f"{where}: config.{name} must be {_describe(hints[name])}, got {data[name]!r}")
     try:
         config = AttributionConfig.from_dict(data)
-        if "query_samples" in later and config.query_samples is not None:
-            # a store written before its method's default of query samples: its queries are the training pairs
-            data = {**data, "query_samples": 0}
+        # a field left out by a store written before it existed, which the method's default now fills: the store
+        # meant the field's legacy value (EK-FAC's queries: the training pairs; DAS-Fisher's timesteps: all T)
+        legacy = {name: fields[name].metadata["legacy"] for name in later
+                  if getattr(config, name) is not None and fields[name].metadata["legacy"] is not None}
+        if legacy:
+            data = {**data, **legacy}
             config = AttributionConfig.from_dict(data)
     except (ValueError, TypeError, KeyError) as error:
         raise CorruptStoreError(f"{where}: config is not a valid AttributionConfig: {error}") from error
