@@ -441,8 +441,10 @@ def run_table(args) -> None:
     out_path.write_text(json.dumps(result, indent=2))
     print()
     print(markdown_table(result))
-    plot(result, PLOT)
-    print(f"\nwrote {out_path} and {PLOT}")
+    # the committed figure is the default table's; another --results (e.g. an --only run) gets its own beside it
+    figure = PLOT if out_path == DATA / "results.json" else out_path.with_suffix(".png")
+    plot(result, figure)
+    print(f"\nwrote {out_path} and {figure}")
 
 
 def only_rows(rows: list[dict], only: str | None) -> list[dict]:
