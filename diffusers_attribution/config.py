@@ -87,6 +87,11 @@ class AttributionConfig:
             per example by default).
         timestep_schedule: `"uniform"`: t ∈ {0, T/K, 2T/K, ...} for every example (D-TRAK); `"random"`: K
             timesteps drawn per example from (seed, example id) (Journey-TRAK's featurization).
+        timestep_fraction: f ∈ (0, 1]: the timesteps lie in [0, ⌊f·T⌋) (the grid t_k = k·⌊f·T/K⌋, the random
+            draws, and fresh query samples); None = the method's default (DAS-Fisher on every parameter: 0.3,
+            chosen on the digits benchmark's validation queries; else every timestep: on the LoRA benchmark low
+            timesteps lowered DAS-Fisher slightly and EK-FAC and TRAK much, docs/benchmarks.md). TracIn's query grid
+            (`query_timesteps`) and Journey-TRAK's sampling steps keep every timestep.
         noise_draws: D in g(z) = (1/(K·D)) Σ_t Σ_d ∇θ f(z, t, ε_{t,d}), ε_{t,d} a function of (noise_seed,
             [example,] t, d) whose draw 0 is the single-draw noise, so `noise_draws=1` gives the same features (and
             feature hash) as None. Costs D times the forward/backward rows of K. TracIn/ReTrac: draws per training
