@@ -480,6 +480,12 @@ def test_store_card_links_the_space():
               "shard_rows": 3}
     assert "huggingface.co/spaces/me/explorer" in str(store_card(header, "me/store", space="me/explorer"))
     assert "huggingface.co/spaces" not in str(store_card(header, "me/store"))
+    # the card and `info` say when the timesteps are a fraction of T (DAS-Fisher's default), and only then
+    from diffusers_attribution.cli.info import describe
+
+    low = {**header, "config": AttributionConfig().to_dict()}
+    assert "in the lowest 0.3 of T" in str(store_card(low, "me/store")) and "lowest" not in str(store_card(header))
+    assert "in the lowest 0.3 of T" in describe(low, None) and "lowest" not in describe(header, None)
 
 
 # The rendered table's cell texts, row by row: gradio 5-6 draw role=row/gridcell divs, gradio 4 a <table>.

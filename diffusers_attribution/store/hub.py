@@ -63,7 +63,9 @@ def store_card(header: dict[str, Any], repo_id: str | None = None, space: str | 
         **({"datasets": [dataset]} if _on_hub(dataset) else {}),
         **({"license": license} if license else {}),
     )
-    timesteps = f"{config['num_timesteps']} ({config['timestep_schedule']})"
+    fraction = config.get("timestep_fraction")
+    timesteps = f"{config['num_timesteps']} ({config['timestep_schedule']}" + (
+        "" if fraction in (None, 1, 1.0) else f", in the lowest {fraction} of T") + ")"
     title = method_facts(header, config["method"]).get("title")
     kernel = header.get("kernel")
     rows = [
