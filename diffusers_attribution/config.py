@@ -201,9 +201,10 @@ class AttributionConfig:
     # η_c only weighs scores, but a TracIn store pins them: a query with other rates is refused, not rescored.
     learning_rates: list[float] | None = _field("feature", omit=(None,), method_specific=True, metavar="η",
                                                 help="tracin/retrac: η_c, one per checkpoint (default: all 1)")
-    query_timesteps: int | None = _field("feature", omit=(None,), method_specific=True,
+    # query-side (not hashed): a query config may set them against any store; stores hashed them before session 9
+    query_timesteps: int | None = _field("query", omit=(None,), method_specific=True,
                                          help="tracin/retrac: evenly spaced timesteps of each query gradient")
-    query_noise_draws: int | None = _field("feature", omit=(None,), method_specific=True,
+    query_noise_draws: int | None = _field("query", omit=(None,), method_specific=True,
                                            help="tracin/retrac: noises per query timestep; journey-trak: fresh "
                                                 "noises per sampling step")
     query_samples: int | None = _field("query", omit=(None,), method_specific=True, metavar="S", legacy=0,

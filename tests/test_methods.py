@@ -109,6 +109,14 @@ def test_tracin_is_the_checkpoint_sum_of_gradient_dot_products(images, tmp_path)
         pipe.attribute(queries, store, small(method="tracin", checkpoints=[str(tmp_path / "ckpt-a")]))
     with pytest.raises(StoreMismatchError, match="learning_rates"):  # refused, not silently scored with the store's
         pipe.attribute(queries, store, small(method="tracin", checkpoints=config.checkpoints, learning_rates=[1, 1]))
+    # the query grid is query-side: a query config sets it against the store (its features are the same)
+    coarse = [0, 500]
+    expected = sum(rate * (Q @ G.T) for rate, (G, Q) in zip(
+        rates, [tracin_reference(u, train, queries, coarse, 2, False) for u in (unet_a, unet_b)]))
+    other = small(method="tracin", checkpoints=config.checkpoints, learning_rates=rates, query_timesteps=2)
+    assert other.feature_hash() == config.feature_hash()
+    rescored = pipe.attribute(queries, store, other, trust_remote_references=True)
+    torch.testing.assert_close(rescored.scores.double(), expected, rtol=1e-4, atol=1e-6 * expected.abs().max())
 
 
 def test_retrac_normalizes_every_per_timestep_gradient(images):

@@ -595,14 +595,19 @@ def _is_own_shard(path: Path) -> bool:
 
 
 def _feature_hashes(config: AttributionConfig) -> set[str]:
-    """The feature hashes a shard of `config` may record: today's, and the one written before the config's fields
-    had roles (0.1.0: the data columns were hashed too), so that stores written then still load."""
+    """The feature hashes a shard of `config` may record: today's, and those of earlier versions, so that stores
+    written then still load: before a method's own fields were hashed (EK-FAC's damping, issue 24); before
+    TracIn's and Journey-TRAK's query fields became query-side (session 9: they were hashed); before the config's
+    fields had roles (0.1.0: the data columns were hashed too)."""
     import hashlib
 
-    before = config.feature_dict(method_fields=False)  # before a method's own fields were hashed (issue 24)
-    legacy = {**before, "image_column": config.image_column, "caption_column": config.caption_column}
+    before = config.feature_dict(method_fields=False)
+    queries = {name: getattr(config, name) for name in ("query_timesteps", "query_noise_draws")
+               if getattr(config, name) is not None}
+    columns = {"image_column": config.image_column, "caption_column": config.caption_column}
+    variants = (before, {**before, **queries}, {**before, **queries, **columns}, {**before, **columns})
     return {config.feature_hash()} | {hashlib.sha256(json.dumps(fields, sort_keys=True, separators=(",", ":"))
-                                                     .encode()).hexdigest()[:16] for fields in (before, legacy)}
+                                                     .encode()).hexdigest()[:16] for fields in variants}
 
 
 def _check_file(handle: StoreFile, entry: dict[str, Any], full: bool) -> None:
