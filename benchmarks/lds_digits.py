@@ -271,13 +271,12 @@ def evaluate_influence_row(pipe, row: dict, seed: int, gt: dict, images: torch.T
     config = AttributionConfig(**{"batch_size": 32, "projection_dim": PROJECTION_DIM, "noise_seed": seed, **row["config"]})
     masks, outputs, queries = gt["masks"], gt["outputs"], gt["queries"]
     names = ("validation", "generated", "real")
-    kind = row["influence"]
     featurizer = make_featurizer(pipe, config)
     with PeakMemory(interval=0.005) as memory:
         t0 = time.perf_counter()
         store = featurizer.featurize_dataset(images, progress=False)
         t1 = time.perf_counter()
-        scores_at, scale = damping_path(featurizer, store, kind, {name: queries[name] for name in names})
+        scores_at, scale = damping_path(featurizer, store, {name: queries[name] for name in names})
         t2 = time.perf_counter()
         record: dict = {"seed": seed, "dim": int(store.dim)}
         lds_at_validation_damping(record, scores_at, scale, masks, outputs, seed, config.damping_ratio)
@@ -287,23 +286,28 @@ def evaluate_influence_row(pipe, row: dict, seed: int, gt: dict, images: torch.T
     return record
 
 
-def damping_path(featurizer, store, kind: str, queries: dict, prompts: dict | None = None):
+def damping_path(featurizer, store, queries: dict, prompts: dict | None = None):
     """(scores_at(name, ratio) → scores [n_name, N], scale): the scores of each named query set at λ = ratio · scale
-    for every ratio from one featurization. `kind`: ekfac* (preconditioned sketches), else the method's declared
-    parts (`declared_path`); `prompts`: {name: prompts} for text-conditioned queries."""
+    for every ratio from one featurization (`query_path`); `prompts`: {name: prompts} for text-conditioned queries."""
     prompts = prompts or {}
-    if kind.startswith("ekfac"):
-        phi = store.features.double()
-        sketches = {name: featurizer.method.query_sketch(featurizer, images, prompts.get(name)).double()
-                    for name, images in queries.items()}
-        scale = featurizer.projector.mean_eigenvalue
-
-        def scores_at(name, ratio):
-            return featurizer.projector.precondition(sketches[name], ratio * scale) @ phi.T
-        return scores_at, scale
-    features = {name: featurizer.featurize_queries(images, prompts.get(name)) for name, images in queries.items()}
-    scores, scale = declared_path(featurizer.method, store)
+    query_features, scores, scale = query_path(featurizer, store)
+    features = {name: query_features(images, prompts.get(name)) for name, images in queries.items()}
     return (lambda name, ratio: scores(features[name], ratio)), scale
+
+
+def query_path(featurizer, store):
+    """(query_features(images, prompts=None), scores(query features, ratio) → [n, N], scale) of the featurizer's
+    method at λ = ratio · scale, for any ratio from one featurization: EK-FAC's queries are its rotated sketches,
+    preconditioned at each ratio (scale mean Λ); every other method's are its query features, scored through its
+    declared parts (`declared_path`)."""
+    method = featurizer.method
+    if method.name.startswith("ekfac"):
+        phi, projector = store.features.double(), featurizer.projector
+        scale = projector.mean_eigenvalue
+        return (lambda images, prompts=None: method.query_sketch(featurizer, images, prompts).double(),
+                lambda sketch, ratio: projector.precondition(sketch, ratio * scale) @ phi.T, scale)
+    scores, scale = declared_path(method, store)
+    return featurizer.featurize_queries, scores, scale
 
 
 def declared_path(method, store):
@@ -910,8 +914,8 @@ def run_choose_fraction(args) -> None:
                 config = AttributionConfig(method=method, num_timesteps=10, batch_size=32, noise_seed=seed,
                                            projection_dim=PROJECTION_DIM, timestep_fraction=fraction)
                 featurizer = make_featurizer(pipe, config)
-                scores, _ = declared_path(featurizer.method, featurizer.featurize_dataset(images, progress=False))
-                features = featurizer.featurize_queries(queries)
+                query_features, scores, _ = query_path(featurizer, featurizer.featurize_dataset(images, progress=False))
+                features = query_features(queries)
                 curves.append(validation_curve(None, None, masks, losses, lambda r: scores(features, r)))
             mean = np.mean(curves, axis=0)
             best = max(i for i, v in enumerate(mean) if v == mean.max())

@@ -243,8 +243,7 @@ def evaluate_row(pipe, row: dict, seed: int, gt: dict, data) -> dict:
                 record[name] = lds(scores, masks, outputs[name], seed=seed).to_dict()
             t2 = time.perf_counter()
         else:
-            scores_at, scale = damping_path(featurizer, store, method, {name: queries[name] for name in QUERY_SETS},
-                                            prompts)
+            scores_at, scale = damping_path(featurizer, store, {name: queries[name] for name in QUERY_SETS}, prompts)
             t2 = time.perf_counter()
             lds_at_validation_damping(record, scores_at, scale, masks, outputs, seed, config.damping_ratio, RATIOS)
         t3 = time.perf_counter()

@@ -55,19 +55,6 @@ def only(labels: str | None, rows: list) -> list:
     return rows if not labels else [row for row in rows if any(part in row[0] for part in labels.split(","))]
 
 
-def query_path(featurizer, store):
-    """(query_features(images), scores_at(query features, ratio)) of the featurizer's method, for any λ ratio from
-    one featurization: EK-FAC's queries are its rotated sketches, preconditioned at each ratio (lds_digits.damping_path);
-    every other method's are its query features, scored through its declared parts (lds_digits.declared_path)."""
-    method = featurizer.method
-    if method.name.startswith("ekfac"):
-        phi, projector = store.features.double(), featurizer.projector
-        scale = projector.mean_eigenvalue
-        return (lambda images: method.query_sketch(featurizer, images).double(),
-                lambda sketch, ratio: projector.precondition(sketch, ratio * scale) @ phi.T)
-    return featurizer.featurize_queries, bench.declared_path(method, store)[0]
-
-
 def evaluate(pipe, method: str, seed: int, gt: dict, images, device: str | None,
              noise_mode: str = "shared", labels: str | None = None) -> list[dict]:
     import numpy as np
@@ -82,7 +69,7 @@ def evaluate(pipe, method: str, seed: int, gt: dict, images, device: str | None,
     for label, samples, noise in only(labels, settings(config.num_timesteps * (config.noise_draws or 1))):
         qconfig = dataclasses.replace(config, query_samples=samples, query_noise=noise)
         featurizer = make_featurizer(pipe, qconfig, store=store)
-        query_features, scores_at = query_path(featurizer, store)
+        query_features, scores_at, _ = bench.query_path(featurizer, store)
         _sync()
         t1 = time.perf_counter()
         features = {name: query_features(queries[name]) for name in NAMES}
