@@ -81,7 +81,10 @@ def read_header(args: argparse.Namespace) -> tuple[Path | None, dict]:
 
 def describe(header: dict, directory: Path | None, verified: bool = False) -> str:
     """A readable summary of a store's config.json."""
+    from ..store.schema import timestep_range
+
     config = header.get("config", {})
+    within = timestep_range(config)
     shards = header.get("shards", [])
     parts = {"features": sum(int(s.get("bytes", 0)) for s in shards)}
     fitted = header.get("fitted") or {"projection": header.get("projection_file"),  # older stores: top level
@@ -98,7 +101,7 @@ def describe(header: dict, directory: Path | None, verified: bool = False) -> st
         f"features      k = {header.get('dim')} ({header.get('dtype', 'float32')}), "
         f"{len(shards)} shard(s) of <= {header.get('shard_rows')} rows",
         f"method        {config.get('method')} (output {config.get('output')}), K = {config.get('num_timesteps')} "
-        f"{config.get('timestep_schedule')} timesteps{_below(config)}, noise {config.get('noise_mode')} seed "
+        f"{config.get('timestep_schedule')} timesteps{f' {within}' if within else ''}, noise {config.get('noise_mode')} seed "
         f"{config.get('noise_seed')}",
         f"projection    {config.get('projector')} (seed {config.get('projection_seed')})"
         + (", calibrated on {} examples".format(config.get("calibration_examples"))
@@ -119,12 +122,6 @@ def describe(header: dict, directory: Path | None, verified: bool = False) -> st
                  f"{header.get('format_version')}" + (" — every sha256 checked" if verified else ""))
     lines.append("config        " + json.dumps({k: v for k, v in sorted(config.items()) if v not in (None, {}, [])}))
     return "\n".join(printable(line) for line in lines)  # a name with a newline cannot add a line
-
-
-def _below(config: dict) -> str:
-    """" in the lowest f of T" when the store's timesteps are a fraction of T (`timestep_fraction`), else ""."""
-    fraction = config.get("timestep_fraction")
-    return "" if fraction in (None, 1, 1.0) else f" in the lowest {fraction} of T"
 
 
 def _feature_hash(config: dict) -> str:

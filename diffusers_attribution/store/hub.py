@@ -18,7 +18,7 @@ from huggingface_hub.utils import HFValidationError, validate_repo_id
 from .backends import register_backend
 from .errors import CorruptStoreError
 from .files import CARD_MARKER, CARD_NAME, CONFIG_NAME, file_digest, store_path
-from .schema import listed_entries, listed_files, method_facts, parse_header, validate_header
+from .schema import listed_entries, listed_files, method_facts, parse_header, timestep_range, validate_header
 
 CITATIONS = """```bibtex
 @inproceedings{park2023trak,
@@ -63,9 +63,8 @@ def store_card(header: dict[str, Any], repo_id: str | None = None, space: str | 
         **({"datasets": [dataset]} if _on_hub(dataset) else {}),
         **({"license": license} if license else {}),
     )
-    fraction = config.get("timestep_fraction")
-    timesteps = f"{config['num_timesteps']} ({config['timestep_schedule']}" + (
-        "" if fraction in (None, 1, 1.0) else f", in the lowest {fraction} of T") + ")"
+    within = timestep_range(config)
+    timesteps = f"{config['num_timesteps']} ({config['timestep_schedule']}" + (f", {within}" if within else "") + ")"
     title = method_facts(header, config["method"]).get("title")
     kernel = header.get("kernel")
     rows = [

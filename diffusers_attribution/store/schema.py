@@ -268,6 +268,13 @@ def method_facts(header: dict[str, Any], method: str) -> dict[str, Any]:
     return LEGACY_METHOD_FACTS.get(method, {"title": method, "fingerprints": _MODEL, "kernel": False})
 
 
+def timestep_range(config: dict[str, Any]) -> str | None:
+    """"in the lowest f of T" when a recorded config's timesteps are a fraction f of T (`timestep_fraction`), else
+    None: the words the store card and `diffusers-attribution info` show."""
+    fraction = config.get("timestep_fraction")
+    return None if fraction in (None, 1, 1.0) else f"in the lowest {fraction} of T"
+
+
 def fitted_projection(spec: Any) -> bool:
     """Whether a projection spec says it was fitted on data (its state is saved in the store): "fitted", or
     "calibrated" as 0.1 / 0.2 wrote it."""
